@@ -1,0 +1,29 @@
+"""picie_jax: PiCIE unsupervised semantic segmentation in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="picie_jax",
+    version="0.1.0",
+    description="PiCIE (invariance and equivariance in clustering) in JAX/Flax",
+    packages=setuptools.find_packages(include=["picie_jax", "picie_jax.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "tensorflow-cpu==2.21.0",
+        "tensorflow-datasets==4.9.10",
+        "importlib_resources",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "pillow",
+        "tqdm",
+        "tensorboardX",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["picie-jax=picie_jax.main:run"]},
+)
