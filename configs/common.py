@@ -1,0 +1,79 @@
+"""The PiCIE recipe with the reference's hyperparameters (DESIGN §1); datasets override a few fields."""
+import ml_collections
+
+
+def get_config():
+  """Returns the common recipe. Every field here is a knob of the method or the run."""
+  c = ml_collections.ConfigDict()
+  c.seed = 1
+  # 'picie': two views, within+cross loss; 'mdc': one view (MDC baseline);
+  # 'pixel_kmeans': no network, k-means on raw pixel colours (a floor for any method).
+  c.method = "picie"
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "coco_stuff27"  # synthetic | coco_stuff27 | cityscapes27 | image_folder
+  c.dataset.root = ""  # local directory with the dataset's files; nothing is downloaded
+  c.dataset.num_train = 0  # 0 = the whole split; >0 = the first N (synthetic: how many to generate)
+  c.dataset.num_val = 0
+  c.dataset.synthetic_size = 128  # side of generated synthetic images
+  c.dataset.num_classes = 0  # image_folder only: label values 0..num_classes-1 (255 = unlabeled)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "resnet18"  # resnet18 | resnet34 | resnet50
+  c.model.width = 64  # base width; 64 is torchvision's; smaller for CPU demos
+  c.model.fpn_channels = 128  # 128 for ResNet-18, 256 for ResNet-50 (DESIGN §1)
+  c.model.init_checkpoint = ""  # Flax msgpack of backbone variables (ImageNet); "" = random init
+
+  c.res1 = 320  # network input side (views); features are res1/4
+  c.res2 = 640  # base image side (shorter side resize + centre crop)
+
+  c.num_epochs = 10
+
+  c.kmeans = ml_collections.ConfigDict()
+  c.kmeans.k_train = 27
+  c.kmeans.metric = "cosine"  # cosine (features L2-normalised) | l2
+  c.kmeans.batch_size = 256  # images per clustering batch
+  c.kmeans.num_init_batches = 20  # batches whose pixels seed the full Lloyd init
+  c.kmeans.iters = 20  # Lloyd iterations of the init
+  c.kmeans.init = "random"  # random (reference/faiss) | kmeans++
+  c.kmeans.chunk_size = 65536  # points per distance chunk (bounds N x K memory)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.lr = 1e-4
+  c.train.weight_decay = 0.0
+  c.train.classifier = "nonparametric"  # nonparametric (centroids) | parametric (MDC: learned 1x1 conv, reset each epoch)
+  c.train.balance = True  # class-balance weights w_k = label frequency (the reference's choice)
+  c.train.cross_view_loss = True  # False: within-view loss only (invariance/equivariance ablation)
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.photometric = True
+  c.augment.brightness = 0.3
+  c.augment.contrast = 0.3
+  c.augment.saturation = 0.3
+  c.augment.hue = 0.1
+  c.augment.jitter_p = 0.8
+  c.augment.grayscale_p = 0.2
+  c.augment.blur_p = 0.5
+  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.blur_max_radius = 6
+  c.augment.reference_quirks = False  # True: no grayscale, blur radius tied to its draw (official code)
+  c.augment.geometric = True
+  c.augment.min_scale = 0.5
+  c.augment.max_scale = 1.0
+  c.augment.hflip_p = 0.5
+  c.augment.vflip_p = 0.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.res = 320  # shorter side resize + centre crop for evaluation
+  c.eval.batch_size = 64
+  c.eval.k_test = 27
+  c.eval.fresh_clusters = True  # final number: k-means on train features (no augmentation), eval on val
+  c.eval.overcluster_k = 0  # >0: also report many-to-one matching with this many clusters
+  c.eval.every_epochs = 1
+  c.eval.num_vis = 8  # validation images drawn as PNG panels each epoch
+
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 500  # also at the end of every phase/epoch
+  c.progress = True  # tqdm progress bars
+  return c

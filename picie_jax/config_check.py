@@ -1,0 +1,59 @@
+"""Validation of a resolved config: every bad value is reported with its config key."""
+
+_CHOICES = {
+    "method": ("picie", "mdc", "pixel_kmeans"),
+    "dataset.name": ("synthetic", "coco_stuff27", "cityscapes27", "image_folder"),
+    "kmeans.metric": ("cosine", "l2"),
+    "kmeans.init": ("random", "kmeans++"),
+    "train.classifier": ("nonparametric", "parametric"),
+}
+_POSITIVE_INTS = ("res1", "res2", "kmeans.k_train", "kmeans.batch_size",
+                  "kmeans.num_init_batches", "kmeans.iters", "kmeans.chunk_size",
+                  "train.batch_size", "eval.res", "eval.batch_size", "eval.k_test",
+                  "eval.every_epochs", "log_every_steps", "checkpoint_every_steps",
+                  "model.width", "model.fpn_channels")
+_NON_NEGATIVE_INTS = ("num_epochs", "dataset.num_train", "dataset.num_val", "eval.num_vis",
+                      "eval.overcluster_k", "augment.blur_max_radius")
+_PROBABILITIES = ("augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
+                  "augment.hflip_p", "augment.vflip_p")
+
+
+def _get(config, key):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config):
+  """Raises ValueError naming `config.<key>` for the first invalid value."""
+  errors = []
+  for key, choices in _CHOICES.items():
+    if _get(config, key) not in choices:
+      errors.append(f"config.{key}={_get(config, key)!r} must be one of {choices}")
+  for key in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+    value = _get(config, key)
+    low = 1 if key in _POSITIVE_INTS else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      errors.append(f"config.{key}={value!r} must be an integer >= {low}")
+  for key in _PROBABILITIES:
+    value = _get(config, key)
+    if not 0.0 <= value <= 1.0:
+      errors.append(f"config.{key}={value!r} must be a probability in [0, 1]")
+  if config.train.lr <= 0:
+    errors.append(f"config.train.lr={config.train.lr!r} must be > 0")
+  a = config.augment
+  if not 0.0 < a.min_scale <= a.max_scale <= 1.0:
+    errors.append(f"config.augment.min_scale={a.min_scale!r}, max_scale={a.max_scale!r} must "
+                  "satisfy 0 < min_scale <= max_scale <= 1")
+  for key in ("res1", "eval.res"):
+    if isinstance(_get(config, key), int) and _get(config, key) % 32:
+      errors.append(f"config.{key}={_get(config, key)!r} must be a multiple of 32 "
+                    "(the backbone's stride) so views and labels align")
+  if config.method == "mdc" and config.train.cross_view_loss:
+    errors.append("config.train.cross_view_loss=True needs two views; MDC (config.method='mdc') "
+                  "has one: set it to False")
+  if config.method != "pixel_kmeans" and config.num_epochs > 0 and config.kmeans.k_train < 2:
+    errors.append("config.kmeans.k_train must be >= 2")
+  if errors:
+    raise ValueError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,82 @@
+"""PiCIE's Panoptic-FPN-style decoder and the full network f_theta (DESIGN §1 "Model")."""
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from picie_jax.models.resnet import ARCHITECTURES, ResNet
+
+
+def resize_bilinear(x_bhwc, size_hw):
+  """Bilinear resize with half-pixel centres, as torch F.interpolate(align_corners=False)."""
+  batch, _, _, channels = x_bhwc.shape
+  return jax.image.resize(x_bhwc, (batch, *size_hw, channels), method="bilinear",
+                          antialias=False)
+
+
+def _torch_uniform_bias_init(fan_in):
+  """torch.nn.Conv2d's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+# torch.nn.Conv2d's default weight init, kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+_torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class FPNDecoder(nn.Module):
+  """1x1 laterals (with bias) of res5..res2 summed top-down with bilinear upsampling.
+
+  o1 = layer1(res5); o_i = up(o_{i-1}) + layer_i(lateral) for res4, res3, res2; returns o4
+  (stride 4). The 1x1 convs keep PyTorch's default init, as the reference does.
+  """
+  out_channels: int = 128
+  dtype: Any = jnp.float32
+
+  def _lateral(self, x_bhwc, name):
+    return nn.Conv(self.out_channels, (1, 1), use_bias=True, dtype=self.dtype,
+                   kernel_init=_torch_default_kernel_init,
+                   bias_init=_torch_uniform_bias_init(x_bhwc.shape[-1]), name=name)(x_bhwc)
+
+  @nn.compact
+  def __call__(self, feats):
+    out = self._lateral(feats["res5"], "layer1")
+    for name, level in (("layer2", "res4"), ("layer3", "res3"), ("layer4", "res2")):
+      lateral = self._lateral(feats[level], name)
+      out = resize_bilinear(out, lateral.shape[1:3]) + lateral
+    return out
+
+
+class PiCIENet(nn.Module):
+  """f_theta: ResNet backbone + FPN decoder; per-pixel features at stride 4, not normalised."""
+  depth: int = 18
+  width: int = 64
+  out_channels: int = 128
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.backbone = ResNet(depth=self.depth, width=self.width, dtype=self.dtype)
+    self.decoder = FPNDecoder(out_channels=self.out_channels, dtype=self.dtype)
+
+  def __call__(self, images_bhwc, train: bool):
+    return self.decoder(self.backbone(images_bhwc, train))
+
+
+def model_from_config(cfg):
+  """PiCIENet from the model config (fields arch 'resnet<depth>', width, fpn_channels)."""
+  match = re.fullmatch(r"resnet(\d+)", str(cfg.arch))
+  if match is None or int(match.group(1)) not in ARCHITECTURES:
+    raise ValueError(f"model.arch={cfg.arch!r} is not supported; use one of "
+                     f"{', '.join(f'resnet{d}' for d in ARCHITECTURES)}")
+  for key in ("width", "fpn_channels"):
+    value = getattr(cfg, key)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"model.{key}={value!r} must be a positive integer")
+  return PiCIENet(depth=int(match.group(1)), width=cfg.width, out_channels=cfg.fpn_channels)

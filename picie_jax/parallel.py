@@ -1,0 +1,67 @@
+"""Device mesh, shardings and multi-host set-up: one data-parallel axis named 'data'."""
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed():
+  """Joins a multi-process run when PICIE_COORDINATOR is set (TPU pods auto-detect via PICIE_DISTRIBUTED=1)."""
+  coordinator = os.environ.get("PICIE_COORDINATOR")
+  if coordinator:
+    jax.distributed.initialize(
+        coordinator,
+        num_processes=int(os.environ["PICIE_NUM_PROCESSES"]),
+        process_id=int(os.environ["PICIE_PROCESS_ID"]))
+  elif os.environ.get("PICIE_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
+def make_mesh():
+  """A 1-D mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh):
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def shard_host_batch(host_batch, mesh):
+  """Assembles each host's numpy batch (local slice of the global batch) into global arrays."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+
+
+def replicate(tree, mesh):
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x):
+  """Fetches a (possibly multi-host, sharded) array to numpy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def local_rows(x):
+  """This process's rows of a batch-sharded array, in order (the host batch it loaded)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicas of the same rows on several local devices
+      seen.add(start)
+      rows.append(np.asarray(shard.data))
+  return np.concatenate(rows)

@@ -1,0 +1,285 @@
+"""The jitted per-batch functions of every phase: views, features, labels, train and eval steps.
+
+Everything here is pure: variables, centroids and batches in, arrays out. `Method` carries the
+static choices (views, classifier, metric, transform configs) so one code path serves PiCIE,
+its ablations, MDC and the raw-pixel baseline.
+"""
+import functools
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from picie_jax.core import kmeans
+from picie_jax.core import losses
+from picie_jax.core import metrics
+from picie_jax.core import transforms as T
+
+FEATURE_STRIDE = 4
+
+
+class Method(NamedTuple):
+  """Static description of the method, hashable for jit."""
+  num_views: int  # 2 for PiCIE, 1 for MDC
+  use_cross: bool
+  parametric: bool  # learned 1x1 classifier (MDC) instead of the centroids
+  pixels: bool  # raw-pixel baseline: features are the image's colours, no network
+  metric: str  # 'cosine' or 'l2'
+  balance: bool
+  res1: int
+  photometric: T.PhotometricConfig
+  geometric: T.GeometricConfig
+
+
+def method_from_config(config):
+  a = config.augment
+  return Method(
+      num_views=1 if config.method == "mdc" else 2,
+      use_cross=config.method == "picie" and config.train.cross_view_loss,
+      parametric=config.train.classifier == "parametric",
+      pixels=config.method == "pixel_kmeans",
+      metric=config.kmeans.metric,
+      balance=config.train.balance,
+      res1=config.res1,
+      photometric=T.PhotometricConfig(
+          brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+          jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
+          blur_sigma=tuple(a.blur_sigma), blur_max_radius=a.blur_max_radius,
+          reference_quirks=a.reference_quirks, enabled=a.photometric),
+      geometric=T.GeometricConfig(min_scale=a.min_scale, max_scale=a.max_scale,
+                                  hflip_p=a.hflip_p, vflip_p=a.vflip_p,
+                                  enabled=a.geometric))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training. `classifier` is (V, K, C+1), used if parametric."""
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+  classifier: jax.Array
+  classifier_opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class EpochTargets:
+  """What the label phase fixes for an epoch: frozen variables, centroids and class weights."""
+  frozen: dict  # {'params', 'batch_stats'} as after the cluster phase
+  centroids: jax.Array  # (V, K, C)
+  weights: jax.Array  # (V, K)
+
+
+def with_bias_column(z):
+  """Appends a constant 1 channel so a (K, C+1) matrix acts as a 1x1 conv with bias."""
+  return jnp.concatenate([z, jnp.ones(z.shape[:-1] + (1,), z.dtype)], axis=-1)
+
+
+def classifier_from_centroids(centroids_kc, metric):
+  """(K, C+1) weights whose argmax is the reference's prediction for these centroids.
+
+  cosine: logits <z, mu_k> (the reference's frozen 1x1 conv); l2: 2<z, mu_k> - |mu_k|^2,
+  whose argmax is the nearest centroid.
+  """
+  if metric == "cosine":
+    bias = jnp.zeros(centroids_kc.shape[:1], centroids_kc.dtype)
+    return jnp.concatenate([centroids_kc, bias[:, None]], axis=-1)
+  sq_norm = jnp.sum(centroids_kc * centroids_kc, axis=-1, keepdims=True)
+  return jnp.concatenate([2 * centroids_kc, -sq_norm], axis=-1)
+
+
+def init_classifier(key, num_views, k, channels):
+  """torch Conv2d default init U(+-1/sqrt(C)) for weight and bias, one classifier per view."""
+  bound = 1.0 / jnp.sqrt(channels)
+  return jax.random.uniform(key, (num_views, k, channels + 1), jnp.float32, -bound, bound)
+
+
+def _to_float_images(images_uint8):
+  return images_uint8.astype(jnp.float32) / 255.0
+
+
+def view_images(images_uint8, indices, epoch, key, method):
+  """The network inputs of each view in [0, 1], plus G's parameters (DESIGN §1 'two views').
+
+  view 1 = G(P1(x)) resized to res1; view 2 = P2(x) resized to res1 (G comes after f).
+  """
+  x = _to_float_images(images_uint8)
+  geo = T.batch_params(T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM,
+                       method.geometric)
+  streams = (T.VIEW1_PHOTOMETRIC_STREAM, T.VIEW2_PHOTOMETRIC_STREAM)[:method.num_views]
+  views = []
+  for view, stream in enumerate(streams):
+    photo = T.batch_params(T.photometric_params, key, epoch, indices, stream,
+                           method.photometric)
+    jittered = T.apply_photometric(x, photo, method.photometric)
+    if view == 0:
+      views.append(T.apply_geometric(jittered, geo, method.res1))
+    else:
+      views.append(T.resize_bilinear(jittered, method.res1))
+  return views, geo
+
+
+def network_features(model, variables, images_01, train):
+  """Raw f_theta features (B, h, w, C) and the batch statistics the pass leaves behind."""
+  out, updates = model.apply(variables, T.normalize_imagenet(images_01), train=train,
+                             mutable=["batch_stats"] if train else [])
+  return out, (updates["batch_stats"] if train else variables["batch_stats"])
+
+
+def pixel_features(images_01):
+  """The raw-pixel baseline's 'features': colours averaged over each stride-4 cell."""
+  b, h, w, c = images_01.shape
+  s = FEATURE_STRIDE
+  return images_01.reshape(b, h // s, s, w // s, s, c).mean(axis=(2, 4))
+
+
+def view_features(model, variables, images_uint8, indices, epoch, key, method, train,
+                  views=None):
+  """Each view's features in the common frame of view 1, normalised for the cosine metric.
+
+  `views` selects which views to compute (default all). Returns ([z_v (B, h, w, C) per
+  selected view], batch_stats after the passes).
+  """
+  images_by_view, geo = view_images(images_uint8, indices, epoch, key, method)
+  batch_stats = variables.get("batch_stats")
+  feats = []
+  for view in (range(method.num_views) if views is None else views):
+    images = images_by_view[view]
+    if method.pixels:
+      z = pixel_features(images)
+    else:
+      z, batch_stats = network_features(
+          model, {"params": variables["params"], "batch_stats": batch_stats}, images, train)
+    if view == 1:
+      z = T.apply_geometric(z, geo, z.shape[1])
+    feats.append(kmeans.normalize_features(z) if method.metric == "cosine" else z)
+  return feats, batch_stats
+
+
+def plain_features(model, variables, images_uint8, method):
+  """Features of un-augmented images resized to res1 (evaluation and fresh clusters), eval BN."""
+  images = T.resize_bilinear(_to_float_images(images_uint8), method.res1)
+  if method.pixels:
+    z = pixel_features(images)
+  else:
+    z, _ = network_features(model, variables, images, train=False)
+  return kmeans.normalize_features(z) if method.metric == "cosine" else z
+
+
+def flatten_with_mask(z_bhwc, mask_b):
+  """(B*h*w, C) points and their validity (padded images masked out)."""
+  b, h, w, c = z_bhwc.shape
+  return z_bhwc.reshape(b * h * w, c), jnp.repeat(mask_b, h * w)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "view", "train"))
+def cluster_features(model, variables, batch, epoch, key, *, method, view, train=True):
+  """Cluster phase: the flattened features of one view (BN in batch-stats mode by default).
+
+  Returns (points (N, C), mask (N,), batch_stats): the reference runs these passes under
+  model.train(), so the running averages move too.
+  """
+  feats, batch_stats = view_features(model, variables, batch["image"], batch["index"], epoch,
+                                     key, method, train, views=(view,))
+  points, mask = flatten_with_mask(feats[0], batch["mask"])
+  return points, mask, batch_stats
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method"))
+def fresh_features(model, variables, batch, *, method):
+  """Fresh-cluster pass: un-augmented features in eval mode, flattened with their mask."""
+  return flatten_with_mask(plain_features(model, variables, batch["image"], method),
+                           batch["mask"])
+
+
+def labels_for_batch(model, targets, batch, epoch, key, method):
+  """Label phase for one batch: nearest centroid of each view's eval-mode features.
+
+  The same function produces the counts of the label phase and the labels inside train_step,
+  so stored labels and recomputed labels cannot disagree.
+  """
+  feats, _ = view_features(model, targets.frozen, batch["image"], batch["index"], epoch, key,
+                           method, train=False)
+  labels = []
+  for view, z in enumerate(feats):
+    b, h, w, c = z.shape
+    assigned, _ = kmeans.assign_to_nearest(z.reshape(-1, c), targets.centroids[view])
+    labels.append(assigned.reshape(b, h, w))
+  return labels
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "k"))
+def label_counts(model, targets, batch, epoch, key, *, method, k):
+  """(V, K) label counts of one batch (padded images excluded), for the balance weights."""
+  labels = labels_for_batch(model, targets, batch, epoch, key, method)
+  valid = batch["mask"][:, None, None]
+  return jnp.stack([
+      jnp.zeros(k, jnp.int32).at[y.reshape(-1)].add(
+          jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32)) for y in labels])
+
+
+def make_optimizer(lr, weight_decay):
+  """Adam (AdamW when weight_decay > 0); the reference uses Adam without decay."""
+  if weight_decay > 0:
+    return optax.adamw(lr, weight_decay=weight_decay)
+  return optax.adam(lr)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "tx"), donate_argnums=(1,))
+def train_step(model, state, targets, batch, epoch, key, *, method, tx):
+  """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
+
+  Returns (new state, {'total', 'within', 'cross'} losses).
+  """
+  labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
+
+  def loss_fn(params, classifier):
+    feats, batch_stats = view_features(
+        model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        batch["index"], epoch, key, method, train=True)
+    if method.parametric:
+      weights = classifier
+    else:
+      weights = jax.vmap(classifier_from_centroids, (0, None))(targets.centroids, "cosine")
+    z = [with_bias_column(f) for f in feats]
+    if method.num_views == 2:
+      out = losses.picie_loss(z[0], z[1], labels[0], labels[1], weights[0], weights[1],
+                              targets.weights[0], targets.weights[1], batch["mask"],
+                              use_cross=method.use_cross)
+    else:
+      within = losses.weighted_cross_entropy(
+          losses.prototype_logits(z[0], weights[0]), labels[0], targets.weights[0],
+          batch["mask"][:, None, None])
+      out = {"within": within, "cross": jnp.zeros_like(within), "total": within}
+    return out["total"], (out, batch_stats)
+
+  (_, (out, batch_stats)), (grads, cls_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.classifier)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  classifier, cls_opt_state = state.classifier, state.classifier_opt_state
+  if method.parametric:
+    cls_updates, cls_opt_state = tx.update(cls_grads, cls_opt_state, classifier)
+    classifier = optax.apply_updates(classifier, cls_updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, classifier=classifier,
+                            classifier_opt_state=cls_opt_state)
+  return new_state, out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "num_true"))
+def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
+  """Predictions at label resolution and the batch's (num_true, K) confusion histogram.
+
+  logits at stride 4 are upsampled bilinearly to the label size, then argmax (DESIGN §1).
+  """
+  z = with_bias_column(plain_features(model, variables, batch["image"], method))
+  logits = losses.prototype_logits(z, classifier_kc1)
+  b, h, w = batch["label"].shape
+  logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), "bilinear", antialias=False)
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  hist = metrics.confusion_histogram(batch["label"], pred, num_true, classifier_kc1.shape[0],
+                                     mask=jnp.broadcast_to(batch["mask"][:, None, None], pred.shape))
+  return pred, hist

@@ -1,0 +1,270 @@
+"""The PiCIE epoch loop (DESIGN §1): cluster -> label -> train, evaluate, checkpoint, resume.
+
+Labels are not stored: the label phase fixes the epoch's targets (a frozen copy of the
+variables after the cluster phase, the centroids, and class-balance weights from a counting
+pass in eval mode), and `steps.train_step` recomputes each batch's labels from them under
+stop_gradient. Both the counting pass and the train step call `steps.labels_for_batch`, so the
+weights describe exactly the labels the loss sees.
+"""
+import json
+import logging
+import math
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from picie_jax import checkpoint
+from picie_jax import clustering
+from picie_jax import config_check
+from picie_jax import evaluate
+from picie_jax import parallel
+from picie_jax import reporting
+from picie_jax import steps
+from picie_jax.core import losses
+from picie_jax.data import datasets
+from picie_jax.data import pipeline
+from picie_jax.models import fpn
+
+# Independent random streams derived from the seed.
+_AUGMENT_STREAM, _KMEANS_STREAM, _INIT_STREAM, _CLASSIFIER_STREAM, _FRESH_STREAM = range(5)
+
+
+class Run:
+  """The static parts of a run: config, model, method, mesh, data sources, optimizer."""
+
+  def __init__(self, config, workdir):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = parallel.make_mesh()
+    self.method = steps.method_from_config(config)
+    self.model = fpn.model_from_config(config.model)
+    self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
+    self.train_source = datasets.build_source(config, "train")
+    self.val_source = datasets.build_source(config, "val")
+    seed_key = jax.random.PRNGKey(config.seed)
+    self.keys = {s: jax.random.fold_in(seed_key, s) for s in range(5)}
+    self.augment_key = parallel.replicate(self.keys[_AUGMENT_STREAM], self.mesh)
+    self.hosts = {"num_hosts": jax.process_count(), "host_id": jax.process_index()}
+
+  @property
+  def k(self):
+    return self.config.kmeans.k_train
+
+  @property
+  def num_views(self):
+    return self.method.num_views
+
+  def shard(self, host_batch):
+    return parallel.shard_host_batch(host_batch, self.mesh)
+
+  def progress(self, desc, num_examples, batch_size):
+    return reporting.Progress(desc, pipeline.num_batches(num_examples, batch_size), batch_size,
+                              enabled=self.config.progress)
+
+
+def initial_state(run):
+  """Fresh TrainState and placeholder EpochTargets (shapes only matter for restoring)."""
+  res = run.config.res1
+  variables = run.model.init(run.keys[_INIT_STREAM], jnp.zeros((1, res, res, 3)), train=False)
+  variables = _maybe_load_pretrained(variables, run.config.model.init_checkpoint)
+  channels = 3 if run.method.pixels else run.config.model.fpn_channels
+  classifier = steps.init_classifier(run.keys[_CLASSIFIER_STREAM], run.num_views, run.k,
+                                     channels)
+  state = steps.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=run.tx.init(variables["params"]),
+      classifier=classifier, classifier_opt_state=run.tx.init(classifier))
+  targets = steps.EpochTargets(
+      frozen=jax.tree.map(jnp.copy, dict(variables)),
+      centroids=jnp.zeros((run.num_views, run.k, channels), jnp.float32),
+      weights=jnp.ones((run.num_views, run.k), jnp.float32))
+  return parallel.replicate(state, run.mesh), parallel.replicate(targets, run.mesh)
+
+
+def _maybe_load_pretrained(variables, path):
+  """Loads Flax-serialised {'params', 'batch_stats'} (e.g. converted ImageNet weights)."""
+  if not path:
+    return variables
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.model.init_checkpoint={path!r} does not exist")
+  with open(path, "rb") as f:
+    loaded = flax.serialization.msgpack_restore(f.read())
+  try:
+    return flax.serialization.from_state_dict(variables, loaded)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit the model "
+                     f"{run_arch_summary(variables)}: {e}") from None
+
+
+def run_arch_summary(variables):
+  return f"({sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters)"
+
+
+def cluster_phase(run, state, epoch):
+  """Mini-batch k-means per view on train-mode features; returns (state, centroids, stats)."""
+  cfg = run.config
+  batch_stats = state.batch_stats
+  centroids, stats = [], {}
+  for view in range(run.num_views):
+    bar = run.progress(f"epoch {epoch} cluster view {view + 1}",
+                       run.train_source.num_examples, cfg.kmeans.batch_size)
+
+    def features_fn(host_batch, view=view):
+      nonlocal batch_stats
+      points, mask, batch_stats = steps.cluster_features(
+          run.model, {"params": state.params, "batch_stats": batch_stats},
+          run.shard(host_batch), epoch, run.augment_key, method=run.method, view=view)
+      return points, mask
+
+    mu, view_stats = clustering.minibatch_kmeans(
+        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
+        features_fn, k=run.k, num_init_batches=cfg.kmeans.num_init_batches,
+        iters=cfg.kmeans.iters, init=cfg.kmeans.init, metric=cfg.kmeans.metric,
+        key=jax.random.fold_in(jax.random.fold_in(run.keys[_KMEANS_STREAM], epoch), view),
+        mesh=run.mesh, chunk_size=cfg.kmeans.chunk_size, progress=bar)
+    bar.close()
+    centroids.append(mu)
+    stats.update({f"kmeans_init_loss_view{view + 1}": view_stats["init_loss"],
+                  f"kmeans_online_loss_view{view + 1}": view_stats["online_loss"]})
+  state = state.replace(batch_stats=batch_stats)
+  return state, jnp.stack(centroids), stats
+
+
+def label_phase(run, state, centroids, epoch):
+  """Fixes the epoch's targets: frozen variables, centroids, balance weights from label counts."""
+  cfg = run.config
+  targets = parallel.replicate(steps.EpochTargets(
+      # A copy: train_step donates the state's buffers, the frozen variables must outlive it.
+      frozen=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}),
+      centroids=centroids,
+      weights=jnp.ones((run.num_views, run.k), jnp.float32)), run.mesh)
+  counts = np.zeros((run.num_views, run.k), np.int64)
+  bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples,
+                     cfg.kmeans.batch_size)
+  for host_batch in pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2,
+                                          **run.hosts):
+    counts += parallel.to_host(steps.label_counts(
+        run.model, targets, run.shard(host_batch), epoch, run.augment_key, method=run.method,
+        k=run.k))
+    bar.update(1)
+  bar.close()
+  weights = losses.balance_weights(jnp.asarray(counts, jnp.float32), enabled=cfg.train.balance)
+  return targets.replace(weights=parallel.replicate(weights, run.mesh)), counts
+
+
+def _new_classifier(run, state, epoch):
+  """MDC's parametric classifier is re-initialised (with its optimizer) every epoch."""
+  if not run.method.parametric:
+    return state
+  classifier = steps.init_classifier(jax.random.fold_in(run.keys[_CLASSIFIER_STREAM], epoch),
+                                     run.num_views, run.k, state.classifier.shape[-1] - 1)
+  return state.replace(classifier=parallel.replicate(classifier, run.mesh),
+                       classifier_opt_state=parallel.replicate(run.tx.init(classifier),
+                                                               run.mesh))
+
+
+def _check_finite(losses_host, step, epoch, batch_index, ckpt):
+  bad = {k: v for k, v in losses_host.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"non-finite loss {bad} at train step {step} (epoch {epoch}, batch {batch_index}); "
+        f"the run stopped without saving. Last good checkpoint: {ckpt.latest_path()}. "
+        "Likely causes: a learning rate too high (config.train.lr) or degenerate clusters "
+        "(a class weight of 0 for every labelled pixel).")
+
+
+def train_phase(run, state, targets, epoch, start_batch, sums, ckpt, meta):
+  """Trains one epoch from batch `start_batch`; checkpoints every checkpoint_every_steps."""
+  cfg = run.config
+  total = pipeline.num_batches(run.train_source.num_examples, cfg.train.batch_size)
+  bar = run.progress(f"epoch {epoch} train", run.train_source.num_examples,
+                     cfg.train.batch_size)
+  bar.update(start_batch)
+  batches = pipeline.train_batches(run.train_source, cfg.train.batch_size, cfg.res2,
+                                   seed=cfg.seed, epoch=epoch, start_batch=start_batch,
+                                   **run.hosts)
+  for batch_index, host_batch in enumerate(batches, start=start_batch):
+    state, out = steps.train_step(run.model, state, targets, run.shard(host_batch), epoch,
+                                  run.augment_key, method=run.method, tx=run.tx)
+    out = {k: float(v) for k, v in jax.device_get(out).items()}
+    _check_finite(out, int(state.step), epoch, batch_index, ckpt)
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + v
+    sums["batches"] = sums.get("batches", 0) + 1
+    bar.update(1, loss=out["total"])
+    done = batch_index + 1
+    if done < total and done % cfg.checkpoint_every_steps == 0:
+      ckpt.save({"state": state, "targets": targets},
+                {**meta, "next_batch": done, "loss_sums": sums})
+  bar.close()
+  return state, sums, bar.images_per_second()
+
+
+def eval_classifier(run, state, targets):
+  """View 1's classifier: the centroids (non-parametric) or the learned 1x1 conv (MDC)."""
+  if run.method.parametric:
+    return state.classifier[0]
+  return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
+
+
+def train_and_evaluate(config, workdir):
+  """Runs (or resumes) training in `workdir`; returns the final metrics dict."""
+  config_check.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if reporting.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  run = Run(config, workdir)
+  vis_dir = os.path.join(workdir, "vis")
+  writer = reporting.MetricWriter(workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, targets = initial_state(run)
+  start_epoch, start_batch, meta = 0, None, {}
+  restored = ckpt.restore_latest({"state": state, "targets": targets})
+  if restored is not None:
+    tree, meta = restored
+    state, targets = (parallel.replicate(tree["state"], run.mesh),
+                      parallel.replicate(tree["targets"], run.mesh))
+    start_epoch, start_batch = meta["epoch"], meta.get("next_batch")
+    logging.info("resuming from %s: epoch %d, batch %s", ckpt.latest_path(), start_epoch,
+                 start_batch)
+  writer.drop_from_epoch(start_epoch)
+
+  for epoch in range(start_epoch, config.num_epochs):
+    if start_batch is None:
+      state, centroids, cluster_stats = cluster_phase(run, state, epoch)
+      targets, counts = label_phase(run, state, centroids, epoch)
+      state = _new_classifier(run, state, epoch)
+      meta = {"epoch": epoch, "next_batch": 0, "loss_sums": {},
+              "cluster_stats": {**cluster_stats, "label_counts": counts.tolist()}}
+      ckpt.save({"state": state, "targets": targets}, meta)
+      start_batch = 0
+    state, sums, images_per_s = train_phase(run, state, targets, epoch, start_batch,
+                                            dict(meta["loss_sums"]), ckpt, meta)
+    record = {"epoch": epoch, "step": int(state.step), "train_images_per_s": images_per_s}
+    record.update({k: v for k, v in meta["cluster_stats"].items() if k != "label_counts"})
+    record.update({f"train_loss_{k}": v / sums["batches"] for k, v in sums.items()
+                   if k != "batches"})
+    if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+      scores, _ = evaluate.evaluate(
+          run.model, {"params": state.params, "batch_stats": state.batch_stats},
+          eval_classifier(run, state, targets), run.val_source, config, run.mesh, run.method,
+          vis_prefix=os.path.join(vis_dir, f"epoch{epoch:03d}"), progress=config.progress)
+      record.update({k: scores[k] for k in scores if not isinstance(scores[k], (list, dict))})
+    writer.write(record, int(state.step))
+    logging.info("epoch %d: %s", epoch, json.dumps(record))
+    meta = {"epoch": epoch + 1, "next_batch": None}
+    ckpt.save({"state": state, "targets": targets}, meta)
+    start_batch = None
+
+  final = evaluate.final_evaluation(
+      run.model, {"params": state.params, "batch_stats": state.batch_stats}, run.train_source,
+      run.val_source, config, run.mesh, run.method, run.keys[_FRESH_STREAM], workdir,
+      progress=config.progress)
+  reporting.write_json(os.path.join(workdir, "final.json"), final)
+  writer.close()
+  ckpt.close()
+  return final
