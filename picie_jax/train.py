@@ -12,6 +12,7 @@ import math
 import os
 
 import flax.serialization
+import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +69,8 @@ class Run:
 def initial_state(run):
   """Fresh TrainState and placeholder EpochTargets (shapes only matter for restoring)."""
   res = run.config.res1
-  variables = run.model.init(run.keys[_INIT_STREAM], jnp.zeros((1, res, res, 3)), train=False)
+  variables = jax.jit(run.model.init, static_argnames="train")(
+      run.keys[_INIT_STREAM], jnp.zeros((1, res, res, 3)), train=False)
   variables = _maybe_load_pretrained(variables, run.config.model.init_checkpoint)
   channels = 3 if run.method.pixels else run.config.model.fpn_channels
   classifier = steps.init_classifier(run.keys[_CLASSIFIER_STREAM], run.num_views, run.k,
@@ -268,3 +270,39 @@ def train_and_evaluate(config, workdir):
   writer.close()
   ckpt.close()
   return final
+
+
+def evaluate_workdir(workdir, overcluster_k=None):
+  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
+  optionally overclustering; writes `eval.json` and PNGs under workdir/eval."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing: is {workdir} a picie-jax run directory?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if overcluster_k is not None:
+    config.eval.overcluster_k = overcluster_k
+  config_check.validate(config)
+  run = Run(config, workdir)
+  state, targets = initial_state(run)
+  restored = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(
+      {"state": state, "targets": targets})
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+  tree, meta = restored
+  state, targets = tree["state"], tree["targets"]
+  out_dir = os.path.join(workdir, "eval")
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  results = {}
+  if config.method != "pixel_kmeans" and meta["epoch"] > 0:
+    scores, _ = evaluate.evaluate(run.model, variables, eval_classifier(run, state, targets),
+                                  run.val_source, config, run.mesh, run.method,
+                                  vis_prefix=os.path.join(out_dir, "epoch_clusters"),
+                                  progress=config.progress)
+    results["epoch_clusters"] = {"k": run.k, **scores}
+  results.update(evaluate.final_evaluation(run.model, variables, run.train_source,
+                                           run.val_source, config, run.mesh, run.method,
+                                           run.keys[_FRESH_STREAM], out_dir,
+                                           progress=config.progress))
+  reporting.write_json(os.path.join(workdir, "eval.json"), results)
+  return results

@@ -72,14 +72,16 @@ def photometric_params(key, cfg: PhotometricConfig):
     """One sample's P parameters; the identity values (factor 1, shift 0, sigma 0) when off."""
     keys = jax.random.split(key, 6)
     jitter_applied = jax.random.uniform(keys[0], (4,)) < cfg.jitter_p
-    factors = jax.random.uniform(keys[1], (3,), minval=jnp.maximum(
-        0.0, 1.0 - jnp.array([cfg.brightness, cfg.contrast, cfg.saturation])),
-        maxval=1.0 + jnp.array([cfg.brightness, cfg.contrast, cfg.saturation]))
+    strengths = jnp.array([cfg.brightness, cfg.contrast, cfg.saturation])
+    factors = jax.random.uniform(keys[1], (3,), minval=jnp.maximum(0.0, 1.0 - strengths),
+                                 maxval=1.0 + strengths)
     hue_shift = jax.random.uniform(keys[2], (), minval=-cfg.hue, maxval=cfg.hue)
     grayscale = jax.random.uniform(keys[3]) < cfg.grayscale_p
     blur_u = jax.random.uniform(keys[4])
     sigma_min, sigma_max = cfg.blur_sigma
     if cfg.reference_quirks:
+        if cfg.blur_p >= 1.0:
+            raise ValueError(f"reference_quirks blur needs blur_p < 1, got {cfg.blur_p}")
         grayscale = jnp.zeros((), bool)
         slope = (sigma_max - sigma_min) / (1.0 - cfg.blur_p)
         sigma = jnp.abs(slope * (blur_u - cfg.blur_p) + sigma_min)
@@ -194,8 +196,8 @@ def _crop_resize_matrix(in_size: int, out_size: int, start, length, flip):
     next to the crop leak in when upsampling).
     """
     length_f = length.astype(jnp.float32)
-    source = ((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * length_f / out_size
-                         - 0.5)
+    source = jnp.maximum((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * length_f / out_size
+                         - 0.5, 0.0)
     lower = jnp.minimum(jnp.floor(source).astype(jnp.int32), length - 1)
     upper = jnp.minimum(lower + 1, length - 1)
     frac = (source - lower)[:, None]

@@ -1,0 +1,144 @@
+"""The tf.data pipeline and the dataset sources, on small fixtures in the real file formats."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common
+from picie_jax.data import datasets
+from picie_jax.data import pipeline
+
+
+def _folder_config(root, num_classes=3):
+  c = common.get_config()
+  c.dataset.name = "image_folder"
+  c.dataset.root = str(root)
+  c.dataset.num_classes = num_classes
+  return c
+
+
+def _write_folder(root, split, n, size=(20, 30), with_labels=True, label_values=(0, 1, 2, 255)):
+  rng = np.random.default_rng(0)
+  os.makedirs(root / split / "images", exist_ok=True)
+  if with_labels:
+    os.makedirs(root / split / "labels", exist_ok=True)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(
+        root / split / "images" / f"im{i:02d}.jpg" if i % 2 else root / split / "images" / f"im{i:02d}.png")
+    if with_labels:
+      label = rng.choice(np.array(label_values, np.uint8), size=size)
+      Image.fromarray(label).save(root / split / "labels" / f"im{i:02d}.png")
+
+
+def test_batch_indices_pad_and_split_hosts():
+  idx = pipeline.batch_indices(np.arange(10), 4, num_hosts=2, host_id=1)
+  np.testing.assert_array_equal(idx, [[2, 3], [6, 7], [-1, -1]])
+  both = np.concatenate([pipeline.batch_indices(np.arange(10), 4, 2, h) for h in (0, 1)], 1)
+  assert sorted(i for i in both.ravel() if i >= 0) == list(range(10))
+  with pytest.raises(ValueError, match="not divisible"):
+    pipeline.batch_indices(np.arange(10), 5, num_hosts=2, host_id=0)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+  a = pipeline.epoch_order(50, seed=1, epoch=3)
+  np.testing.assert_array_equal(a, pipeline.epoch_order(50, seed=1, epoch=3))
+  assert sorted(a) == list(range(50))
+  assert not np.array_equal(a, pipeline.epoch_order(50, seed=1, epoch=4))
+
+
+def test_resize_shorter_and_center_crop_against_pil_geometry():
+  # A 20x30 image whose columns encode their x coordinate: the crop must keep the centre columns.
+  image = np.tile(np.arange(30, dtype=np.float32)[None, :, None], (20, 1, 3))
+  out = pipeline.resize_shorter_and_center_crop(image, 10, "nearest").numpy()
+  assert out.shape == (10, 10, 3)
+  # shorter side 20 -> 10, width 30 -> 15, centre crop left = 2; PIL resizes the same way.
+  pil = np.asarray(Image.fromarray(image[..., 0].astype(np.uint8)).resize((15, 10), Image.NEAREST))
+  np.testing.assert_array_equal(out[..., 0], pil[:, 2:12])
+  np.testing.assert_array_equal(out[0, :, 0], np.arange(5, 25, 2))
+
+
+def test_pass_batches_cover_every_image_once_with_mask(tmp_path):
+  _write_folder(tmp_path, "val", 5)
+  source = datasets.build_source(_folder_config(tmp_path), "val")
+  batches = list(pipeline.pass_batches(source, 2, 16, with_labels=True))
+  assert len(batches) == 3
+  indices = np.concatenate([b["index"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(indices, np.arange(5))
+  assert batches[-1]["mask"].tolist() == [True, False]
+  assert batches[0]["image"].dtype == np.uint8 and batches[0]["image"].shape == (2, 16, 16, 3)
+  labels = np.concatenate([b["label"] for b in batches])
+  assert set(np.unique(labels)) <= {-1, 0, 1, 2}
+
+
+def test_train_batches_resume_from_batch(tmp_path):
+  _write_folder(tmp_path, "train", 7, with_labels=False)
+  source = datasets.build_source(_folder_config(tmp_path), "train")
+  full = [b["index"] for b in pipeline.train_batches(source, 2, 8, seed=3, epoch=1)]
+  tail = [b["index"] for b in pipeline.train_batches(source, 2, 8, seed=3, epoch=1,
+                                                      start_batch=2)]
+  assert len(full) == 4
+  for a, b in zip(full[2:], tail):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_label_values_outside_the_label_set_name_the_file(tmp_path):
+  _write_folder(tmp_path, "val", 3, label_values=(0, 1, 7))
+  source = datasets.build_source(_folder_config(tmp_path), "val")
+  with pytest.raises(ValueError, match=r"labels/im0\d\.png"):
+    list(pipeline.pass_batches(source, 2, 8, with_labels=True))
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+  _write_folder(tmp_path, "train", 3, with_labels=False)
+  (tmp_path / "train" / "images" / "im01.jpg").write_bytes(b"not a jpeg")
+  source = datasets.build_source(_folder_config(tmp_path), "train")
+  with pytest.raises(ValueError, match=r"im01\.jpg"):
+    list(pipeline.pass_batches(source, 4, 8))
+
+
+def test_missing_root_names_the_config_key(tmp_path):
+  c = _folder_config(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="config.dataset.root"):
+    datasets.build_source(c, "train")
+  c.dataset.name = "imagenet"
+  with pytest.raises(ValueError, match="config.dataset.name"):
+    datasets.build_source(c, "train")
+
+
+def test_coco_stuff27_fixture_maps_fine_to_coarse(tmp_path):
+  with open(os.path.join(os.path.dirname(datasets.__file__), "cocostuff27.json")) as f:
+    fine_to_coarse = json.load(f)["fine_to_coarse"]
+  for sub in ("train2017", "val2017"):
+    for d in ("images", "annotations", "curated"):
+      os.makedirs(tmp_path / d / sub)
+    ids = ["000000000001", "000000000002"]
+    (tmp_path / "curated" / sub / "Coco164kFull_Stuff_Coarse_7.txt").write_text("\n".join(ids))
+    for i in ids:
+      Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "images" / sub / f"{i}.jpg")
+      fine = np.array([[0, 95, 255, 181]] * 2, np.uint8).repeat(2, 1).repeat(4, 0)
+      Image.fromarray(fine).save(tmp_path / "annotations" / sub / f"{i}.png")
+  c = common.get_config()
+  c.dataset.root = str(tmp_path)
+  source = datasets.build_source(c, "val")
+  assert source.num_examples == 2 and source.num_classes == 27
+  assert source.thing_classes == tuple(range(12))
+  label = source.load(0)["label"].numpy()
+  np.testing.assert_array_equal(label[0, ::2], [fine_to_coarse[0], fine_to_coarse[95], -1,
+                                                fine_to_coarse[181]])
+
+
+def test_cityscapes27_maps_label_ids_7_to_33(tmp_path):
+  img_dir = tmp_path / "leftImg8bit" / "val" / "aachen"
+  gt_dir = tmp_path / "gtFine" / "val" / "aachen"
+  os.makedirs(img_dir)
+  os.makedirs(gt_dir)
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(img_dir / "a_000000_leftImg8bit.png")
+  Image.fromarray(np.array([[0, 6, 7, 33]] * 4, np.uint8)).save(
+      gt_dir / "a_000000_gtFine_labelIds.png")
+  c = common.get_config()
+  c.dataset.name = "cityscapes27"
+  c.dataset.root = str(tmp_path)
+  source = datasets.build_source(c, "val")
+  np.testing.assert_array_equal(source.load(0)["label"].numpy()[0], [-1, -1, 0, 26])
