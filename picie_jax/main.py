@@ -35,7 +35,7 @@ def main(argv):
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
   from picie_jax import train  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed()
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if argv[1] == "train":
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:

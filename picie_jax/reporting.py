@@ -63,6 +63,12 @@ def write_json(path, obj):
       json.dump(obj, f, indent=2, default=_plain)
 
 
+def say(message):
+  """A line for the person watching (process 0 only), printed above any progress bar."""
+  if is_main_process():
+    tqdm.tqdm.write(message)
+
+
 class Progress:
   """A tqdm bar for one phase that also reports images/s and the latest loss."""
 

@@ -7,7 +7,6 @@ stop_gradient. Both the counting pass and the train step call `steps.labels_for_
 weights describe exactly the labels the loss sees.
 """
 import json
-import logging
 import math
 import os
 
@@ -153,7 +152,8 @@ def label_phase(run, state, centroids, epoch):
         k=run.k))
     bar.update(1)
   bar.close()
-  weights = losses.balance_weights(jnp.asarray(counts, jnp.float32), enabled=cfg.train.balance)
+  weights = jnp.stack([losses.balance_weights(jnp.asarray(c, jnp.float32),
+                                              enabled=cfg.train.balance) for c in counts])
   return targets.replace(weights=parallel.replicate(weights, run.mesh)), counts
 
 
@@ -205,6 +205,16 @@ def train_phase(run, state, targets, epoch, start_batch, sums, ckpt, meta):
   return state, sums, bar.images_per_second()
 
 
+def _epoch_summary(record):
+  parts = [f"epoch {record['epoch']}", f"step {record['step']}"]
+  for key, label in (("kmeans_online_loss_view1", "k-means"), ("train_loss_within", "within"),
+                     ("train_loss_cross", "cross"), ("acc", "acc"), ("miou", "mIoU"),
+                     ("train_images_per_s", "img/s")):
+    if key in record:
+      parts.append(f"{label} {record[key]:.3f}")
+  return " | ".join(parts)
+
+
 def eval_classifier(run, state, targets):
   """View 1's classifier: the centroids (non-parametric) or the learned 1x1 conv (MDC)."""
   if run.method.parametric:
@@ -231,8 +241,8 @@ def train_and_evaluate(config, workdir):
     state, targets = (parallel.replicate(tree["state"], run.mesh),
                       parallel.replicate(tree["targets"], run.mesh))
     start_epoch, start_batch = meta["epoch"], meta.get("next_batch")
-    logging.info("resuming from %s: epoch %d, batch %s", ckpt.latest_path(), start_epoch,
-                 start_batch)
+    reporting.say(f"resuming from {ckpt.latest_path()}: epoch {start_epoch}, "
+                  f"{'cluster phase' if start_batch is None else f'train batch {start_batch}'}")
   writer.drop_from_epoch(start_epoch)
 
   for epoch in range(start_epoch, config.num_epochs):
@@ -257,7 +267,7 @@ def train_and_evaluate(config, workdir):
           vis_prefix=os.path.join(vis_dir, f"epoch{epoch:03d}"), progress=config.progress)
       record.update({k: scores[k] for k in scores if not isinstance(scores[k], (list, dict))})
     writer.write(record, int(state.step))
-    logging.info("epoch %d: %s", epoch, json.dumps(record))
+    reporting.say(_epoch_summary(record))
     meta = {"epoch": epoch + 1, "next_batch": None}
     ckpt.save({"state": state, "targets": targets}, meta)
     start_batch = None

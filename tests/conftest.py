@@ -1,5 +1,24 @@
-"""Test-wide settings: run JAX on the CPU in float32 and keep TF off any GPU."""
+"""Test-wide settings (CPU, quiet TF) and the tiny end-to-end config the loop tests share."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+# --config.* overrides shrinking configs/synthetic.py to a run of a few seconds per epoch.
+TINY_OVERRIDES = {
+    "dataset.num_train": 48, "dataset.num_val": 16, "dataset.synthetic_size": 64,
+    "model.width": 8, "model.fpn_channels": 16, "res2": 64, "res1": 32, "eval.res": 32,
+    "num_epochs": 2, "kmeans.batch_size": 16, "kmeans.num_init_batches": 2,
+    "kmeans.iters": 5, "train.batch_size": 16, "eval.batch_size": 16, "eval.num_vis": 4,
+    "checkpoint_every_steps": 1, "progress": False,
+}
+
+
+@pytest.fixture
+def tiny_config():
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  config.update_from_flattened_dict(TINY_OVERRIDES)
+  return config
