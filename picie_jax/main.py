@@ -32,6 +32,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # leave accelerator memory to JAX
+  import jax  # pylint: disable=g-import-not-at-top
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
   from picie_jax import train  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed()
@@ -40,7 +41,7 @@ def main(argv):
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:
     final = train.evaluate_workdir(_WORKDIR.value, overcluster_k=_OVERCLUSTER_K.value)
-  for name, scores in final.items():
+  for name, scores in final.items() if jax.process_index() == 0 else ():
     print(f"{name} (K={scores['k']}): acc {scores['acc']:.2f}  mIoU {scores['miou']:.2f}")
 
 

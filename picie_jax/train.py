@@ -225,11 +225,11 @@ def eval_classifier(run, state, targets):
 def train_and_evaluate(config, workdir):
   """Runs (or resumes) training in `workdir`; returns the final metrics dict."""
   config_check.validate(config)
+  run = Run(config, workdir)  # finds the data first: a bad path fails before anything is written
   os.makedirs(workdir, exist_ok=True)
   if reporting.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  run = Run(config, workdir)
   vis_dir = os.path.join(workdir, "vis")
   writer = reporting.MetricWriter(workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))

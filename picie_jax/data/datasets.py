@@ -107,6 +107,8 @@ def file_source(name, image_paths, label_paths, lut, num_classes, class_names=()
 
 
 def _require_dir(path, key="config.dataset.root"):
+  if not path:
+    raise ValueError(f"{key} is empty: set it to the dataset's directory")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} does not exist: set {key} to the dataset's directory")
   return path

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU pod slice: the same command on every worker; the workers find each other
+# through jax.distributed.initialize() (PICIE_DISTRIBUTED=1, read in picie_jax/parallel.py).
+#
+#   TPU=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh CONFIG WORKDIR [extra picie-jax flags...]
+#   TPU=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh configs/coco_stuff27.py /mnt/shared/runs/coco \
+#       --config.dataset.root=/mnt/shared/coco
+#
+# Prerequisites on every worker: this repository at $REMOTE_DIR (default ~/picie_jax) with a venv
+# at $REMOTE_DIR/.venv holding `pip install -e .` and jax[tpu]; the dataset under the same path.
+# WORKDIR must be a directory all workers see (an NFS/Filestore mount): the checkpoints are
+# written by all processes together, and the code uses plain file I/O (no gs:// paths).
+# Config paths are relative to $REMOTE_DIR. Batch sizes must be multiples of the chip count.
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+  echo "usage: TPU=name ZONE=zone $0 CONFIG WORKDIR [extra picie-jax flags...]" >&2
+  exit 2
+fi
+: "${TPU:?set TPU to the TPU VM name}"
+: "${ZONE:?set ZONE to the TPU zone}"
+remote_dir="${REMOTE_DIR:-~/picie_jax}"
+
+# Quote every argument for the remote shell (paths or values with spaces survive the hop).
+remote_args="$(printf '%q ' train --config "$1" --workdir "$2" "${@:3}")"
+remote_cmd="cd ${remote_dir} && PICIE_DISTRIBUTED=1 .venv/bin/picie-jax ${remote_args}"
+
+project_flag=()
+if [[ -n "${PROJECT:-}" ]]; then
+  project_flag=(--project "$PROJECT")
+fi
+
+gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" "${project_flag[@]}" --worker=all \
+  --command "$remote_cmd"
