@@ -94,14 +94,19 @@ def _maybe_load_pretrained(variables, path):
   with open(path, "rb") as f:
     loaded = flax.serialization.msgpack_restore(f.read())
   try:
-    return flax.serialization.from_state_dict(variables, loaded)
+    restored = flax.serialization.from_state_dict(variables, loaded)
+    mismatched = [
+        jax.tree_util.keystr(path) for path, (want, got) in jax.tree_util.tree_leaves_with_path(
+            jax.tree.map(lambda a, b: (a.shape, np.shape(b)), variables, restored),
+            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
+        if want != got]
   except (ValueError, KeyError) as e:
-    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit the model "
-                     f"{run_arch_summary(variables)}: {e}") from None
-
-
-def run_arch_summary(variables):
-  return f"({sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters)"
+    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
+                     f"{e}") from None
+  if mismatched:
+    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
+                     f"shapes differ at {mismatched[:3]}")
+  return jax.tree.map(jnp.asarray, restored)
 
 
 def cluster_phase(run, state, epoch):

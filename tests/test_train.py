@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,7 +163,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path, caplog):
+  """Runs MDC with the parametric classifier (one view, learned 1x1 conv) to get checkpoints."""
   tiny_config.num_epochs = 1
+  tiny_config.method = "mdc"
+  tiny_config.train.classifier = "parametric"
+  tiny_config.train.cross_view_loss = False
   train.train_and_evaluate(tiny_config, str(tmp_path))
   ckpts = tmp_path / "checkpoints"
   latest = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
@@ -176,4 +181,23 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
       {"state": state, "targets": targets})
   assert restored is not None
   assert restored[1]["epoch"] == 0  # the save before the end of epoch 0
+  epoch_start_classifier = train._new_classifier(run, state, epoch=0).classifier
+  assert restored[0]["state"].classifier.shape == (1, 8, 17)
+  assert not np.allclose(restored[0]["state"].classifier, epoch_start_classifier)  # trained
   assert f"checkpoints/{latest} is unreadable" in caplog.text
+
+
+def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_path):
+  run = train.Run(tiny_config, str(tmp_path))
+  state, _ = train.initial_state(run)
+  variables = {"params": jax.tree.map(lambda x: x + 1.0, state.params),
+               "batch_stats": state.batch_stats}
+  path = tmp_path / "init.msgpack"
+  path.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(variables)))
+  tiny_config.model.init_checkpoint = str(path)
+  loaded, _ = train.initial_state(train.Run(tiny_config, str(tmp_path)))
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):
+    np.testing.assert_array_equal(a, b)
+  tiny_config.model.fpn_channels = 8
+  with pytest.raises(ValueError, match="init_checkpoint.*does not fit config.model"):
+    train.initial_state(train.Run(tiny_config, str(tmp_path)))
