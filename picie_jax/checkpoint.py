@@ -1,5 +1,6 @@
 """Orbax checkpoints of the training state, with fallback past a corrupt latest checkpoint."""
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -15,7 +16,7 @@ class Checkpointer:
 
   def __init__(self, directory, max_to_keep=2):
     self._manager = ocp.CheckpointManager(
-        directory,
+        os.path.abspath(directory),  # orbax rejects relative paths
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False),
         item_names=("tree", "meta"))

@@ -97,8 +97,9 @@ def test_config_errors_name_the_key(tiny_config):
 
 def _cli(*args, workdir):
   overrides = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
-  return [sys.executable, "-m", "picie_jax.main", *args, "--config=configs/synthetic.py",
-          *overrides, f"--workdir={workdir}"]
+  return [sys.executable, "-m", "picie_jax.main", *args,
+          f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}", *overrides,
+          f"--workdir={workdir}"]
 
 
 def test_cli_rejects_a_mistyped_field(tmp_path):
@@ -126,13 +127,16 @@ def _strip_timing(records):
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-  """Also the CLI test: train, kill, train again (resumes), then `eval` the finished run."""
+  """Also the CLI test: train, kill, train again (resumes), then `eval` the finished run.
+
+  Workdirs are relative paths, as a user types them.
+  """
   clean, killed = tmp_path / "clean", tmp_path / "killed"
-  subprocess.run(_cli("train", workdir=clean), cwd=ROOT, check=True, timeout=600,
+  subprocess.run(_cli("train", workdir="clean"), cwd=tmp_path, check=True, timeout=600,
                  capture_output=True)
 
-  proc = subprocess.Popen(_cli("train", workdir=killed), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(_cli("train", workdir="killed"), cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline:
     meta = _latest_meta(killed)
@@ -144,7 +148,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
   proc.wait()
   assert not (killed / "final.json").exists()
 
-  out = subprocess.run(_cli("train", workdir=killed), cwd=ROOT, check=True, timeout=600,
+  out = subprocess.run(_cli("train", workdir="killed"), cwd=tmp_path, check=True, timeout=600,
                        capture_output=True, text=True)
   assert "resuming from" in out.stdout + out.stderr
   assert _strip_timing(_read_jsonl(killed / "metrics.jsonl")) == _strip_timing(
