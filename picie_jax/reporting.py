@@ -72,8 +72,9 @@ def say(message):
 class Progress:
   """A tqdm bar for one phase that also reports images/s and the latest loss."""
 
-  def __init__(self, desc, total, batch_size, enabled=True):
-    self._bar = tqdm.tqdm(total=total, desc=desc, unit="batch", leave=False,
+  def __init__(self, desc, total, batch_size, enabled=True, initial=0):
+    """`initial` batches count as done (a resumed phase) but not towards images/s."""
+    self._bar = tqdm.tqdm(total=total, desc=desc, unit="batch", leave=False, initial=initial,
                           disable=not (enabled and is_main_process()), dynamic_ncols=True)
     self._batch_size = batch_size
     self._start = time.perf_counter()

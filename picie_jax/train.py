@@ -60,9 +60,9 @@ class Run:
   def shard(self, host_batch):
     return parallel.shard_host_batch(host_batch, self.mesh)
 
-  def progress(self, desc, num_examples, batch_size):
+  def progress(self, desc, num_examples, batch_size, initial=0):
     return reporting.Progress(desc, pipeline.num_batches(num_examples, batch_size), batch_size,
-                              enabled=self.config.progress)
+                              enabled=self.config.progress, initial=initial)
 
 
 def initial_state(run):
@@ -188,8 +188,7 @@ def train_phase(run, state, targets, epoch, start_batch, sums, ckpt, meta):
   cfg = run.config
   total = pipeline.num_batches(run.train_source.num_examples, cfg.train.batch_size)
   bar = run.progress(f"epoch {epoch} train", run.train_source.num_examples,
-                     cfg.train.batch_size)
-  bar.update(start_batch)
+                     cfg.train.batch_size, initial=start_batch)
   batches = pipeline.train_batches(run.train_source, cfg.train.batch_size, cfg.res2,
                                    seed=cfg.seed, epoch=epoch, start_batch=start_batch,
                                    **run.hosts)
