@@ -31,8 +31,14 @@ def _cpu_env(num_devices):
 
 def _run_together(commands, log_dir):
   """Runs the (argv, env) commands at once, logs in `log_dir`; kills them all as soon as one
-  fails or after _TIMEOUT_S, and raises with the failing process's log tail."""
+  fails or after _TIMEOUT_S, and raises with every process's log tail."""
   procs, logs = [], []
+
+  def report(what):
+    tails = "".join(f"\n--- process {i} (exit {p.poll()}), {log}:\n{log.read_text()[-2000:]}"
+                    for i, (p, log) in enumerate(zip(procs, logs)))
+    return what + tails
+
   try:
     for i, (argv, env) in enumerate(commands):
       logs.append(log_dir / f"process{i}.log")
@@ -41,14 +47,10 @@ def _run_together(commands, log_dir):
                                       stderr=subprocess.STDOUT))
     deadline = time.monotonic() + _TIMEOUT_S
     while any(p.poll() is None for p in procs):
-      failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-      assert not failed, (f"process {failed[0]} exited with {procs[failed[0]].returncode}:\n"
-                          f"{logs[failed[0]].read_text()[-3000:]}")
-      assert time.monotonic() < deadline, f"still running after {_TIMEOUT_S} s: see {logs}"
+      assert all(p.poll() in (None, 0) for p in procs), report("a process failed")
+      assert time.monotonic() < deadline, report(f"still running after {_TIMEOUT_S} s")
       time.sleep(0.2)
-    for i, p in enumerate(procs):
-      assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n" + (
-          logs[i].read_text()[-3000:])
+    assert all(p.returncode == 0 for p in procs), report("a process failed")
   finally:
     for p in procs:
       if p.poll() is None:
