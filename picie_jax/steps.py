@@ -242,7 +242,7 @@ def train_step(model, state, targets, batch, epoch, key, *, method, tx):
     if method.parametric:
       weights = classifier
     else:
-      weights = jax.vmap(classifier_from_centroids, (0, None))(targets.centroids, "cosine")
+      weights = jnp.stack([classifier_from_centroids(c, method.metric) for c in targets.centroids])
     z = [with_bias_column(f) for f in feats]
     if method.num_views == 2:
       out = losses.picie_loss(z[0], z[1], labels[0], labels[1], weights[0], weights[1],

@@ -95,14 +95,13 @@ def _maybe_load_pretrained(variables, path):
     loaded = flax.serialization.msgpack_restore(f.read())
   try:
     restored = flax.serialization.from_state_dict(variables, loaded)
-    mismatched = [
-        jax.tree_util.keystr(path) for path, (want, got) in jax.tree_util.tree_leaves_with_path(
-            jax.tree.map(lambda a, b: (a.shape, np.shape(b)), variables, restored),
-            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
-        if want != got]
   except (ValueError, KeyError) as e:
     raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
                      f"{e}") from None
+  shapes = lambda tree: {jax.tree_util.keystr(p): np.shape(x)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shapes(variables), shapes(restored)
+  mismatched = [k for k in want if want[k] != got.get(k)]
   if mismatched:
     raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
                      f"shapes differ at {mismatched[:3]}")
