@@ -16,6 +16,7 @@ from picie_jax.core import kmeans
 from picie_jax.core import losses
 from picie_jax.core import metrics
 from picie_jax.core import transforms as T
+from picie_jax.models import fpn
 
 FEATURE_STRIDE = 4
 
@@ -277,8 +278,8 @@ def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
   """
   z = with_bias_column(plain_features(model, variables, batch["image"], method))
   logits = losses.prototype_logits(z, classifier_kc1)
-  b, h, w = batch["label"].shape
-  logits = jax.image.resize(logits, (b, h, w, logits.shape[-1]), "bilinear", antialias=False)
+  _, h, w = batch["label"].shape
+  logits = fpn.resize_bilinear(logits, (h, w))
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   hist = metrics.confusion_histogram(batch["label"], pred, num_true, classifier_kc1.shape[0],
                                      mask=jnp.broadcast_to(batch["mask"][:, None, None], pred.shape))
