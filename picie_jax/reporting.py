@@ -6,6 +6,7 @@ import time
 
 import jax
 import numpy as np
+import tensorboardX
 import tqdm
 
 
@@ -21,8 +22,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # optional-looking but installed: keeps import light
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def drop_from_epoch(self, epoch):
     """Forgets records of `epoch` and later (a resumed run writes them again)."""

@@ -225,10 +225,39 @@ def eval_classifier(run, state, targets):
   return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
 
 
+# Fields that may change when a run is resumed: they do not change its results.
+_RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps")
+
+
+def _check_same_config(config, workdir):
+  """Refuses to resume a run in `workdir` with a config that would change its results."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in set(saved) | set(now)
+                   if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
+  if changed:
+    details = ", ".join(f"config.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+    raise ValueError(f"{workdir} holds a run with a different config ({details}); resuming "
+                     "would mix the two. Use a new --workdir, or the original config.")
+
+
+def _flatten(tree, prefix=""):
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, value in tree.items()
+          for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
 def train_and_evaluate(config, workdir):
   """Runs (or resumes) training in `workdir`; returns the final metrics dict."""
   config_check.validate(config)
   run = Run(config, workdir)  # finds the data first: a bad path fails before anything is written
+  _check_same_config(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   if reporting.is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:

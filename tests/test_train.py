@@ -205,3 +205,16 @@ def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_pa
   tiny_config.model.fpn_channels = 8
   with pytest.raises(ValueError, match="init_checkpoint.*does not fit config.model"):
     train.initial_state(train.Run(tiny_config, str(tmp_path)))
+
+
+def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
+  tiny_config.num_epochs = 0
+  tiny_config.method = "pixel_kmeans"
+  tiny_config.kmeans.metric = "l2"
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  os.makedirs(tmp_path / "checkpoints", exist_ok=True)  # as after a first save
+  tiny_config.progress = True  # display-only fields may change
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.kmeans.k_train = 5
+  with pytest.raises(ValueError, match=r"config.kmeans.k_train: 8 -> 5"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
