@@ -85,7 +85,7 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
 
   centroids, stats = clustering.minibatch_kmeans(
       batches, features_fn, k=k, num_init_batches=config.kmeans.num_init_batches,
-      iters=config.kmeans.iters, init=config.kmeans.init, metric=config.kmeans.metric, key=key,
+      iters=config.kmeans.iters, init=config.kmeans.init, key=key,
       mesh=mesh, chunk_size=config.kmeans.chunk_size, progress=bar)
   bar.close()
   return centroids, stats

@@ -136,6 +136,18 @@ def pixel_features(images_01):
   return images_01.reshape(b, h // s, s, w // s, s, c).mean(axis=(2, 4))
 
 
+def _raw_features(model, variables, images_01, method, train):
+  """(features (B, h, w, C), batch_stats): the network's, or the pixels' for the baseline."""
+  if method.pixels:
+    return pixel_features(images_01), variables.get("batch_stats")
+  return network_features(model, variables, images_01, train)
+
+
+def _in_metric_space(z, method):
+  """Features as k-means and the classifier see them: L2-normalised for the cosine metric."""
+  return kmeans.normalize_features(z) if method.metric == "cosine" else z
+
+
 def view_features(model, variables, images_uint8, indices, epoch, key, method, train,
                   views=None):
   """Each view's features in the common frame of view 1, normalised for the cosine metric.
@@ -147,26 +159,20 @@ def view_features(model, variables, images_uint8, indices, epoch, key, method, t
   batch_stats = variables.get("batch_stats")
   feats = []
   for view in (range(method.num_views) if views is None else views):
-    images = images_by_view[view]
-    if method.pixels:
-      z = pixel_features(images)
-    else:
-      z, batch_stats = network_features(
-          model, {"params": variables["params"], "batch_stats": batch_stats}, images, train)
+    z, batch_stats = _raw_features(
+        model, {"params": variables.get("params"), "batch_stats": batch_stats},
+        images_by_view[view], method, train)
     if view == 1:
       z = T.apply_geometric(z, geo, z.shape[1])
-    feats.append(kmeans.normalize_features(z) if method.metric == "cosine" else z)
+    feats.append(_in_metric_space(z, method))
   return feats, batch_stats
 
 
 def plain_features(model, variables, images_uint8, method):
   """Features of un-augmented images resized to res1 (evaluation and fresh clusters), eval BN."""
   images = T.resize_bilinear(_to_float_images(images_uint8), method.res1)
-  if method.pixels:
-    z = pixel_features(images)
-  else:
-    z, _ = network_features(model, variables, images, train=False)
-  return kmeans.normalize_features(z) if method.metric == "cosine" else z
+  z, _ = _raw_features(model, variables, images, method, train=False)
+  return _in_metric_space(z, method)
 
 
 def flatten_with_mask(z_bhwc, mask_b):

@@ -127,7 +127,7 @@ def cluster_phase(run, state, epoch):
     mu, view_stats = clustering.minibatch_kmeans(
         pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
         features_fn, k=run.k, num_init_batches=cfg.kmeans.num_init_batches,
-        iters=cfg.kmeans.iters, init=cfg.kmeans.init, metric=cfg.kmeans.metric,
+        iters=cfg.kmeans.iters, init=cfg.kmeans.init,
         key=jax.random.fold_in(jax.random.fold_in(run.keys[_KMEANS_STREAM], epoch), view),
         mesh=run.mesh, chunk_size=cfg.kmeans.chunk_size, progress=bar)
     bar.close()
