@@ -5,7 +5,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-DATA_AXIS = "data"
+from picie_jax.core import kmeans
+from picie_jax.core.kmeans import DATA_AXIS
 
 
 def maybe_initialize_distributed():
@@ -21,9 +22,8 @@ def maybe_initialize_distributed():
 
 
 def make_mesh():
-  """A 1-D mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  """A 1-D mesh over every device of every process (the k-means mesh: axis 'data')."""
+  return kmeans.data_mesh()
 
 
 def replicated(mesh):
