@@ -1,7 +1,7 @@
 """Reads PyTorch `.pth` files (torch.save output) into numpy arrays without importing torch.
 
 Both formats torch writes are read: the zip archive (the default since torch 1.6) and the
-legacy stream (`_use_new_zipfile_serialization=False`, and every file from before 1.6). The
+legacy stream (`_use_new_zipfile_serialization=False`, the default before 1.6). The
 pickle is read by a restricted unpickler that resolves only the globals state dicts and
 training checkpoints need, so no code from the file is imported or run.
 """
@@ -58,21 +58,26 @@ def load(path):
       raise ValueError(f"{os.fspath(path)}: {e}") from e
     except EOFError as e:
       raise ValueError(f"{os.fspath(path)}: truncated ({e})") from e
-    except (pickle.UnpicklingError, zipfile.BadZipFile) as e:
-      raise ValueError(f"{os.fspath(path)}: corrupt or truncated ({e})") from e
+    except zipfile.BadZipFile as e:
+      raise ValueError(f"{os.fspath(path)}: corrupt or truncated zip archive ({e})") from e
+    except pickle.UnpicklingError as e:
+      raise ValueError(f"{os.fspath(path)}: corrupt pickle ({e})") from e
 
 
 def _load_zip(f):
   """The zip format: `<name>/data.pkl`, one record `<name>/data/<key>` per storage."""
   with zipfile.ZipFile(f) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    names = set(archive.namelist())
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise ValueError("zip archive without exactly one <name>/data.pkl: not a torch file")
     prefix = pickles[0][:-len("data.pkl")]
-    byteorder = "little"
-    if prefix + "byteorder" in archive.namelist():
+    byteorder = "little"  # files from before torch 1.10 have no byteorder record
+    if prefix + "byteorder" in names:
       byteorder = archive.read(prefix + "byteorder").decode()
-    names, storages = set(archive.namelist()), {}
+    if byteorder not in ("little", "big"):
+      raise ValueError(f"unknown byteorder {byteorder!r}")
+    storages = {}
 
     def storage(key, dtype, numel):
       if key not in storages:
