@@ -72,7 +72,7 @@ def _load_zip(f):
     if len(pickles) != 1:
       raise ValueError("zip archive without exactly one <name>/data.pkl: not a torch file")
     prefix = pickles[0][:-len("data.pkl")]
-    byteorder = "little"  # files from before torch 1.10 have no byteorder record
+    byteorder = "little"  # zip files from older torch have no byteorder record
     if prefix + "byteorder" in names:
       byteorder = archive.read(prefix + "byteorder").decode()
     if byteorder not in ("little", "big"):
