@@ -123,6 +123,8 @@ def test_missing_archive_and_unprepared_data_are_named(coco_tree, tmp_path):
     datasets.build_source(config, "train")
   with pytest.raises(FileNotFoundError, match="config.dataset.manual_dir"):
     datasets.prepare(_config("coco_stuff27", manual_dir=tmp_path / "nope"))
+  with pytest.raises(ValueError, match="config.dataset.data_dir='gs://bucket'"):
+    datasets.build_source(_config("cityscapes27", data_dir="gs://bucket"), "val")
 
 
 def _write_cityscapes(root):

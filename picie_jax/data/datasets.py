@@ -109,7 +109,7 @@ def decode_label_png(png_bytes, file_name, table):
   """The class ids of a label PNG: its stored values, exactly, mapped through `table`.
 
   TF decodes an n-bit PNG to uint16 scaled by 65535 / (2^n - 1) (an 8-bit 7 reads as 1799;
-  the uint8 default turns 16-bit files into 0s), so the bit depth is read from the IHDR chunk
+  the uint8 default divides 16-bit values by 257), so the bit depth is read from the IHDR chunk
   and the scale undone. A file that is not a single-channel PNG, or a value `table` does not
   define, is an error naming `file_name`.
   """

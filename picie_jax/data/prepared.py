@@ -77,6 +77,11 @@ def require_files(root, relative_paths, archive):
 
 
 def _builder(builder_cls, data_dir):
+  if "://" in data_dir:
+    raise ValueError(
+        f"config.dataset.data_dir={data_dir!r}: ArrayRecord files open only local paths "
+        "(github.com/google/array_record/issues/120); mount the bucket (e.g. gcsfuse) and "
+        "give its local path.")
   return builder_cls(data_dir=data_dir or None, file_format=FILE_FORMAT)
 
 
