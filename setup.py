@@ -6,6 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="PiCIE (invariance and equivariance in clustering) in JAX/Flax",
     packages=setuptools.find_packages(include=["picie_jax", "picie_jax.*", "configs"]),
+    package_data={"picie_jax.data": ["cocostuff27.json"]},
     python_requires=">=3.11",
     install_requires=[
         "jax==0.10.2",
@@ -16,6 +17,7 @@ setuptools.setup(
         "ml-collections==1.1.0",
         "tensorflow-cpu==2.21.0",
         "tensorflow-datasets==4.9.10",
+        "array_record==0.8.6",  # random access into prepared TFDS splits
         "importlib_resources",
         "absl-py",
         "numpy",

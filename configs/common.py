@@ -11,8 +11,13 @@ def get_config():
   c.method = "picie"
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "coco_stuff27"  # synthetic | coco_stuff27 | cityscapes27 | image_folder
-  c.dataset.root = ""  # local directory with the dataset's files; nothing is downloaded
+  # synthetic | coco_stuff27 | coco_stuff15 | coco_thing12 | cityscapes27 | image_folder
+  c.dataset.name = "coco_stuff27"
+  c.dataset.manual_dir = ""  # COCO/Cityscapes raw files (extracted archives) that `prepare` reads
+  # Where `prepare` writes and training reads the prepared COCO/Cityscapes splits: a local path
+  # or a mounted bucket (ArrayRecord cannot open gs:// itself); "" = TFDS's default directory.
+  c.dataset.data_dir = ""
+  c.dataset.root = ""  # image_folder only: its directory, read directly
   c.dataset.num_train = 0  # 0 = the whole split; >0 = the first N (synthetic: how many to generate)
   c.dataset.num_val = 0
   c.dataset.synthetic_size = 128  # side of generated synthetic images

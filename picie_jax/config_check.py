@@ -2,7 +2,8 @@
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans"),
-    "dataset.name": ("synthetic", "coco_stuff27", "cityscapes27", "image_folder"),
+    "dataset.name": ("synthetic", "coco_stuff27", "coco_stuff15", "coco_thing12", "cityscapes27",
+                     "image_folder"),
     "kmeans.metric": ("cosine", "l2"),
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),

@@ -1,7 +1,9 @@
-"""picie-jax: `train` (or resume) a run, `eval` a run's latest checkpoint.
+"""picie-jax: `prepare` a dataset, `train` (or resume) a run, `eval` a run's latest checkpoint.
 
   picie-jax train --workdir runs/demo                       # the synthetic demo (default config)
-  picie-jax train --config configs/coco_stuff27.py --config.dataset.root=/data/coco --workdir runs/coco
+  picie-jax prepare --config configs/coco_stuff27.py --config.dataset.manual_dir=/raw/coco \
+      --config.dataset.data_dir=/data/tfds
+  picie-jax train --config configs/coco_stuff27.py --config.dataset.data_dir=/data/tfds --workdir runs/coco
   picie-jax eval --workdir runs/demo [--overcluster_k 64]
 """
 import os
@@ -22,16 +24,20 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and PNGs.")
 _OVERCLUSTER_K = flags.DEFINE_integer("overcluster_k", None,
                                       "eval: also score K-cluster many-to-one matching.")
-_COMMANDS = ("train", "eval")
+_COMMANDS = ("prepare", "train", "eval")
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in _COMMANDS:
-    raise app.UsageError(f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} --workdir DIR [flags]")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    raise app.UsageError(f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # leave accelerator memory to JAX
+  if argv[1] == "prepare":
+    from picie_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    print(f"prepared {_CONFIG.value.dataset.name} in {datasets.prepare(_CONFIG.value)}")
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
   import jax  # pylint: disable=g-import-not-at-top
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
   from picie_jax import train  # pylint: disable=g-import-not-at-top
@@ -42,7 +48,10 @@ def main(argv):
   else:
     final = train.evaluate_workdir(_WORKDIR.value, overcluster_k=_OVERCLUSTER_K.value)
   for name, scores in final.items() if jax.process_index() == 0 else ():
-    print(f"{name} (K={scores['k']}): acc {scores['acc']:.2f}  mIoU {scores['miou']:.2f}")
+    if isinstance(scores, dict):
+      print(f"{name} (K={scores['k']}): acc {scores['acc']:.2f}  mIoU {scores['miou']:.2f}")
+    else:
+      print(f"{name}: {scores}")
 
 
 def run():

@@ -43,7 +43,7 @@ class Run:
     self.model = fpn.model_from_config(config.model)
     self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
     self.train_source = datasets.build_source(config, "train")
-    self.val_source = datasets.build_source(config, "val")
+    self.val_source, self.no_evaluation_reason = datasets.evaluation_source(config)
     seed_key = jax.random.PRNGKey(config.seed)
     self.keys = {s: jax.random.fold_in(seed_key, s) for s in range(5)}
     self.augment_key = parallel.replicate(self.keys[_AUGMENT_STREAM], self.mesh)
@@ -226,7 +226,8 @@ def eval_classifier(run, state, targets):
 
 
 # Fields that may change when a run is resumed: they do not change its results.
-_RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps")
+_RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps",
+                      "dataset.data_dir", "dataset.manual_dir")
 
 
 def _check_same_config(config, workdir):
@@ -276,6 +277,8 @@ def train_and_evaluate(config, workdir):
     reporting.say(f"resuming from {ckpt.latest_path()}: epoch {start_epoch}, "
                   f"{'cluster phase' if start_batch is None else f'train batch {start_batch}'}")
   writer.drop_from_epoch(start_epoch)
+  if run.val_source is None:
+    reporting.say(f"evaluation skipped: {run.no_evaluation_reason}")
 
   for epoch in range(start_epoch, config.num_epochs):
     if start_batch is None:
@@ -292,7 +295,8 @@ def train_and_evaluate(config, workdir):
     record.update({k: v for k, v in meta["cluster_stats"].items() if k != "label_counts"})
     record.update({f"train_loss_{k}": v / sums["batches"] for k, v in sums.items()
                    if k != "batches"})
-    if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+    if run.val_source is not None and ((epoch + 1) % config.eval.every_epochs == 0
+                                       or epoch + 1 == config.num_epochs):
       scores, _ = evaluate.evaluate(
           run.model, {"params": state.params, "batch_stats": state.batch_stats},
           eval_classifier(run, state, targets), run.val_source, config, run.mesh, run.method,
@@ -304,10 +308,13 @@ def train_and_evaluate(config, workdir):
     ckpt.save({"state": state, "targets": targets}, meta)
     start_batch = None
 
-  final = evaluate.final_evaluation(
-      run.model, {"params": state.params, "batch_stats": state.batch_stats}, run.train_source,
-      run.val_source, config, run.mesh, run.method, run.keys[_FRESH_STREAM], workdir,
-      progress=config.progress)
+  if run.val_source is None:
+    final = {"evaluation_skipped": run.no_evaluation_reason}
+  else:
+    final = evaluate.final_evaluation(
+        run.model, {"params": state.params, "batch_stats": state.batch_stats},
+        run.train_source, run.val_source, config, run.mesh, run.method,
+        run.keys[_FRESH_STREAM], workdir, progress=config.progress)
   reporting.write_json(os.path.join(workdir, "final.json"), final)
   writer.close()
   ckpt.close()
@@ -326,6 +333,8 @@ def evaluate_workdir(workdir, overcluster_k=None):
     config.eval.overcluster_k = overcluster_k
   config_check.validate(config)
   run = Run(config, workdir)
+  if run.val_source is None:
+    raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
   state, targets = initial_state(run)
   restored = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(
       {"state": state, "targets": targets})

@@ -1,5 +1,4 @@
 """The tf.data pipeline and the dataset sources, on small fixtures in the real file formats."""
-import json
 import os
 
 import numpy as np
@@ -105,40 +104,3 @@ def test_missing_root_names_the_config_key(tmp_path):
   c.dataset.name = "imagenet"
   with pytest.raises(ValueError, match="config.dataset.name"):
     datasets.build_source(c, "train")
-
-
-def test_coco_stuff27_fixture_maps_fine_to_coarse(tmp_path):
-  with open(os.path.join(os.path.dirname(datasets.__file__), "cocostuff27.json")) as f:
-    fine_to_coarse = json.load(f)["fine_to_coarse"]
-  for sub in ("train2017", "val2017"):
-    for d in ("images", "annotations", "curated"):
-      os.makedirs(tmp_path / d / sub)
-    ids = ["000000000001", "000000000002"]
-    (tmp_path / "curated" / sub / "Coco164kFull_Stuff_Coarse_7.txt").write_text("\n".join(ids))
-    for i in ids:
-      Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "images" / sub / f"{i}.jpg")
-      fine = np.array([[0, 95, 255, 181]] * 2, np.uint8).repeat(2, 1).repeat(4, 0)
-      Image.fromarray(fine).save(tmp_path / "annotations" / sub / f"{i}.png")
-  c = common.get_config()
-  c.dataset.root = str(tmp_path)
-  source = datasets.build_source(c, "val")
-  assert source.num_examples == 2 and source.num_classes == 27
-  assert source.thing_classes == tuple(range(12))
-  label = source.load(0)["label"].numpy()
-  np.testing.assert_array_equal(label[0, ::2], [fine_to_coarse[0], fine_to_coarse[95], -1,
-                                                fine_to_coarse[181]])
-
-
-def test_cityscapes27_maps_label_ids_7_to_33(tmp_path):
-  img_dir = tmp_path / "leftImg8bit" / "val" / "aachen"
-  gt_dir = tmp_path / "gtFine" / "val" / "aachen"
-  os.makedirs(img_dir)
-  os.makedirs(gt_dir)
-  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(img_dir / "a_000000_leftImg8bit.png")
-  Image.fromarray(np.array([[0, 6, 7, 33]] * 4, np.uint8)).save(
-      gt_dir / "a_000000_gtFine_labelIds.png")
-  c = common.get_config()
-  c.dataset.name = "cityscapes27"
-  c.dataset.root = str(tmp_path)
-  source = datasets.build_source(c, "val")
-  np.testing.assert_array_equal(source.load(0)["label"].numpy()[0], [-1, -1, 0, 26])

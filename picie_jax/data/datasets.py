@@ -1,48 +1,81 @@
-"""Dataset sources from the user's local files (or generated): synthetic, COCO-Stuff-27,
-Cityscapes-27 and a plain image folder. Nothing is downloaded.
+"""Dataset sources: synthetic (generated), COCO-Stuff (27 / stuff-15 / thing-12) and
+Cityscapes-27 (prepared TFDS splits, see `prepare`), and a plain image folder read directly.
+Nothing is downloaded.
 
-Layouts expected under `config.dataset.root`:
-  coco_stuff27:  images/{train2017,val2017}/<id>.jpg, annotations/{train2017,val2017}/<id>.png
-                 (stuffthingmaps, fine ids 0-181, 255 unlabeled),
-                 curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse_7.txt (IIC image lists)
-  cityscapes27:  leftImg8bit/<split>/<city>/*_leftImg8bit.png,
-                 gtFine/<split>/<city>/*_gtFine_labelIds.png; train = test + train_extra
-                 (unlabelled), val = val + train (labelled)
-  image_folder:  {train,val}/images/*.{jpg,jpeg,png}, optional {train,val}/labels/<stem>.png
-                 with values 0..num_classes-1 and 255 unlabeled
+  coco_stuff27, coco_stuff15, coco_thing12, cityscapes27: `picie-jax prepare` writes the splits
+      from config.dataset.manual_dir (coco_stuff.py / cityscapes.py name the files) into
+      config.dataset.data_dir; training reads them from there by index.
+  image_folder:  config.dataset.root/{train,val}/images/*.{jpg,jpeg,png}, optional
+      {train,val}/labels/<stem>.png with values 0..num_classes-1 and 255 unlabeled; without
+      val labels a run trains but skips evaluation (see `evaluation_source`).
+
+Every source decodes the same way (`_encoded_source`): encoded bytes fetched by index, decoded
+in the tf.data map, label PNGs read at their exact bit depth and mapped through a table.
 """
-import json
 import os
-from importlib import resources
 
 import numpy as np
 import tensorflow as tf
 
+from picie_jax.data import cityscapes
+from picie_jax.data import coco_stuff
 from picie_jax.data import pipeline
+from picie_jax.data import prepared
 from picie_jax.data import synthetic
 
-_INVALID = -2  # LUT entry for a label value the dataset does not define
+_INVALID = -2  # table entry for a label value the dataset does not define
+_LABEL_TABLE_SIZE = 1 << 16  # every value a 16-bit PNG can hold
+_PNG_SIGNATURE = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_BUILDERS = {"coco_stuff27": coco_stuff.PicieCocoStuff,
+             "coco_stuff15": coco_stuff.PicieCocoStuff,
+             "coco_thing12": coco_stuff.PicieCocoStuff,
+             "cityscapes27": cityscapes.PicieCityscapes}
 
 
 def build_source(config, split):
   """The `split` ('train' or 'val') of the dataset named by config.dataset.name."""
-  builders = {
+  readers = {
       "synthetic": _synthetic,
-      "coco_stuff27": _coco_stuff27,
+      "coco_stuff27": _coco_stuff,
+      "coco_stuff15": _coco_stuff,
+      "coco_thing12": _coco_stuff,
       "cityscapes27": _cityscapes27,
       "image_folder": _image_folder,
   }
   name = config.dataset.name
-  if name not in builders:
-    raise ValueError(f"config.dataset.name={name!r} is not one of {sorted(builders)}")
+  if name not in readers:
+    raise ValueError(f"config.dataset.name={name!r} is not one of {sorted(readers)}")
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-  return builders[name](config.dataset, split)
+  return readers[name](config.dataset, split)
 
 
-def _limit(items, count):
-  return items[:count] if count else items
+def evaluation_source(config):
+  """(labelled val source, None), or (None, why there is none): an image folder may come
+  without val labels, and then a run trains and clusters but reports no scores."""
+  if config.dataset.name == "image_folder":
+    for sub in ("images", "labels"):
+      path = os.path.join(config.dataset.root, "val", sub)
+      if not os.path.isdir(path):
+        return None, (f"{path} does not exist (config.dataset.root={config.dataset.root!r}); "
+                      "add val/images and val/labels/<stem>.png to evaluate")
+  return build_source(config, "val"), None
+
+
+def prepare(config):
+  """Writes the prepared splits of config.dataset.name from config.dataset.manual_dir into
+  config.dataset.data_dir (TFDS's default if empty); returns the dataset's directory."""
+  name = config.dataset.name
+  if name not in _BUILDERS:
+    raise ValueError(f"config.dataset.name={name!r} needs no prepare step (it is read "
+                     f"directly); prepare is for {sorted(_BUILDERS)}")
+  manual_dir = _require_dir(config.dataset.manual_dir, "config.dataset.manual_dir")
+  return prepared.prepare(_BUILDERS[name], config.dataset.data_dir, manual_dir).data_dir
+
+
+def _limit(count, limit):
+  return min(count, limit) if limit else count
 
 
 def _synthetic(dcfg, split):
@@ -64,49 +97,90 @@ def _synthetic(dcfg, split):
       thing_classes=synthetic.THING_CLASSES, describe=lambda i: f"synthetic[{split}][{i}]")
 
 
-def _label_lut(mapping):
-  """A 256-entry table: raw PNG value -> class id, -1 ignored, _INVALID undefined."""
-  lut = np.full(256, _INVALID, np.int32)
+def label_table(mapping):
+  """A table over every 16-bit value: raw label value -> class id, -1 ignored, _INVALID undefined."""
+  table = np.full(_LABEL_TABLE_SIZE, _INVALID, np.int32)
   for raw, cls in mapping.items():
-    lut[raw] = cls
-  return tf.constant(lut)
+    table[raw] = cls
+  return tf.constant(table)
 
 
-def file_source(name, image_paths, label_paths, lut, num_classes, class_names=(),
-                thing_classes=None):
-  """A Source over image files (JPEG/PNG) and optional label PNGs mapped through `lut`."""
-  if not image_paths:
+def decode_label_png(png_bytes, file_name, table):
+  """The class ids of a label PNG: its stored values, exactly, mapped through `table`.
+
+  TF decodes an n-bit PNG to uint16 scaled by 65535 / (2^n - 1) (an 8-bit 7 reads as 1799;
+  the uint8 default divides 16-bit values by 257), so the bit depth is read from the IHDR chunk
+  and the scale undone. A file that is not a single-channel PNG, or a value `table` does not
+  define, is an error naming `file_name`.
+  """
+  header = tf.io.decode_raw(tf.strings.substr(png_bytes + b"\0" * 26, 0, 26), tf.uint8)
+  bit_depth, colour_type = tf.cast(header[24], tf.int32), header[25]
+  is_gray_png = tf.logical_and(tf.reduce_all(header[:8] == _PNG_SIGNATURE), colour_type == 0)
+  check_format = tf.debugging.Assert(is_gray_png, [tf.strings.join([
+      "label file ", file_name, " is not a single-channel (grayscale) PNG (PNG colour type ",
+      tf.strings.as_string(colour_type), "; 2 = RGB, 3 = palette, 4/6 = with alpha): save "
+      "class ids as an 8- or 16-bit grayscale PNG"])])
+  with tf.control_dependencies([check_format]):
+    raw_scaled = tf.io.decode_png(png_bytes, channels=1, dtype=tf.uint16)[..., 0]
+    scale = (2 ** 16 - 1) // (tf.bitwise.left_shift(1, bit_depth) - 1)
+  raw = tf.cast(raw_scaled, tf.int32) // scale
+  label = tf.gather(table, raw)
+  bad = label == _INVALID
+  bad_values = tf.unique(tf.boolean_mask(tf.reshape(raw, [-1]), tf.reshape(bad, [-1])))[0]
+  check_values = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.join([
+      "label file ", file_name, " has values the dataset does not define: ",
+      tf.strings.reduce_join(tf.strings.as_string(bad_values), separator=", ")])])
+  with tf.control_dependencies([check_values]):
+    return tf.identity(label)
+
+
+def _encoded_source(name, num_examples, fetch, table, has_labels, num_classes, describe,
+                    class_names=(), thing_classes=None):
+  """A Source whose `fetch(index)` gives (image bytes, label PNG bytes, label file name)."""
+  if num_examples <= 0:
     raise ValueError(f"{name}: no images found")
-  images_t = tf.constant(image_paths)
-  labels_t = tf.constant(label_paths) if label_paths else None
 
   def load(index):
-    path = tf.gather(images_t, index)
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    example = {"image": image}
-    if labels_t is not None:
-      label_path = tf.gather(labels_t, index)
-      raw = tf.io.decode_png(tf.io.read_file(label_path), channels=1)[..., 0]
-      label = tf.gather(lut, tf.cast(raw, tf.int32))
-      bad = tf.reduce_any(label == _INVALID)
-      tf.debugging.Assert(tf.logical_not(bad), [
-          "label file has values outside the dataset's label set:", label_path,
-          "values:", tf.unique(tf.reshape(tf.boolean_mask(raw, label == _INVALID), [-1]))[0]
-      ])
-      shape_ok = tf.reduce_all(tf.shape(raw)[:2] == tf.shape(image)[:2])
-      tf.debugging.Assert(shape_ok, ["label size differs from its image:", label_path, path])
-      example["label"] = label
-    else:
-      example["label"] = tf.fill(tf.shape(image)[:2], pipeline.IGNORE_LABEL)
-    return example
+    image_bytes, label_bytes, label_file = fetch(index)
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    if not has_labels:
+      return {"image": image, "label": tf.fill(tf.shape(image)[:2], pipeline.IGNORE_LABEL)}
+    label = decode_label_png(label_bytes, label_file, table)
+    same_size = tf.reduce_all(tf.shape(label) == tf.shape(image)[:2])
+    check_size = tf.debugging.Assert(same_size, [tf.strings.join([
+        "label file ", label_file, " has a different size from its image"])])
+    with tf.control_dependencies([check_size]):
+      return {"image": image, "label": tf.identity(label)}
 
   return pipeline.Source(
-      name=name, num_examples=len(image_paths), load=load, has_labels=bool(label_paths),
+      name=name, num_examples=num_examples, load=load, has_labels=has_labels,
       num_classes=num_classes, class_names=tuple(class_names), thing_classes=thing_classes,
-      describe=lambda i: image_paths[i])
+      describe=describe)
 
 
-def _require_dir(path, key="config.dataset.root"):
+def _prepared_source(dcfg, split, table, has_labels, num_classes, class_names=(),
+                     thing_classes=None):
+  """A Source over a prepared split of config.dataset.name, read by index."""
+  records = prepared.open_split(_BUILDERS[dcfg.name], dcfg.data_dir, split)
+  count = _limit(len(records), dcfg.num_train if split == "train" else dcfg.num_val)
+  return _encoded_source(f"{dcfg.name}/{split}", count, prepared.fetch_fn(records), table,
+                         has_labels, num_classes,
+                         describe=lambda i: records[i]["image_file"].decode(),
+                         class_names=class_names, thing_classes=thing_classes)
+
+
+def _coco_stuff(dcfg, split):
+  mapping, class_names, things = coco_stuff.label_setting(dcfg.name)
+  return _prepared_source(dcfg, split, label_table(mapping), True, len(class_names),
+                          class_names, things)
+
+
+def _cityscapes27(dcfg, split):
+  return _prepared_source(dcfg, split, label_table(cityscapes.LABEL_MAP), split == "val",
+                          cityscapes.NUM_CLASSES)
+
+
+def _require_dir(path, key):
   if not path:
     raise ValueError(f"{key} is empty: set it to the dataset's directory")
   if not os.path.isdir(path):
@@ -114,60 +188,30 @@ def _require_dir(path, key="config.dataset.root"):
   return path
 
 
-def _coco_stuff27(dcfg, split):
-  root = _require_dir(dcfg.root)
-  with resources.files("picie_jax.data").joinpath("cocostuff27.json").open() as f:
-    meta = json.load(f)
-  sub = f"{split}2017"
-  list_file = os.path.join(root, "curated", sub, meta["curated_subset"]["list_file_name"])
-  if not os.path.isfile(list_file):
-    raise FileNotFoundError(f"{list_file} is missing: COCO-Stuff-27 needs the IIC image list")
-  with open(list_file) as f:
-    ids = [line.strip() for line in f if line.strip()]
-  ids = _limit(ids, dcfg.num_train if split == "train" else dcfg.num_val)
-  images = [os.path.join(root, "images", sub, f"{i}.jpg") for i in ids]
-  labels = [os.path.join(root, "annotations", sub, f"{i}.png") for i in ids]
-  lut = {fine: coarse for fine, coarse in enumerate(meta["fine_to_coarse"])}
-  lut[255] = pipeline.IGNORE_LABEL
-  return file_source(f"coco_stuff27/{split}", images, labels, _label_lut(lut), 27,
-                     meta["coarse_names"], thing_classes=tuple(range(12)))
-
-
-def _cityscapes27(dcfg, split):
-  root = _require_dir(dcfg.root)
-  subsets = ("test", "train_extra") if split == "train" else ("val", "train")
-  images = []
-  for sub in subsets:
-    d = os.path.join(root, "leftImg8bit", sub)
-    if os.path.isdir(d):
-      images += sorted(os.path.join(dp, f) for dp, _, fs in os.walk(d) for f in fs
-                       if f.endswith("_leftImg8bit.png"))
-  images = _limit(images, dcfg.num_train if split == "train" else dcfg.num_val)
-  labels = []
-  if split == "val":
-    labels = [p.replace(os.sep + "leftImg8bit" + os.sep, os.sep + "gtFine" + os.sep)
-              .replace("_leftImg8bit.png", "_gtFine_labelIds.png") for p in images]
-  lut = {raw: pipeline.IGNORE_LABEL for raw in range(256)}
-  lut.update({raw: raw - 7 for raw in range(7, 34)})
-  return file_source(f"cityscapes27/{split}", images, labels, _label_lut(lut), 27)
-
-
 def _image_folder(dcfg, split):
+  """Image files read directly from config.dataset.root/<split>/images (and labels)."""
   root = _require_dir(os.path.join(dcfg.root, split), "config.dataset.root")
-  image_dir = _require_dir(os.path.join(root, "images"))
+  image_dir = _require_dir(os.path.join(root, "images"), "config.dataset.root")
   names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(_IMAGE_EXTENSIONS))
-  names = _limit(names, dcfg.num_train if split == "train" else dcfg.num_val)
+  names = names[:_limit(len(names), dcfg.num_train if split == "train" else dcfg.num_val)]
   images = [os.path.join(image_dir, f) for f in names]
   label_dir = os.path.join(root, "labels")
-  labels = []
-  if os.path.isdir(label_dir):
+  has_labels = os.path.isdir(label_dir)
+  labels = [""] * len(names)
+  if has_labels:
     if dcfg.num_classes <= 0:
       raise ValueError(f"{label_dir} has labels: set config.dataset.num_classes")
     labels = [os.path.join(label_dir, os.path.splitext(f)[0] + ".png") for f in names]
     missing = [p for p in labels if not os.path.isfile(p)]
     if missing:
       raise FileNotFoundError(f"{len(missing)} label files missing, e.g. {missing[0]}")
-  lut = {v: v for v in range(dcfg.num_classes)}
-  lut[255] = pipeline.IGNORE_LABEL
-  return file_source(f"image_folder/{split}", images, labels, _label_lut(lut),
-                     dcfg.num_classes)
+  images_t, labels_t = tf.constant(images or [""]), tf.constant(labels or [""])
+
+  def fetch(index):
+    label_file = tf.gather(labels_t, index)
+    label_bytes = tf.io.read_file(label_file) if has_labels else tf.constant(b"")
+    return tf.io.read_file(tf.gather(images_t, index)), label_bytes, label_file
+
+  mapping = {**{v: v for v in range(dcfg.num_classes)}, 255: pipeline.IGNORE_LABEL}
+  return _encoded_source(f"image_folder/{split}", len(images), fetch, label_table(mapping),
+                         has_labels, dcfg.num_classes, describe=lambda i: images[i])
