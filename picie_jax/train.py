@@ -10,7 +10,6 @@ import json
 import math
 import os
 
-import flax.serialization
 import ml_collections
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import numpy as np
 from picie_jax import checkpoint
 from picie_jax import clustering
 from picie_jax import config_check
+from picie_jax import convert
 from picie_jax import evaluate
 from picie_jax import parallel
 from picie_jax import reporting
@@ -35,15 +35,19 @@ _AUGMENT_STREAM, _KMEANS_STREAM, _INIT_STREAM, _CLASSIFIER_STREAM, _FRESH_STREAM
 class Run:
   """The static parts of a run: config, model, method, mesh, data sources, optimizer."""
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, with_data=True):
+    """`with_data=False` skips finding the dataset (converting or applying a run elsewhere)."""
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
     self.method = steps.method_from_config(config)
     self.model = fpn.model_from_config(config.model)
     self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
-    self.train_source = datasets.build_source(config, "train")
-    self.val_source, self.no_evaluation_reason = datasets.evaluation_source(config)
+    self.train_source = self.val_source = None
+    self.no_evaluation_reason = "the run was set up without its dataset"
+    if with_data:
+      self.train_source = datasets.build_source(config, "train")
+      self.val_source, self.no_evaluation_reason = datasets.evaluation_source(config)
     seed_key = jax.random.PRNGKey(config.seed)
     self.keys = {s: jax.random.fold_in(seed_key, s) for s in range(5)}
     self.augment_key = parallel.replicate(self.keys[_AUGMENT_STREAM], self.mesh)
@@ -70,7 +74,7 @@ def initial_state(run):
   res = run.config.res1
   variables = jax.jit(run.model.init, static_argnames="train")(
       run.keys[_INIT_STREAM], jnp.zeros((1, res, res, 3)), train=False)
-  variables = _maybe_load_pretrained(variables, run.config.model.init_checkpoint)
+  variables = convert.initial_variables(variables, run.config.model)
   channels = 3 if run.method.pixels else run.config.model.fpn_channels
   classifier = steps.init_classifier(run.keys[_CLASSIFIER_STREAM], run.num_views, run.k,
                                      channels)
@@ -83,29 +87,6 @@ def initial_state(run):
       centroids=jnp.zeros((run.num_views, run.k, channels), jnp.float32),
       weights=jnp.ones((run.num_views, run.k), jnp.float32))
   return parallel.replicate(state, run.mesh), parallel.replicate(targets, run.mesh)
-
-
-def _maybe_load_pretrained(variables, path):
-  """Loads Flax-serialised {'params', 'batch_stats'} (e.g. converted ImageNet weights)."""
-  if not path:
-    return variables
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config.model.init_checkpoint={path!r} does not exist")
-  with open(path, "rb") as f:
-    loaded = flax.serialization.msgpack_restore(f.read())
-  try:
-    restored = flax.serialization.from_state_dict(variables, loaded)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
-                     f"{e}") from None
-  shapes = lambda tree: {jax.tree_util.keystr(p): np.shape(x)
-                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  want, got = shapes(variables), shapes(restored)
-  mismatched = [k for k in want if want[k] != got.get(k)]
-  if mismatched:
-    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
-                     f"shapes differ at {mismatched[:3]}")
-  return jax.tree.map(jnp.asarray, restored)
 
 
 def cluster_phase(run, state, epoch):
@@ -357,3 +338,39 @@ def evaluate_workdir(workdir, overcluster_k=None):
                                            progress=config.progress))
   reporting.write_json(os.path.join(workdir, "eval.json"), results)
   return results
+
+
+def import_official_checkpoint(config, path, workdir):
+  """Turns an official PiCIE `checkpoint.pth.tar` into a run directory (config.json and one
+  checkpoint holding the network and both views' centroids) that `eval` and `segment` accept.
+
+  The checkpoint fixes K (config.kmeans.k_train) and the epoch count; the rest of the config
+  (dataset, evaluation) is the caller's. Returns the config written.
+  """
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileExistsError(f"{workdir} already holds a run; convert into a new --workdir")
+  official = convert.read_picie_checkpoint(path)
+  config.kmeans.k_train = official["centroids"].shape[1]
+  config.model.init, config.model.init_checkpoint = "random", ""
+  config_check.validate(config)
+  run = Run(config, workdir, with_data=False)
+  state, targets = initial_state(run)
+  network = convert.import_state_dict(
+      {"params": state.params, "batch_stats": state.batch_stats}, official["state_dict"],
+      config.model.backbone, source=path)
+  if official["centroids"].shape[0] < run.num_views:
+    raise ValueError(f"{path} has {official['centroids'].shape[0]} classifier(s); "
+                     f"config.method={config.method!r} needs {run.num_views}")
+  config.num_epochs = official["epoch"]
+  state = state.replace(params=network["params"], batch_stats=network["batch_stats"])
+  targets = targets.replace(frozen=jax.tree.map(jnp.copy, network),
+                            centroids=jnp.asarray(official["centroids"][:run.num_views]))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt.save(parallel.replicate({"state": state, "targets": targets}, run.mesh),
+            {"epoch": official["epoch"], "next_batch": None, "imported_from": os.path.abspath(path)})
+  ckpt.close()
+  return config
+

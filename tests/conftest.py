@@ -9,7 +9,8 @@ import pytest  # pylint: disable=g-import-not-at-top
 # --config.* overrides shrinking configs/synthetic.py to a run of a few seconds per epoch.
 TINY_OVERRIDES = {
     "dataset.num_train": 48, "dataset.num_val": 16, "dataset.synthetic_size": 64,
-    "model.width": 8, "model.fpn_channels": 16, "res2": 64, "res1": 32, "eval.res": 32,
+    "model.backbone": "resnet18", "model.init": "random", "model.width": 8,
+    "model.fpn_channels": 16, "res2": 64, "res1": 32, "eval.res": 32,
     "num_epochs": 2, "kmeans.batch_size": 16, "kmeans.num_init_batches": 2,
     "kmeans.iters": 5, "train.batch_size": 16, "eval.batch_size": 16, "eval.num_vis": 4,
     "checkpoint_every_steps": 1, "progress": False,

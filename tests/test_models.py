@@ -7,8 +7,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from picie_jax.convert import torch_names
+from picie_jax.models import efficientnet
+from picie_jax.models import resnet
 from picie_jax.models.fpn import FPNDecoder, PiCIENet, model_from_config, resize_bilinear
-from picie_jax.models.resnet import BatchNorm, ResidualBlock, ResNet, torch_state_dict_names
+from picie_jax.models.layers import BatchNorm, DepthwiseConv, depthwise_conv_taps
+from picie_jax.models.resnet import ResidualBlock, ResNet
 
 EPS = 1e-5
 
@@ -108,7 +112,7 @@ def test_stage_shapes_follow_torch_formulas(hw):
   feats, _ = shapes_of(ResNet(depth=18, width=width), (2, *hw, 3), train=False)
   for k, (h, w) in enumerate(zip(torch_stage_sizes(hw[0]), torch_stage_sizes(hw[1]))):
     assert feats[f"res{k + 2}"].shape == (2, h, w, width * 2**k)
-  out, _ = shapes_of(PiCIENet(depth=18, width=width, out_channels=16), (2, *hw, 3), train=False)
+  out, _ = shapes_of(PiCIENet("resnet18", width=width, out_channels=16), (2, *hw, 3), train=False)
   assert out.shape == (2, *feats["res2"].shape[1:3], 16)
 
 
@@ -116,7 +120,7 @@ def test_resnet50_shapes_and_stride_on_3x3():
   feats, _ = shapes_of(ResNet(depth=50, width=8), (1, 80, 80, 3), train=False)
   assert [feats[f"res{k}"].shape for k in range(2, 6)] == [
       (1, 20, 20, 32), (1, 10, 10, 64), (1, 5, 5, 128), (1, 3, 3, 256)]
-  out, _ = shapes_of(PiCIENet(depth=50, width=8, out_channels=256), (1, 80, 80, 3), train=False)
+  out, _ = shapes_of(PiCIENet("resnet50", width=8, out_channels=256), (1, 80, 80, 3), train=False)
   assert out.shape == (1, 20, 20, 256)
   # v1.5: layer2_0's 1x1 conv1 keeps 20x20, its 3x3 conv2 halves it.
   model = ResNet(depth=50, width=8)
@@ -320,15 +324,15 @@ def test_resnet18_names_are_a_rename_of_torchvision_state_dict():
   expected = torchvision_resnet18_shapes()
   assert len(expected) == 100  # 20 convs + 20 BNs x 4
   _, variables = shapes_of(ResNet(depth=18), (1, 64, 64, 3), train=False)
-  names = torch_state_dict_names(variables)
+  names = torch_names(variables, "resnet18")
   flat = flax.traverse_util.flatten_dict(variables)
   assert {names[p]: torch_layout(flat[p].shape) for p in flat} == expected
   assert len(set(names.values())) == len(names)
 
 
 def test_picie_net_names_match_panoptic_fpn_layout():
-  _, variables = shapes_of(PiCIENet(depth=18), (1, 64, 64, 3), train=False)
-  names = torch_state_dict_names(variables)
+  _, variables = shapes_of(PiCIENet("resnet18"), (1, 64, 64, 3), train=False)
+  names = torch_names(variables, "resnet18")
   flat = flax.traverse_util.flatten_dict(variables)
   got = {names[p]: torch_layout(flat[p].shape) for p in flat}
   expected = {f"backbone.{k}": s for k, s in torchvision_resnet18_shapes().items()}
@@ -340,22 +344,69 @@ def test_picie_net_names_match_panoptic_fpn_layout():
 
 # ---------------------------------------------------------------- config and jit
 def model_config(**overrides):
-  return ml_collections.ConfigDict({"arch": "resnet50", "width": 8, "fpn_channels": 16, **overrides})
+  return ml_collections.ConfigDict({"backbone": "resnet50", "width": 8, "fpn_channels": 16,
+                                   **overrides})
 
 
 def test_model_from_config():
   model = model_from_config(model_config())
-  assert (model.depth, model.width, model.out_channels) == (50, 8, 16)
-  for key, value in (("arch", "resnet19"), ("arch", "vgg16"), ("width", 0), ("fpn_channels", 2.5)):
+  assert (model.backbone_name, model.width, model.out_channels) == ("resnet50", 8, 16)
+  for key, value in (("backbone", "resnet19"), ("backbone", "vgg16"), ("width", 0),
+                     ("fpn_channels", 2.5)):
     with pytest.raises(ValueError, match=f"model.{key}"):
       model_from_config(model_config(**{key: value}))
 
 
 def test_jitted_forward_runs_and_updates_stats():
-  model = model_from_config(model_config(arch="resnet18", width=4))
+  model = model_from_config(model_config(backbone="resnet18", width=4))
   x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 45, 45, 3)), jnp.float32)
   variables = random_variables(model, x.shape, 10, train=False)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
   feats, state = forward(variables, x)
   assert feats.shape == (2, 12, 12, 16) and np.all(np.isfinite(np.asarray(feats)))
   assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+def test_input_normalisations():
+  images = np.random.default_rng(7).uniform(0, 1, (2, 3, 3, 3)).astype(np.float32)
+  want = (images - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(resnet.normalize_input(jnp.asarray(images)), want, atol=1e-6)
+  np.testing.assert_allclose(efficientnet.normalize_input(jnp.asarray(images)),
+                             (images * 255 - 127) / 128, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw,k,stride", [((9, 9), 3, 1), ((9, 8), 3, 2), ((10, 7), 5, 2),
+                                         ((4, 4), 5, 1), ((2, 3), 3, 2)])
+def test_depthwise_taps_equal_grouped_convolution_and_its_gradient(hw, k, stride):
+  """The CPU form (a sum over taps) against XLA's grouped convolution, values and gradients."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 1, 6)), jnp.float32)
+  grouped = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=6)
+  taps = lambda x, w: depthwise_conv_taps(x, w, stride)
+  np.testing.assert_allclose(taps(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.normal(size=grouped(x, w).shape), jnp.float32)
+  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
+  for got, want in zip(grad(taps), grad(grouped)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  module = DepthwiseConv(k, stride)
+  variables = module.init(jax.random.key(0), x)
+  assert variables["params"]["kernel"].shape == (k, k, 1, 6)
+  np.testing.assert_allclose(module.apply({"params": {"kernel": w}}, x), grouped(x, w),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_efficientnet_lite0_levels_and_parameter_count():
+  feats, variables = shapes_of(efficientnet.EfficientNetLite0(num_classes=1000),
+                               (1, 224, 224, 3), train=False)
+  assert {k: v.shape for k, v in feats.items()} == {
+      "res2": (1, 56, 56, 24), "res3": (1, 28, 28, 40), "res4": (1, 14, 14, 112),
+      "res5": (1, 7, 7, 320), "logits": (1, 1000)}
+  # EfficientNet-Lite0 has 4,652,008 parameters (TF model card), head and fc included.
+  assert sum(np.prod(p.shape) for p in jax.tree.leaves(variables["params"])) == 4_652_008
+  out, _ = shapes_of(PiCIENet("efficientnet_lite0", out_channels=128), (2, 45, 64, 3),
+                     train=False)
+  assert out.shape == (2, 12, 16, 128)  # "SAME": ceil(45 / 4) = 12

@@ -60,8 +60,8 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(tiny_config):
                                       jnp.asarray(host_batch["index"]), 0, run.augment_key,
                                       run.method)
     variables = targets.frozen
-    z1 = run.model.apply(variables, T.normalize_imagenet(v1), train=False)
-    z2 = run.model.apply(variables, T.normalize_imagenet(v2), train=False)
+    z1 = run.model.apply(variables, v1, train=False)
+    z2 = run.model.apply(variables, v2, train=False)
     z2 = T.apply_geometric(z2, geo, z2.shape[1])
     for view, z in enumerate((z1, z2)):
       z = np.asarray(z, np.float64)
@@ -198,6 +198,7 @@ def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_pa
                "batch_stats": state.batch_stats}
   path = tmp_path / "init.msgpack"
   path.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(variables)))
+  tiny_config.model.init = "checkpoint"
   tiny_config.model.init_checkpoint = str(path)
   loaded, _ = train.initial_state(train.Run(tiny_config, str(tmp_path)))
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):

@@ -267,8 +267,3 @@ def test_disabled_configs_are_identity():
         apply_photometric(images, p_params, T.PhotometricConfig()), images, atol=1e-6)
     np.testing.assert_allclose(apply_geometric(images, g_params, 16), images, atol=1e-6)
 
-
-def test_normalize_imagenet():
-    images = np.random.default_rng(7).uniform(0, 1, (2, 3, 3, 3)).astype(np.float32)
-    want = (images - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    np.testing.assert_allclose(T.normalize_imagenet(jnp.asarray(images)), want, atol=1e-6)

@@ -17,8 +17,6 @@ GEOMETRIC_STREAM = 0
 VIEW1_PHOTOMETRIC_STREAM = 1
 VIEW2_PHOTOMETRIC_STREAM = 2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL convert('L')
 BLUR_TRUNCATE_SIGMAS = 3.0  # kernel half-width = min(int(3*sigma + 0.5), blur_max_radius)
 IDENTITY_PHOTOMETRIC = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0,
@@ -244,8 +242,3 @@ def resize_bilinear(images_bhwc, out_size: int):
     return _resample(images_bhwc, jnp.broadcast_to(rows, (batch,) + rows.shape),
                      jnp.broadcast_to(cols, (batch,) + cols.shape))
 
-
-def normalize_imagenet(images_bhwc):
-    """(x - mean) / std per channel with the ImageNet statistics torchvision models expect."""
-    return ((images_bhwc - jnp.array(IMAGENET_MEAN, images_bhwc.dtype))
-            / jnp.array(IMAGENET_STD, images_bhwc.dtype))

@@ -1,13 +1,14 @@
 """PiCIE's Panoptic-FPN-style decoder and the full network f_theta (DESIGN §1 "Model")."""
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picie_jax.models.resnet import ARCHITECTURES, ResNet
+from picie_jax.models import efficientnet
+from picie_jax.models import resnet
+from picie_jax.models.resnet import ARCHITECTURES
 
 
 def resize_bilinear(x_bhwc, size_hw):
@@ -54,29 +55,41 @@ class FPNDecoder(nn.Module):
     return out
 
 
+BACKBONES = tuple(f"resnet{d}" for d in ARCHITECTURES) + ("efficientnet_lite0",)
+
+
 class PiCIENet(nn.Module):
-  """f_theta: ResNet backbone + FPN decoder; per-pixel features at stride 4, not normalised."""
-  depth: int = 18
-  width: int = 64
+  """f_theta: backbone + FPN decoder on images in [0, 1]; per-pixel features at stride 4, not
+  normalised. Each backbone normalises its input the way its pretrained weights expect."""
+  backbone_name: str = "resnet18"
+  width: int = 64  # ResNet only
   out_channels: int = 128
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.backbone = ResNet(depth=self.depth, width=self.width, dtype=self.dtype)
+    if self.backbone_name not in BACKBONES:
+      raise ValueError(f"model.backbone={self.backbone_name!r} is not supported; use one of "
+                       f"{', '.join(BACKBONES)}")
+    if self.backbone_name == "efficientnet_lite0":
+      self.backbone = efficientnet.EfficientNetLite0(dtype=self.dtype)
+    else:
+      self.backbone = resnet.ResNet(depth=int(self.backbone_name[len("resnet"):]),
+                                    width=self.width, dtype=self.dtype)
     self.decoder = FPNDecoder(out_channels=self.out_channels, dtype=self.dtype)
 
-  def __call__(self, images_bhwc, train: bool):
-    return self.decoder(self.backbone(images_bhwc, train))
+  def __call__(self, images_01_bhwc, train: bool):
+    normalize = (efficientnet.normalize_input if self.backbone_name == "efficientnet_lite0"
+                 else resnet.normalize_input)
+    return self.decoder(self.backbone(normalize(images_01_bhwc), train))
 
 
 def model_from_config(cfg):
-  """PiCIENet from the model config (fields arch 'resnet<depth>', width, fpn_channels)."""
-  match = re.fullmatch(r"resnet(\d+)", str(cfg.arch))
-  if match is None or int(match.group(1)) not in ARCHITECTURES:
-    raise ValueError(f"model.arch={cfg.arch!r} is not supported; use one of "
-                     f"{', '.join(f'resnet{d}' for d in ARCHITECTURES)}")
+  """PiCIENet from the model config (fields backbone, width, fpn_channels)."""
+  if cfg.backbone not in BACKBONES:
+    raise ValueError(f"model.backbone={cfg.backbone!r} is not supported; use one of "
+                     f"{', '.join(BACKBONES)}")
   for key in ("width", "fpn_channels"):
     value = getattr(cfg, key)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"model.{key}={value!r} must be a positive integer")
-  return PiCIENet(depth=int(match.group(1)), width=cfg.width, out_channels=cfg.fpn_channels)
+  return PiCIENet(backbone_name=cfg.backbone, width=cfg.width, out_channels=cfg.fpn_channels)

