@@ -62,7 +62,8 @@ def _write_pictures(prefix, vis, mapping, hist, source):
   if vis["image"]:
     matched = [np.where(p >= 0, np.asarray(mapping)[p], -1) for p in vis["pred"]]
     panel = visualize.segmentation_panel(np.stack(vis["image"]), np.stack(vis["label"]),
-                                         np.stack(matched), source.num_classes)
+                                         np.stack(matched), source.num_classes,
+                                         class_names=source.class_names or None)
     visualize.save_png(f"{prefix}_segmentation.png", panel)
   matched_hist = metrics.remap_histogram(hist, mapping, source.num_classes)
   visualize.save_png(f"{prefix}_confusion.png",
