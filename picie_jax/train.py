@@ -28,22 +28,27 @@ from picie_jax.data import datasets
 from picie_jax.data import pipeline
 from picie_jax.models import fpn
 
+MATCHING_FILE = "matching.json"
+
 # Independent random streams derived from the seed.
 _AUGMENT_STREAM, _KMEANS_STREAM, _INIT_STREAM, _CLASSIFIER_STREAM, _FRESH_STREAM = range(5)
 
 
 class Run:
-  """The static parts of a run: config, model, method, mesh, data sources, optimizer."""
+  """The static parts of a run: config, model, method, mesh, data sources, optimizer.
 
-  def __init__(self, config, workdir):
+  `load_data=False` leaves the sources out (None): labelling new images needs no dataset.
+  """
+
+  def __init__(self, config, workdir, load_data=True):
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
     self.method = steps.method_from_config(config)
     self.model = fpn.model_from_config(config.model)
     self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
-    self.train_source = datasets.build_source(config, "train")
-    self.val_source = datasets.build_source(config, "val")
+    self.train_source = datasets.build_source(config, "train") if load_data else None
+    self.val_source = datasets.build_source(config, "val") if load_data else None
     seed_key = jax.random.PRNGKey(config.seed)
     self.keys = {s: jax.random.fold_in(seed_key, s) for s in range(5)}
     self.augment_key = parallel.replicate(self.keys[_AUGMENT_STREAM], self.mesh)
@@ -225,6 +230,20 @@ def eval_classifier(run, state, targets):
   return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
 
 
+def centroids_epoch(meta):
+  """The epoch whose centroids a checkpoint holds (its meta counts finished epochs at the end)."""
+  return meta["epoch"] - 1 if meta.get("next_batch") is None else meta["epoch"]
+
+
+def write_matching(workdir, epoch, scores, source):
+  """Saves `workdir/matching.json`: the Hungarian cluster -> class map of an epoch's centroids,
+  with the class names, so later commands (segment) can name the clusters."""
+  names = list(source.class_names) or [f"class {i}" for i in range(source.num_classes)]
+  reporting.write_json(os.path.join(workdir, MATCHING_FILE), {
+      "epoch": epoch, "k": len(scores["cluster_to_class"]),
+      "cluster_to_class": scores["cluster_to_class"], "class_names": names})
+
+
 # Fields that may change when a run is resumed: they do not change its results.
 _RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps")
 
@@ -298,6 +317,7 @@ def train_and_evaluate(config, workdir):
           eval_classifier(run, state, targets), run.val_source, config, run.mesh, run.method,
           vis_prefix=os.path.join(vis_dir, f"epoch{epoch:03d}"), progress=config.progress)
       record.update({k: scores[k] for k in scores if not isinstance(scores[k], (list, dict))})
+      write_matching(workdir, epoch, scores, run.val_source)
     writer.write(record, int(state.step))
     reporting.say(_epoch_summary(record))
     meta = {"epoch": epoch + 1, "next_batch": None}
@@ -314,25 +334,39 @@ def train_and_evaluate(config, workdir):
   return final
 
 
-def evaluate_workdir(workdir, overcluster_k=None):
-  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
-  optionally overclustering; writes `eval.json` and PNGs under workdir/eval."""
+def saved_config(workdir):
+  """The resolved config a run saved in `workdir/config.json`."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing: is {workdir} a picie-jax run directory?")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_latest(run):
+  """(state, targets, meta) of the latest readable checkpoint of `run.workdir`."""
+  directory = os.path.join(run.workdir, "checkpoints")
+  state, targets = initial_state(run)
+  restored = None
+  if os.path.isdir(directory):
+    restored = checkpoint.Checkpointer(directory).restore_latest(
+        {"state": state, "targets": targets})
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint under {directory}: train the run first "
+                            f"(picie-jax train --workdir {run.workdir})")
+  tree, meta = restored
+  return tree["state"], tree["targets"], meta
+
+
+def evaluate_workdir(workdir, overcluster_k=None):
+  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
+  optionally overclustering; writes `eval.json` and PNGs under workdir/eval."""
+  config = saved_config(workdir)
   if overcluster_k is not None:
     config.eval.overcluster_k = overcluster_k
   config_check.validate(config)
   run = Run(config, workdir)
-  state, targets = initial_state(run)
-  restored = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(
-      {"state": state, "targets": targets})
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-  tree, meta = restored
-  state, targets = tree["state"], tree["targets"]
+  state, targets, meta = restore_latest(run)
   out_dir = os.path.join(workdir, "eval")
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   results = {}
@@ -341,6 +375,7 @@ def evaluate_workdir(workdir, overcluster_k=None):
                                   run.val_source, config, run.mesh, run.method,
                                   vis_prefix=os.path.join(out_dir, "epoch_clusters"),
                                   progress=config.progress)
+    write_matching(workdir, centroids_epoch(meta), scores, run.val_source)
     results["epoch_clusters"] = {"k": run.k, **scores}
   results.update(evaluate.final_evaluation(run.model, variables, run.train_source,
                                            run.val_source, config, run.mesh, run.method,
