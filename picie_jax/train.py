@@ -346,9 +346,9 @@ def saved_config(workdir):
 def restore_latest(run):
   """(state, targets, meta) of the latest readable checkpoint of `run.workdir`."""
   directory = os.path.join(run.workdir, "checkpoints")
-  state, targets = initial_state(run)
   restored = None
-  if os.path.isdir(directory):
+  if os.path.isdir(directory):  # else a Checkpointer would create it
+    state, targets = initial_state(run)
     restored = checkpoint.Checkpointer(directory).restore_latest(
         {"state": state, "targets": targets})
   if restored is None:

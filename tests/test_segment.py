@@ -28,10 +28,18 @@ K = 8
 def run_dir(tmp_path_factory):
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
   config = synthetic_config.get_config()
-  config.update_from_flattened_dict({**TINY_OVERRIDES, "num_epochs": 1})
+  config.update_from_flattened_dict({**TINY_OVERRIDES, "num_epochs": 1, "dataset.num_train": 32,
+                                     "kmeans.num_init_batches": 1})
   workdir = tmp_path_factory.mktemp("run")
   train.train_and_evaluate(config, str(workdir))
   return workdir
+
+
+@pytest.fixture(scope="module")
+def restored(run_dir):
+  """(run, state, targets, meta) of the run's latest checkpoint, restored for the checks."""
+  run = train.Run(train.saved_config(run_dir), str(run_dir))
+  return (run, *train.restore_latest(run))
 
 
 def _photo(path, height, width, seed, mode="RGB"):
@@ -50,6 +58,8 @@ def photos(tmp_path_factory):
   (root / "more" / "notes.txt").write_text("not an image")
   return {
       "wide": _photo(root / "wide.png", 48, 130, 0),
+      "wide_b": _photo(root / "wide_b.png", 48, 130, 5),
+      "wide_c": _photo(root / "wide_c.png", 48, 130, 6),
       "tall": _photo(root / "tall.jpg", 75, 50, 1),
       "gray": _photo(root / "gray.png", 33, 33, 2, mode="L"),
       "dir": root / "more",
@@ -71,13 +81,13 @@ def _bilinear_upsample(x_hwk, height, width):
   return rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
 
 
-def _expected_labels(workdir, path):
-  """Cluster ids from the checkpoint's model applied directly to the resized image, float64
-  nearest-centroid logits, numpy upsampling; and the top-2 logit margin per pixel."""
-  run = train.Run(train.saved_config(workdir), str(workdir), load_data=False)
-  state, targets, _ = train.restore_latest(run)
+def _expected_labels(restored, path, input_hw):
+  """Cluster ids from the checkpoint's network applied to this one image resized to
+  `input_hw`, float64 cosine logits against the centroids, numpy upsampling; and the top-2
+  logit margin per pixel."""
+  run, state, targets, _ = restored
   original = np.asarray(Image.open(path).convert("RGB"))
-  resized = tf.image.resize(original, (32, 96), method="bilinear", antialias=True)
+  resized = tf.image.resize(original, input_hw, method="bilinear", antialias=True)
   x = jnp.asarray(np.clip(np.round(resized.numpy()), 0, 255)[None] / 255.0, jnp.float32)
   z, _ = steps.network_features(run.model, {"params": state.params,
                                             "batch_stats": state.batch_stats}, x, train=False)
@@ -89,39 +99,33 @@ def _expected_labels(workdir, path):
   return np.argmax(logits, axis=-1), top2[..., 1] - top2[..., 0]
 
 
-def test_segment_writes_labels_and_overlays_at_original_size(run_dir, photos, tmp_path):
+def test_segment_writes_labels_at_original_size_equal_to_a_direct_computation(
+    run_dir, restored, photos, tmp_path, monkeypatch):
+  """Batches of 2 (monkeypatched), so wide_c shares no batch and is padded with a blank row."""
+  monkeypatch.setattr(segment, "group_batch_size", lambda *_: 2)
   out = tmp_path / "out"
-  inputs = [photos["wide"], photos["tall"], photos["gray"], photos["dir"]]
-  label_paths = segment.segment_images(str(run_dir), str(out), [str(p) for p in inputs])
-  stems = ["wide", "tall", "gray", "other", "wide_2"]  # more/ sorted: other.jpeg, wide.png
+  names = ["wide", "wide_b", "wide_c", "tall", "gray", "dir"]
+  label_paths = segment.segment_images(str(run_dir), str(out), [str(photos[n]) for n in names])
+  stems = ["wide", "wide_b", "wide_c", "tall", "gray", "other", "wide_2"]  # more/ is sorted
   assert label_paths == [str(out / f"{s}_labels.png") for s in stems]
-  sources = [photos[n] for n in ("wide", "tall", "gray", "other", "dup")]
+  assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in stems
+                                           for kind in ("labels", "overlay"))
+  sources = [photos[n] for n in ("wide", "wide_b", "wide_c", "tall", "gray", "other", "dup")]
   for stem, source in zip(stems, sources):
     with Image.open(out / f"{stem}_labels.png") as labels, Image.open(source) as original:
       assert labels.mode == "L" and labels.size == original.size
       assert np.asarray(labels).max() < K
     with Image.open(out / f"{stem}_overlay.png") as overlay:
       assert overlay.width > 2 * original.width and overlay.height > original.height
-  assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in stems
-                                           for kind in ("labels", "overlay"))
 
   assert segment.network_input_size(48, 130, 32) == (32, 96)
-  expected, margin = _expected_labels(run_dir, photos["wide"])
-  got = np.asarray(Image.open(out / "wide_labels.png"))
-  clear = margin > 1e-4
-  assert clear.mean() > 0.9
-  np.testing.assert_array_equal(got[clear], expected[clear])
-  assert len(np.unique(got)) > 1  # a real segmentation, not one cluster everywhere
-
-
-def test_padded_batches_give_the_labels_of_single_images(run_dir, tmp_path, monkeypatch):
-  paths = [str(_photo(tmp_path / f"p{i}.png", 40, 60, 10 + i)) for i in range(3)]
-  alone = [np.asarray(Image.open(segment.segment_images(str(run_dir), str(tmp_path / f"a{i}"),
-                                                        [p])[0])) for i, p in enumerate(paths)]
-  monkeypatch.setattr(segment, "group_batch_size", lambda *_: 2)  # batches of 2: 1 padded row
-  together = segment.segment_images(str(run_dir), str(tmp_path / "b"), paths)
-  for single, path in zip(alone, together):
-    np.testing.assert_array_equal(np.asarray(Image.open(path)), single)
+  for stem in ("wide", "wide_c"):
+    expected, margin = _expected_labels(restored, photos[stem], (32, 96))
+    got = np.asarray(Image.open(out / f"{stem}_labels.png"))
+    clear = margin > 1e-4
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    assert len(np.unique(got)) > 1  # a real segmentation, not one cluster everywhere
 
 
 def test_segment_errors_name_the_file(run_dir, photos, tmp_path):
@@ -155,13 +159,12 @@ def test_output_names_batches_and_legend_names():
   assert segment.cluster_names(3, None, epoch=2) == ["cluster 0", "cluster 1", "cluster 2"]
 
 
-def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir):
+def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, restored):
   with open(run_dir / "matching.json") as f:
     matching = json.load(f)
   assert matching["epoch"] == 0 and matching["k"] == K
   assert matching["class_names"] == list(synthetic.CLASS_NAMES)
-  run = train.Run(train.saved_config(run_dir), str(run_dir))
-  state, targets, meta = train.restore_latest(run)
+  run, state, targets, meta = restored
   assert train.centroids_epoch(meta) == 0
   _, hist = evaluate.evaluate(run.model, {"params": state.params,
                                           "batch_stats": state.batch_stats},
