@@ -1,5 +1,6 @@
 """Pictures of results: coloured label maps, titled image | ground truth | prediction panels and
-segmentation overlays with class legends, and confusion matrices. NumPy and Pillow only, so it runs anywhere the package does."""
+segmentation overlays with class legends, and confusion matrices. NumPy and Pillow only, so it
+runs anywhere the package does."""
 import os
 
 import numpy as np
@@ -213,7 +214,8 @@ def save_png(path, array):
     """Write a uint8 (H, W), (H, W, 3) or (H, W, 4) array, or a uint16 (H, W) label map, as a PNG,
     creating parent folders."""
     array = np.asarray(array)
-    rgb_or_gray = array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)))
+    rgb_or_gray = array.dtype == np.uint8 and (
+        array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)))
     if not (rgb_or_gray or (array.dtype == np.uint16 and array.ndim == 2)):
         raise ValueError(f"save_png({path!r}) needs uint8 (H, W[, 3|4]) or uint16 (H, W), "
                          f"got {array.dtype} {array.shape}")

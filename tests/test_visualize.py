@@ -100,10 +100,12 @@ def test_segmentation_panel_upscales_tiles_and_resizes_labels_nearest():
     pal = visualize.palette(c["num_classes"])
     for row in range(c["num"]):
         top = top0 + row * (tile_h + gap)
-        tiles = [panel[top:top + tile_h, col * (tile_w + gap):col * (tile_w + gap) + tile_w] for col in range(3)]
+        lefts = [col * (tile_w + gap) for col in range(3)]
+        tiles = [panel[top:top + tile_h, left:left + tile_w] for left in lefts]
         np.testing.assert_array_equal(tiles[0], upscale(images[row], factor))
         np.testing.assert_array_equal(tiles[1], visualize.colorize(upscale(gt[row], factor), pal))
-        np.testing.assert_array_equal(tiles[2], visualize.colorize(pil_nearest(pred_small[row], tile_h, tile_w), pal))
+        np.testing.assert_array_equal(
+            tiles[2], visualize.colorize(pil_nearest(pred_small[row], tile_h, tile_w), pal))
         assert np.all(panel[top:top + tile_h, tile_w:tile_w + gap] == 255)
     assert np.all(panel[top0 + tile_h:top0 + tile_h + gap, :3 * tile_w + 2 * gap] == 255)
     np.testing.assert_array_equal(panel[top0, tile_w + gap], [0, 0, 0])  # ignored 255 drawn black
