@@ -21,7 +21,8 @@ def evaluate(model, variables, classifier_kc1, source, config, mesh, method, *,
   `classifier_kc1`: (K, C+1) weights (see steps.classifier_from_centroids). Matching is
   Hungarian (one-to-one) or, with `many_to_one`, majority (overclustering). With `vis_prefix`,
   writes `<prefix>_segmentation.png` (image | ground truth | prediction for the first
-  eval.num_vis images) and `<prefix>_confusion.png`. Returns (scores dict, histogram).
+  eval.num_vis images) and `<prefix>_confusion.png`. Returns (scores dict, histogram); the
+  scores include the matching, `cluster_to_class` (class id per cluster, -1 if unmatched).
   """
   if not source.has_labels:
     raise ValueError(f"{source.name} has no labels to evaluate against")
@@ -52,6 +53,7 @@ def evaluate(model, variables, classifier_kc1, source, config, mesh, method, *,
   mapping = metrics.majority_match(hist) if many_to_one else metrics.hungarian_match(hist)
   scores = metrics.segmentation_scores(hist, mapping, class_names=source.class_names or None,
                                        thing_classes=source.thing_classes)
+  scores["cluster_to_class"] = mapping.tolist()
   if vis_prefix and reporting.is_main_process():
     _write_pictures(vis_prefix, vis, mapping, hist, source)
   return scores, hist
@@ -62,7 +64,8 @@ def _write_pictures(prefix, vis, mapping, hist, source):
   if vis["image"]:
     matched = [np.where(p >= 0, np.asarray(mapping)[p], -1) for p in vis["pred"]]
     panel = visualize.segmentation_panel(np.stack(vis["image"]), np.stack(vis["label"]),
-                                         np.stack(matched), source.num_classes)
+                                         np.stack(matched), source.num_classes,
+                                         class_names=source.class_names or None)
     visualize.save_png(f"{prefix}_segmentation.png", panel)
   matched_hist = metrics.remap_histogram(hist, mapping, source.num_classes)
   visualize.save_png(f"{prefix}_confusion.png",

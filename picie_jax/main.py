@@ -1,10 +1,12 @@
-"""picie-jax: `prepare` a dataset, `train` (or resume) a run, `eval` a run's latest checkpoint.
+"""picie-jax: `prepare` a dataset, `train` (or resume) a run, `eval` a run's latest checkpoint,
+`segment` images with a run, `convert` an official PiCIE checkpoint into a run.
 
   picie-jax train --workdir runs/demo                       # the synthetic demo (default config)
   picie-jax prepare --config configs/coco_stuff27.py --config.dataset.manual_dir=/raw/coco \
       --config.dataset.data_dir=/data/tfds
   picie-jax train --config configs/coco_stuff27.py --config.dataset.data_dir=/data/tfds --workdir runs/coco
   picie-jax eval --workdir runs/demo [--overcluster_k 64]
+  picie-jax segment --workdir runs/demo --out labelled/ photo.jpg more_photos/
   picie-jax convert --config configs/coco_stuff27.py --workdir runs/official checkpoint.pth.tar
 """
 import os
@@ -25,33 +27,48 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and PNGs.")
 _OVERCLUSTER_K = flags.DEFINE_integer("overcluster_k", None,
                                       "eval: also score K-cluster many-to-one matching.")
-# command -> number of positional arguments after it
-_COMMANDS = {"prepare": 0, "train": 0, "eval": 0, "convert": 1}
+_OUT = flags.DEFINE_string("out", None, "segment: directory for the label and overlay PNGs.")
+# command -> (min, max) number of positional arguments after it
+_COMMANDS = {"prepare": (0, 0), "train": (0, 0), "eval": (0, 0), "segment": (1, None),
+             "convert": (1, 1)}
+_USAGE = (f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]; "
+          "segment --workdir RUN --out DIR IMAGES_OR_DIRS...; "
+          "convert --config CFG --workdir NEW_RUN checkpoint.pth.tar")
 
 
 def main(argv):
-  if len(argv) < 2 or argv[1] not in _COMMANDS or len(argv) - 2 != _COMMANDS[argv[1]]:
-    raise app.UsageError(f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]"
-                         " (convert takes the official PiCIE checkpoint.pth.tar to import)")
+  if len(argv) < 2 or argv[1] not in _COMMANDS:
+    raise app.UsageError(_USAGE)
+  command, positional = argv[1], argv[2:]
+  low, high = _COMMANDS[command]
+  if len(positional) < low or (high is not None and len(positional) > high):
+    raise app.UsageError(_USAGE)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # leave accelerator memory to JAX
-  if argv[1] == "prepare":
+  if command == "prepare":
     from picie_jax.data import datasets  # pylint: disable=g-import-not-at-top
     print(f"prepared {_CONFIG.value.dataset.name} in {datasets.prepare(_CONFIG.value)}")
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  if command == "segment" and not _OUT.value:
+    raise app.UsageError("segment needs --out DIR")
   import jax  # pylint: disable=g-import-not-at-top
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
   from picie_jax import train  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed()
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if argv[1] == "convert":
-    config = train.import_official_checkpoint(_CONFIG.value, argv[2], _WORKDIR.value)
-    print(f"imported {argv[2]} (K={config.kmeans.k_train}, epoch {config.num_epochs}) into "
-          f"{_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}")
+  if command == "segment":
+    from picie_jax import segment  # pylint: disable=g-import-not-at-top
+    written = segment.segment_images(_WORKDIR.value, _OUT.value, positional)
+    print(f"wrote {len(written)} label maps and overlays to {_OUT.value}")
     return
-  if argv[1] == "train":
+  if command == "convert":
+    config = train.import_official_checkpoint(_CONFIG.value, positional[0], _WORKDIR.value)
+    print(f"imported {positional[0]} (K={config.kmeans.k_train}, epoch {config.num_epochs}) "
+          f"into {_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}")
+    return
+  if command == "train":
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:
     final = train.evaluate_workdir(_WORKDIR.value, overcluster_k=_OVERCLUSTER_K.value)

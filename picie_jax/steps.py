@@ -290,3 +290,21 @@ def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
   hist = metrics.confusion_histogram(batch["label"], pred, num_true, classifier_kc1.shape[0],
                                      mask=jnp.broadcast_to(batch["mask"][:, None, None], pred.shape))
   return pred, hist
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method"))
+def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, method):
+  """Classifier logits (B, H/4, W/4, K) of un-augmented images at their own size, eval BN.
+
+  Unlike eval_step nothing is resized to res1: `segment` feeds whole photos of any shape
+  (H, W multiples of 32).
+  """
+  z, _ = _raw_features(model, variables, _to_float_images(images_uint8), method, train=False)
+  return losses.prototype_logits(with_bias_column(_in_metric_space(z, method)), classifier_kc1)
+
+
+@functools.partial(jax.jit, static_argnames="size_hw")
+def upsampled_argmax(logits_hwk, size_hw):
+  """int32 (H, W) argmax of one image's logits upsampled bilinearly to `size_hw`, as eval_step."""
+  logits = fpn.resize_bilinear(logits_hwk[None], size_hw)[0]
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -28,15 +28,19 @@ from picie_jax.data import datasets
 from picie_jax.data import pipeline
 from picie_jax.models import fpn
 
+MATCHING_FILE = "matching.json"
+
 # Independent random streams derived from the seed.
 _AUGMENT_STREAM, _KMEANS_STREAM, _INIT_STREAM, _CLASSIFIER_STREAM, _FRESH_STREAM = range(5)
 
 
 class Run:
-  """The static parts of a run: config, model, method, mesh, data sources, optimizer."""
+  """The static parts of a run: config, model, method, mesh, data sources, optimizer.
 
-  def __init__(self, config, workdir, with_data=True):
-    """`with_data=False` skips finding the dataset (converting or applying a run elsewhere)."""
+  `load_data=False` leaves the sources out (None): labelling new images needs no dataset.
+  """
+
+  def __init__(self, config, workdir, load_data=True):
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
@@ -45,7 +49,7 @@ class Run:
     self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
     self.train_source = self.val_source = None
     self.no_evaluation_reason = "the run was set up without its dataset"
-    if with_data:
+    if load_data:
       self.train_source = datasets.build_source(config, "train")
       self.val_source, self.no_evaluation_reason = datasets.evaluation_source(config)
     seed_key = jax.random.PRNGKey(config.seed)
@@ -69,12 +73,17 @@ class Run:
                               enabled=self.config.progress, initial=initial)
 
 
-def initial_state(run):
-  """Fresh TrainState and placeholder EpochTargets (shapes only matter for restoring)."""
+def initial_state(run, pretrained=True):
+  """Fresh TrainState and placeholder EpochTargets (shapes only matter for restoring).
+
+  `pretrained` applies config.model.init (e.g. ImageNet weights); a state about to be
+  overwritten by a checkpoint skips it, so restoring needs no weight files.
+  """
   res = run.config.res1
   variables = jax.jit(run.model.init, static_argnames="train")(
       run.keys[_INIT_STREAM], jnp.zeros((1, res, res, 3)), train=False)
-  variables = convert.initial_variables(variables, run.config.model)
+  if pretrained:
+    variables = convert.initial_variables(variables, run.config.model)
   channels = 3 if run.method.pixels else run.config.model.fpn_channels
   classifier = steps.init_classifier(run.keys[_CLASSIFIER_STREAM], run.num_views, run.k,
                                      channels)
@@ -206,6 +215,20 @@ def eval_classifier(run, state, targets):
   return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
 
 
+def centroids_epoch(meta):
+  """The epoch whose centroids a checkpoint holds (its meta counts finished epochs at the end)."""
+  return meta["epoch"] - 1 if meta.get("next_batch") is None else meta["epoch"]
+
+
+def write_matching(workdir, epoch, scores, source):
+  """Saves `workdir/matching.json`: the Hungarian cluster -> class map of an epoch's centroids,
+  with the class names, so later commands (segment) can name the clusters."""
+  names = list(source.class_names) or [f"class {i}" for i in range(source.num_classes)]
+  reporting.write_json(os.path.join(workdir, MATCHING_FILE), {
+      "epoch": epoch, "k": len(scores["cluster_to_class"]),
+      "cluster_to_class": scores["cluster_to_class"], "class_names": names})
+
+
 # Fields that may change when a run is resumed: they do not change its results.
 _RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps",
                       "dataset.data_dir", "dataset.manual_dir")
@@ -247,9 +270,12 @@ def train_and_evaluate(config, workdir):
   vis_dir = os.path.join(workdir, "vis")
   writer = reporting.MetricWriter(workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, targets = initial_state(run)
+  resuming = ckpt.latest_path() is not None
+  state, targets = initial_state(run, pretrained=not resuming)
   start_epoch, start_batch, meta = 0, None, {}
-  restored = ckpt.restore_latest({"state": state, "targets": targets})
+  restored = ckpt.restore_latest({"state": state, "targets": targets}) if resuming else None
+  if restored is None and resuming:
+    state, targets = initial_state(run)
   if restored is not None:
     tree, meta = restored
     state, targets = (parallel.replicate(tree["state"], run.mesh),
@@ -283,6 +309,7 @@ def train_and_evaluate(config, workdir):
           eval_classifier(run, state, targets), run.val_source, config, run.mesh, run.method,
           vis_prefix=os.path.join(vis_dir, f"epoch{epoch:03d}"), progress=config.progress)
       record.update({k: scores[k] for k in scores if not isinstance(scores[k], (list, dict))})
+      write_matching(workdir, epoch, scores, run.val_source)
     writer.write(record, int(state.step))
     reporting.say(_epoch_summary(record))
     meta = {"epoch": epoch + 1, "next_batch": None}
@@ -302,27 +329,41 @@ def train_and_evaluate(config, workdir):
   return final
 
 
-def evaluate_workdir(workdir, overcluster_k=None):
-  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
-  optionally overclustering; writes `eval.json` and PNGs under workdir/eval."""
+def saved_config(workdir):
+  """The resolved config a run saved in `workdir/config.json`."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing: is {workdir} a picie-jax run directory?")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_latest(run):
+  """(state, targets, meta) of the latest readable checkpoint of `run.workdir`."""
+  directory = os.path.join(run.workdir, "checkpoints")
+  restored = None
+  if os.path.isdir(directory):  # else a Checkpointer would create it
+    state, targets = initial_state(run, pretrained=False)
+    restored = checkpoint.Checkpointer(directory).restore_latest(
+        {"state": state, "targets": targets})
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint under {directory}: train the run first "
+                            f"(picie-jax train --workdir {run.workdir})")
+  tree, meta = restored
+  return tree["state"], tree["targets"], meta
+
+
+def evaluate_workdir(workdir, overcluster_k=None):
+  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
+  optionally overclustering; writes `eval.json` and PNGs under workdir/eval."""
+  config = saved_config(workdir)
   if overcluster_k is not None:
     config.eval.overcluster_k = overcluster_k
   config_check.validate(config)
   run = Run(config, workdir)
   if run.val_source is None:
     raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
-  state, targets = initial_state(run)
-  restored = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(
-      {"state": state, "targets": targets})
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-  tree, meta = restored
-  state, targets = tree["state"], tree["targets"]
+  state, targets, meta = restore_latest(run)
   out_dir = os.path.join(workdir, "eval")
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   results = {}
@@ -331,6 +372,7 @@ def evaluate_workdir(workdir, overcluster_k=None):
                                   run.val_source, config, run.mesh, run.method,
                                   vis_prefix=os.path.join(out_dir, "epoch_clusters"),
                                   progress=config.progress)
+    write_matching(workdir, centroids_epoch(meta), scores, run.val_source)
     results["epoch_clusters"] = {"k": run.k, **scores}
   results.update(evaluate.final_evaluation(run.model, variables, run.train_source,
                                            run.val_source, config, run.mesh, run.method,
@@ -353,7 +395,7 @@ def import_official_checkpoint(config, path, workdir):
   config.kmeans.k_train = official["centroids"].shape[1]
   config.model.init, config.model.init_checkpoint = "random", ""
   config_check.validate(config)
-  run = Run(config, workdir, with_data=False)
+  run = Run(config, workdir, load_data=False)
   state, targets = initial_state(run)
   network = convert.import_state_dict(
       {"params": state.params, "batch_stats": state.batch_stats}, official["state_dict"],

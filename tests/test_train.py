@@ -41,6 +41,9 @@ def test_loop_writes_every_output(tiny_config, tmp_path):
     assert json.load(f)["fresh"]["acc"] == final["fresh"]["acc"]
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["res1"] == 32
+  with open(tmp_path / "matching.json") as f:
+    matching = json.load(f)
+  assert matching["epoch"] == 1 and sorted(matching["cluster_to_class"]) == list(range(8))
   for name in ("vis/epoch001_segmentation.png", "vis/epoch001_confusion.png",
                "final_fresh_segmentation.png", "final_fresh_confusion.png"):
     assert (tmp_path / name).stat().st_size > 0, name

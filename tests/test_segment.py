@@ -1,0 +1,190 @@
+"""`segment` on a tiny trained run: outputs, sizes, labels against an independent computation,
+padding, errors, the CLI; and the run's matching.json."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import TINY_OVERRIDES
+from picie_jax import evaluate
+from picie_jax import segment
+from picie_jax import steps
+from picie_jax import train
+from picie_jax.core import metrics
+from picie_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K = 8
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  config = synthetic_config.get_config()
+  config.update_from_flattened_dict({**TINY_OVERRIDES, "num_epochs": 1, "dataset.num_train": 32,
+                                     "kmeans.num_init_batches": 1})
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def restored(run_dir):
+  """(run, state, targets, meta) of the run's latest checkpoint, restored for the checks."""
+  run = train.Run(train.saved_config(run_dir), str(run_dir))
+  return (run, *train.restore_latest(run))
+
+
+def _photo(path, height, width, seed, mode="RGB"):
+  """A smooth random picture (so the network sees structure), saved by its suffix's format."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+  image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR).convert(mode)
+  image.save(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  root = tmp_path_factory.mktemp("photos")
+  (root / "more").mkdir()
+  (root / "more" / "notes.txt").write_text("not an image")
+  return {
+      "wide": _photo(root / "wide.png", 48, 130, 0),
+      "wide_b": _photo(root / "wide_b.png", 48, 130, 5),
+      "wide_c": _photo(root / "wide_c.png", 48, 130, 6),
+      "tall": _photo(root / "tall.jpg", 75, 50, 1),
+      "gray": _photo(root / "gray.png", 33, 33, 2, mode="L"),
+      "dir": root / "more",
+      "dup": _photo(root / "more" / "wide.png", 64, 64, 3),
+      "other": _photo(root / "more" / "other.jpeg", 50, 70, 4),
+  }
+
+
+def _bilinear_upsample(x_hwk, height, width):
+  """float64 bilinear resize with half-pixel centres and edge clamping (torch's
+  align_corners=False), written out independently of the package."""
+  def taps(out_size, in_size):
+    src = np.clip((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0, in_size - 1)
+    low = np.floor(src).astype(int)
+    return low, np.minimum(low + 1, in_size - 1), src - low
+  r0, r1, fr = taps(height, x_hwk.shape[0])
+  c0, c1, fc = taps(width, x_hwk.shape[1])
+  rows = x_hwk[r0] * (1 - fr)[:, None, None] + x_hwk[r1] * fr[:, None, None]
+  return rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
+
+
+def _expected_labels(restored, path, input_hw):
+  """Cluster ids from the checkpoint's network applied to this one image resized to
+  `input_hw`, float64 cosine logits against the centroids, numpy upsampling; and the top-2
+  logit margin per pixel."""
+  run, state, targets, _ = restored
+  original = np.asarray(Image.open(path).convert("RGB"))
+  resized = tf.image.resize(original, input_hw, method="bilinear", antialias=True)
+  x = jnp.asarray(np.clip(np.round(resized.numpy()), 0, 255)[None] / 255.0, jnp.float32)
+  z, _ = steps.network_features(run.model, {"params": state.params,
+                                            "batch_stats": state.batch_stats}, x, train=False)
+  z = np.asarray(z[0], np.float64)
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  logits = _bilinear_upsample(z @ np.asarray(targets.centroids[0], np.float64).T,
+                              *original.shape[:2])
+  top2 = np.sort(logits, axis=-1)[..., -2:]
+  return np.argmax(logits, axis=-1), top2[..., 1] - top2[..., 0]
+
+
+def test_segment_writes_labels_at_original_size_equal_to_a_direct_computation(
+    run_dir, restored, photos, tmp_path, monkeypatch):
+  """Batches of 2 (monkeypatched), so wide_c shares no batch and is padded with a blank row."""
+  monkeypatch.setattr(segment, "group_batch_size", lambda *_: 2)
+  out = tmp_path / "out"
+  names = ["wide", "wide_b", "wide_c", "tall", "gray", "dir"]
+  label_paths = segment.segment_images(str(run_dir), str(out), [str(photos[n]) for n in names])
+  stems = ["wide", "wide_b", "wide_c", "tall", "gray", "other", "wide_2"]  # more/ is sorted
+  assert label_paths == [str(out / f"{s}_labels.png") for s in stems]
+  assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in stems
+                                           for kind in ("labels", "overlay"))
+  sources = [photos[n] for n in ("wide", "wide_b", "wide_c", "tall", "gray", "other", "dup")]
+  for stem, source in zip(stems, sources):
+    with Image.open(out / f"{stem}_labels.png") as labels, Image.open(source) as original:
+      assert labels.mode == "L" and labels.size == original.size
+      assert np.asarray(labels).max() < K
+    with Image.open(out / f"{stem}_overlay.png") as overlay:
+      assert overlay.width > 2 * original.width and overlay.height > original.height
+
+  assert segment.network_input_size(48, 130, 32) == (32, 96)
+  for stem in ("wide", "wide_c"):
+    expected, margin = _expected_labels(restored, photos[stem], (32, 96))
+    got = np.asarray(Image.open(out / f"{stem}_labels.png"))
+    clear = margin > 1e-4
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    assert len(np.unique(got)) > 1  # a real segmentation, not one cluster everywhere
+
+
+def test_segment_errors_name_the_file(run_dir, photos, tmp_path):
+  bad = tmp_path / "bad.png"
+  bad.write_text("not a png")
+  with pytest.raises(ValueError, match=r"bad\.png: not a readable image"):
+    segment.segment_images(str(run_dir), str(tmp_path / "out"), [str(photos["wide"]), str(bad)])
+  with pytest.raises(FileNotFoundError, match="missing.jpg is neither"):
+    segment.segment_images(str(run_dir), str(tmp_path / "out"), [str(tmp_path / "missing.jpg")])
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="empty holds no"):
+    segment.segment_images(str(run_dir), str(tmp_path / "out"), [str(empty)])
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  shutil.copy(run_dir / "config.json", untrained)
+  with pytest.raises(FileNotFoundError, match="no checkpoint under .*untrained/checkpoints"):
+    segment.segment_images(str(untrained), str(tmp_path / "out"), [str(photos["wide"])])
+
+
+def test_output_names_batches_and_legend_names():
+  assert segment.output_stems(["a/x.png", "b/x.jpg", "c/x_2.png", "y.png"]) == [
+      "x", "x_3", "x_2", "y"]
+  assert segment.group_batch_size(3, 16, 1) == 3
+  assert segment.group_batch_size(3, 16, 8) == 8
+  assert segment.group_batch_size(40, 16, 8) == 16
+  matching = {"epoch": 2, "k": 3, "cluster_to_class": [1, -1, 0], "class_names": ["sky", "road"]}
+  assert segment.cluster_names(3, matching, epoch=2) == [
+      "road (cluster 0)", "cluster 1", "sky (cluster 2)"]
+  assert segment.cluster_names(3, matching, epoch=3) == ["cluster 0", "cluster 1", "cluster 2"]
+  assert segment.cluster_names(3, None, epoch=2) == ["cluster 0", "cluster 1", "cluster 2"]
+
+
+def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, restored):
+  with open(run_dir / "matching.json") as f:
+    matching = json.load(f)
+  assert matching["epoch"] == 0 and matching["k"] == K
+  assert matching["class_names"] == list(synthetic.CLASS_NAMES)
+  run, state, targets, meta = restored
+  assert train.centroids_epoch(meta) == 0
+  _, hist = evaluate.evaluate(run.model, {"params": state.params,
+                                          "batch_stats": state.batch_stats},
+                              train.eval_classifier(run, state, targets), run.val_source,
+                              run.config, run.mesh, run.method, progress=False)
+  assert matching["cluster_to_class"] == metrics.hungarian_match(hist).tolist()
+  assert sorted(matching["cluster_to_class"]) == list(range(K))  # one-to-one, K = classes
+
+
+def test_cli_segment(run_dir, photos, tmp_path):
+  out = tmp_path / "cli_out"
+  result = subprocess.run(
+      [sys.executable, "-m", "picie_jax.main", "segment", f"--workdir={run_dir}",
+       f"--out={out}", str(photos["tall"]), str(photos["dir"])],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"wrote 3 label maps and overlays to {out}" in result.stdout
+  assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in ("tall", "other", "wide")
+                                           for kind in ("labels", "overlay"))
+  usage = subprocess.run([sys.executable, "-m", "picie_jax.main", "segment",
+                          f"--workdir={run_dir}", str(photos["tall"])],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert usage.returncode != 0 and "--out" in usage.stderr
