@@ -168,9 +168,12 @@ def view_features(model, variables, images_uint8, indices, epoch, key, method, t
   return feats, batch_stats
 
 
-def plain_features(model, variables, images_uint8, method):
-  """Features of un-augmented images resized to res1 (evaluation and fresh clusters), eval BN."""
-  images = T.resize_bilinear(_to_float_images(images_uint8), method.res1)
+def plain_features(model, variables, images_uint8, method, resize=True):
+  """Features of un-augmented images in eval BN: resized to res1 (evaluation and fresh
+  clusters), or with `resize=False` at their own size (segment's whole photos)."""
+  images = _to_float_images(images_uint8)
+  if resize:
+    images = T.resize_bilinear(images, method.res1)
   z, _ = _raw_features(model, variables, images, method, train=False)
   return _in_metric_space(z, method)
 
@@ -299,8 +302,8 @@ def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, method
   Unlike eval_step nothing is resized to res1: `segment` feeds whole photos of any shape
   (H, W multiples of 32).
   """
-  z, _ = _raw_features(model, variables, _to_float_images(images_uint8), method, train=False)
-  return losses.prototype_logits(with_bias_column(_in_metric_space(z, method)), classifier_kc1)
+  z = plain_features(model, variables, images_uint8, method, resize=False)
+  return losses.prototype_logits(with_bias_column(z), classifier_kc1)
 
 
 @functools.partial(jax.jit, static_argnames="size_hw")
