@@ -346,14 +346,15 @@ def test_picie_net_names_match_panoptic_fpn_layout():
 # ---------------------------------------------------------------- config and jit
 def model_config(**overrides):
   return ml_collections.ConfigDict({"backbone": "resnet50", "width": 8, "fpn_channels": 16,
-                                   **overrides})
+                                   "dtype": "float32", **overrides})
 
 
 def test_model_from_config():
   model = model_from_config(model_config())
   assert (model.backbone_name, model.width, model.out_channels) == ("resnet50", 8, 16)
+  assert model_from_config(model_config(dtype="bfloat16")).dtype == jnp.bfloat16
   for key, value in (("backbone", "resnet19"), ("backbone", "vgg16"), ("width", 0),
-                     ("fpn_channels", 2.5)):
+                     ("fpn_channels", 2.5), ("dtype", "float16")):
     with pytest.raises(ValueError, match=f"model.{key}"):
       model_from_config(model_config(**{key: value}))
 
