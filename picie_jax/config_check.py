@@ -8,6 +8,7 @@ _CHOICES = {
     "kmeans.metric": ("cosine", "l2"),
     "model.backbone": fpn.BACKBONES,
     "model.init": ("random", "imagenet", "checkpoint"),
+    "model.dtype": tuple(fpn.COMPUTE_DTYPES),
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),
 }

@@ -12,6 +12,7 @@ from picie_jax.models import efficientnet
 from picie_jax.models import resnet
 from picie_jax.models.fpn import FPNDecoder, PiCIENet, model_from_config, resize_bilinear
 from picie_jax.models.layers import BatchNorm, DepthwiseConv, depthwise_conv_taps
+from picie_jax.models import layers
 from picie_jax.models.resnet import ResidualBlock, ResNet
 
 EPS = 1e-5
@@ -345,14 +346,15 @@ def test_picie_net_names_match_panoptic_fpn_layout():
 # ---------------------------------------------------------------- config and jit
 def model_config(**overrides):
   return ml_collections.ConfigDict({"backbone": "resnet50", "width": 8, "fpn_channels": 16,
-                                   **overrides})
+                                   "dtype": "float32", **overrides})
 
 
 def test_model_from_config():
   model = model_from_config(model_config())
   assert (model.backbone_name, model.width, model.out_channels) == ("resnet50", 8, 16)
+  assert model_from_config(model_config(dtype="bfloat16")).dtype == jnp.bfloat16
   for key, value in (("backbone", "resnet19"), ("backbone", "vgg16"), ("width", 0),
-                     ("fpn_channels", 2.5)):
+                     ("fpn_channels", 2.5), ("dtype", "float16")):
     with pytest.raises(ValueError, match=f"model.{key}"):
       model_from_config(model_config(**{key: value}))
 
@@ -397,6 +399,45 @@ def test_depthwise_taps_equal_grouped_convolution_and_its_gradient(hw, k, stride
   assert variables["params"]["kernel"].shape == (k, k, 1, 6)
   np.testing.assert_allclose(module.apply({"params": {"kernel": w}}, x), grouped(x, w),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw,stride,padding", [((9, 9), 1, "SAME"), ((9, 8), 2, "SAME"),
+                                               ((7, 10), 2, "VALID"), ((5, 5), 1, ((0, 0), (0, 0)))])
+def test_1x1_conv_as_matmul_equals_lax_convolution_and_its_gradient(hw, stride, padding):
+  """The CPU form of a 1x1 convolution (strided slice + matmul) against XLA's convolution."""
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
+  dims = ("NHWC", "HWIO", "NHWC")
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                    dimension_numbers=dims)
+  ours = lambda x, w: layers.conv_general_dilated(x, w, (stride, stride), padding,
+                                                  dimension_numbers=dims)
+  np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.normal(size=plain(x, w).shape), jnp.float32)
+  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
+  for got, want in zip(grad(ours), grad(plain)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  jaxpr = str(jax.make_jaxpr(ours)(x, w))
+  assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr  # the CPU form ran
+
+
+@pytest.mark.parametrize("hw", [(9, 7), (8, 6), (3, 2)])
+def test_stem_max_pool_backward_routes_to_the_first_maximum_as_torch(hw):
+  """The CPU max-pool gradient against torch.nn.functional.max_pool2d's, with many ties
+  (small integers) so the window's first maximum in row-major order must be the one chosen."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(13)
+  x = rng.integers(0, 3, size=(2, *hw, 4)).astype(np.float32)
+  g = rng.normal(size=(2, -(-hw[0] // 2), -(-hw[1] // 2), 4)).astype(np.float32)
+  x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  out_torch = torch.nn.functional.max_pool2d(x_torch, 3, stride=2, padding=1)
+  out_torch.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+  out, vjp = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+  np.testing.assert_array_equal(out, out_torch.detach().numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], x_torch.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-6, atol=1e-6)
+  assert "custom_vjp" in str(jax.make_jaxpr(layers.max_pool_3x3_s2)(jnp.asarray(x)))
 
 
 def test_efficientnet_lite0_levels_and_parameter_count():

@@ -2,10 +2,10 @@
 
 The points stay on device, sharded along N over the mesh axis "data". Every step is one
 local pass over a device's points in chunks of rows (distances ‖x‖² − 2x·μ + ‖μ‖² by one
-matmul, per-cluster sums by a one-hot matmul), a `psum` of the (K, D) sums and (K,) counts,
-and an update that every device computes identically. The metric is squared L2 as in the
-reference (faiss IndexFlatL2); for "cosine" the points are L2-normalised first and the
-centroids stay plain means (not renormalised), as in the reference.
+matmul, per-cluster sums by a segment sum on CPU and a one-hot matmul elsewhere), a `psum` of
+the (K, D) sums and (K,) counts, and an update that every device computes identically. The
+metric is squared L2 as in the reference (faiss IndexFlatL2); for "cosine" the points are
+L2-normalised first and the centroids stay plain means (not renormalised), as in the reference.
 """
 import functools
 from typing import NamedTuple
@@ -73,6 +73,21 @@ def pad_to_multiple(points, mask, multiple):
   return jnp.pad(points, ((0, pad), (0, 0))), jnp.pad(mask, (0, pad))
 
 
+def _cluster_sums(x_cd, labels_c, counted_c, k):
+  """(K, D) sums and (K,) int32 counts of the counted points per cluster.
+
+  A segment sum on CPU (about 20% less work than the one-hot matmul there: 1 M x 128, K 27);
+  elsewhere the one-hot matmul, which runs on the matrix units instead of scattering.
+  """
+  if jax.default_backend() == "cpu":
+    segment_c = jnp.where(counted_c, labels_c, k)  # ids >= k are dropped
+    return (jax.ops.segment_sum(x_cd, segment_c, k),
+            jax.ops.segment_sum(jnp.ones_like(segment_c), segment_c, k))
+  onehot_ck = (labels_c[:, None] == jnp.arange(k)) & counted_c[:, None]
+  return (jnp.einsum("ck,cd->kd", onehot_ck.astype(jnp.float32), x_cd, precision=_HIGHEST),
+          jnp.sum(onehot_ck, axis=0, dtype=jnp.int32))
+
+
 def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
   """Nearest centroid of every point, in chunks of rows so at most chunk_size*K distances exist.
 
@@ -102,11 +117,9 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
       return stats
     counted_c = (lax.dynamic_slice_in_dim(mask_n, start, chunk)
                  & (start + jnp.arange(chunk) >= i * chunk))
-    onehot_ck = (labels_c[:, None] == jnp.arange(k)) & counted_c[:, None]
+    sums_kd, counts_k = _cluster_sums(x_cd, labels_c, counted_c, k)
     return stats._replace(
-        sums_kd=stats.sums_kd + jnp.einsum("ck,cd->kd", onehot_ck.astype(jnp.float32), x_cd,
-                                           precision=_HIGHEST),
-        counts_k=stats.counts_k + jnp.sum(onehot_ck, axis=0, dtype=jnp.int32),
+        sums_kd=stats.sums_kd + sums_kd, counts_k=stats.counts_k + counts_k,
         sq_dist_sum=stats.sq_dist_sum + jnp.sum(jnp.where(counted_c, sq_c, 0.0)))
 
   # zeros_like(points) keeps the points' varying-over-mesh type, as shard_map's loops require.

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from picie_jax.models.layers import BatchNorm, DepthwiseConv
+from picie_jax.models.layers import BatchNorm, Conv, DepthwiseConv
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per stage, as
 # EfficientNet-B0 (Lite0 has the same width and depth multipliers, 1.0 and 1.0).
@@ -40,8 +40,8 @@ def normalize_input(images_01_bhwc):
 
 
 def _conv(features, kernel_size, stride, dtype, name):
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding="SAME",
-                 use_bias=False, dtype=dtype, kernel_init=_conv_kernel_init, name=name)
+  return Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding="SAME",
+              use_bias=False, dtype=dtype, kernel_init=_conv_kernel_init, name=name)
 
 
 class MBConvBlock(nn.Module):

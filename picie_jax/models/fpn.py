@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from picie_jax.models import efficientnet
 from picie_jax.models import resnet
+from picie_jax.models.layers import Conv
 from picie_jax.models.resnet import ARCHITECTURES
 
 
@@ -42,9 +43,9 @@ class FPNDecoder(nn.Module):
   dtype: Any = jnp.float32
 
   def _lateral(self, x_bhwc, name):
-    return nn.Conv(self.out_channels, (1, 1), use_bias=True, dtype=self.dtype,
-                   kernel_init=_torch_default_kernel_init,
-                   bias_init=_torch_uniform_bias_init(x_bhwc.shape[-1]), name=name)(x_bhwc)
+    return Conv(self.out_channels, (1, 1), use_bias=True, dtype=self.dtype,
+                kernel_init=_torch_default_kernel_init,
+                bias_init=_torch_uniform_bias_init(x_bhwc.shape[-1]), name=name)(x_bhwc)
 
   @nn.compact
   def __call__(self, feats):
@@ -59,8 +60,13 @@ BACKBONES = tuple(f"resnet{d}" for d in ARCHITECTURES) + ("efficientnet_lite0",)
 
 
 class PiCIENet(nn.Module):
-  """f_theta: backbone + FPN decoder on images in [0, 1]; per-pixel features at stride 4, not
-  normalised. Each backbone normalises its input the way its pretrained weights expect."""
+  """f_theta: backbone + FPN decoder on images in [0, 1]; per-pixel float32 features at stride
+  4, not normalised. Each backbone normalises its input the way its pretrained weights expect.
+
+  `dtype` is the compute dtype of convolutions and activations (bfloat16 for mixed precision);
+  parameters and BatchNorm statistics stay float32, and the features come out in float32 so
+  the loss and k-means distances are computed in float32.
+  """
   backbone_name: str = "resnet18"
   width: int = 64  # ResNet only
   out_channels: int = 128
@@ -80,11 +86,14 @@ class PiCIENet(nn.Module):
   def __call__(self, images_01_bhwc, train: bool):
     normalize = (efficientnet.normalize_input if self.backbone_name == "efficientnet_lite0"
                  else resnet.normalize_input)
-    return self.decoder(self.backbone(normalize(images_01_bhwc), train))
+    return self.decoder(self.backbone(normalize(images_01_bhwc), train)).astype(jnp.float32)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def model_from_config(cfg):
-  """PiCIENet from the model config (fields backbone, width, fpn_channels)."""
+  """PiCIENet from the model config (fields backbone, width, fpn_channels, dtype)."""
   if cfg.backbone not in BACKBONES:
     raise ValueError(f"model.backbone={cfg.backbone!r} is not supported; use one of "
                      f"{', '.join(BACKBONES)}")
@@ -92,4 +101,8 @@ def model_from_config(cfg):
     value = getattr(cfg, key)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"model.{key}={value!r} must be a positive integer")
-  return PiCIENet(backbone_name=cfg.backbone, width=cfg.width, out_channels=cfg.fpn_channels)
+  if cfg.dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype={cfg.dtype!r} is not supported; use one of "
+                     f"{', '.join(COMPUTE_DTYPES)}")
+  return PiCIENet(backbone_name=cfg.backbone, width=cfg.width, out_channels=cfg.fpn_channels,
+                  dtype=COMPUTE_DTYPES[cfg.dtype])

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from picie_jax.models.layers import BatchNorm
+from picie_jax.models.layers import Conv
+from picie_jax.models.layers import max_pool_3x3_s2
 
 # depth -> (bottleneck blocks?, blocks per stage), as torchvision's resnet{18,34,50,101,152}.
 ARCHITECTURES = {
@@ -30,7 +32,7 @@ _conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def _conv(features, kernel_size, stride, dtype, name):
   """Bias-free square conv with torchvision's padding (k // 2 on each side, not 'SAME')."""
   pad = kernel_size // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+  return Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
                  kernel_init=_conv_kernel_init, name=name)
 
@@ -86,7 +88,7 @@ class ResNet(nn.Module):
     bottleneck, blocks_per_stage = ARCHITECTURES[self.depth]
     x = _conv(self.width, 7, 2, self.dtype, name="conv1")(images_bhwc.astype(self.dtype))
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, use_running_average=not train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    x = max_pool_3x3_s2(x)
     features = {}
     for stage, num_blocks in enumerate(blocks_per_stage, start=1):
       for block in range(num_blocks):
