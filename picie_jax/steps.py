@@ -166,7 +166,8 @@ def view_features(model, variables, images_uint8, indices, epoch, key, method, t
   `views` selects which views to compute (default all); `train_phase` as in view_images.
   Returns ([z_v (B, h, w, C) per selected view], batch_stats after the passes).
   """
-  images_by_view, geo = view_images(images_uint8, indices, epoch, key, method, train_phase)
+  images_by_view, geo = view_images(images_uint8, indices, epoch, key, method,
+                                    train_phase=train_phase)
   batch_stats = variables.get("batch_stats")
   feats = []
   for view in (range(method.num_views) if views is None else views):
