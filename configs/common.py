@@ -72,7 +72,9 @@ def get_config():
   c.augment.blur_p = 0.5
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.blur_max_radius = 6
-  c.augment.reference_quirks = False  # True: no grayscale, blur radius tied to its draw (official code)
+  # True: the official code's deviations: no grayscale, blur radius tied to its draw, view 2
+  # resized with PIL (antialiased), and on Cityscapes view 1 trained without its jitter
+  c.augment.reference_quirks = False
   c.augment.geometric = True
   c.augment.min_scale = 0.5
   c.augment.max_scale = 1.0
