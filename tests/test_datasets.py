@@ -96,6 +96,9 @@ def test_coco_settings_read_the_curated_lists(coco_prepared, coco_tree, setting,
 
 
 def test_prepared_records_keep_the_original_bytes(coco_prepared, coco_tree):
+  """Also the up-front scan of a prepared split (first/last records, val label values)."""
+  datasets.scan_sources(datasets.build_source(coco_prepared, "train"),
+                        datasets.build_source(coco_prepared, "val"), True, progress=False)
   records = prepared.open_split(coco_stuff.PicieCocoStuff, coco_prepared.dataset.data_dir, "val")
   assert records[1]["image_file"].decode() == "images/val2017/000000000139.jpg"
   assert records[1]["image"] == (coco_tree / "images/val2017/000000000139.jpg").read_bytes()
