@@ -22,6 +22,12 @@ def get_config():
   c.dataset.num_val = 0
   c.dataset.synthetic_size = 128  # side of generated synthetic images
   c.dataset.num_classes = 0  # image_folder only: label values 0..num_classes-1 (255 = unlabeled)
+  # Before training/eval every file's header is checked (sizes, formats, label files present);
+  # this also decodes every evaluation label to check its values: False skips that on huge sets.
+  c.dataset.scan_label_values = True
+  # A file that cannot be decoded: 'error' stops naming it; 'skip' leaves its example out
+  # (masked, so counts stay exact), warns once per file and lists it in final.json/eval.json.
+  c.dataset.on_bad_file = "error"
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
@@ -70,7 +76,9 @@ def get_config():
   c.augment.blur_p = 0.5
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.blur_max_radius = 6
-  c.augment.reference_quirks = False  # True: no grayscale, blur radius tied to its draw (official code)
+  # True: the official code's deviations: no grayscale, blur radius tied to its draw, view 2
+  # resized with PIL (antialiased), and on Cityscapes view 1 trained without its jitter
+  c.augment.reference_quirks = False
   c.augment.geometric = True
   c.augment.min_scale = 0.5
   c.augment.max_scale = 1.0

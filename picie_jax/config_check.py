@@ -1,5 +1,11 @@
-"""Validation of a resolved config: every bad value is reported with its config key."""
+"""Validation of a resolved config: every bad value is reported with its config key.
+
+`validate` needs no devices; `check_batch_sizes` is called where the run's mesh is known.
+"""
 from picie_jax.models import fpn
+
+IGNORE_VALUE = 255  # the label value image folders use for unlabelled pixels
+_BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans"),
@@ -11,6 +17,7 @@ _CHOICES = {
     "model.dtype": tuple(fpn.COMPUTE_DTYPES),
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),
+    "dataset.on_bad_file": ("error", "skip"),
 }
 _POSITIVE_INTS = ("res1", "res2", "kmeans.k_train", "kmeans.batch_size",
                   "kmeans.num_init_batches", "kmeans.iters", "kmeans.chunk_size",
@@ -55,6 +62,16 @@ def validate(config):
     if isinstance(_get(config, key), int) and _get(config, key) % 32:
       errors.append(f"config.{key}={_get(config, key)!r} must be a multiple of 32 "
                     "(the backbone's stride) so views and labels align")
+  if isinstance(config.res1, int) and isinstance(config.res2, int) and config.res2 < config.res1:
+    errors.append(f"config.res2={config.res2!r} must be >= config.res1={config.res1!r}: views "
+                  "are cut from the res2 base image and resized to res1")
+  num_classes = config.dataset.num_classes
+  if not isinstance(num_classes, int) or not 0 <= num_classes <= IGNORE_VALUE:
+    errors.append(f"config.dataset.num_classes={num_classes!r} must be an integer in "
+                  f"0..{IGNORE_VALUE} (label value {IGNORE_VALUE} marks unlabelled pixels)")
+  if config.dataset.name == "image_folder" and not config.dataset.root:
+    errors.append("config.dataset.root is empty: set it to the folder holding train/images "
+                  "(and val/images, val/labels)")
   if config.model.init == "random" and config.model.init_checkpoint:
     errors.append(f"config.model.init_checkpoint={config.model.init_checkpoint!r} is set but "
                   "config.model.init='random': set init to 'imagenet' or 'checkpoint'")
@@ -69,3 +86,14 @@ def validate(config):
     errors.append("config.kmeans.k_train must be >= 2")
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def check_batch_sizes(config, num_devices, num_hosts):
+  """Raises ValueError naming every batch size that does not split evenly over the hosts and
+  the devices of the mesh (JAX would fail mid-run, after an epoch, without naming the key)."""
+  errors = [f"config.{key}={_get(config, key)!r} must be a multiple of the {num_devices} "
+            f"devices (on {num_hosts} processes) of this run"
+            for key in _BATCH_SIZES
+            if _get(config, key) % num_devices or _get(config, key) % num_hosts]
+  if errors:
+    raise ValueError("invalid config for this machine:\n  " + "\n  ".join(errors))

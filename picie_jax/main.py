@@ -5,7 +5,7 @@
   picie-jax prepare --config configs/coco_stuff27.py --config.dataset.manual_dir=/raw/coco \
       --config.dataset.data_dir=/data/tfds
   picie-jax train --config configs/coco_stuff27.py --config.dataset.data_dir=/data/tfds --workdir runs/coco
-  picie-jax eval --workdir runs/demo [--overcluster_k 64]
+  picie-jax eval --workdir runs/demo [--overcluster_k 64] [--config.eval.k_test=54 ...]
   picie-jax segment --workdir runs/demo --out labelled/ photo.jpg more_photos/
   picie-jax convert --config configs/coco_stuff27.py --workdir runs/official checkpoint.pth.tar
 """
@@ -71,12 +71,21 @@ def main(argv):
   if command == "train":
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:
-    final = train.evaluate_workdir(_WORKDIR.value, overcluster_k=_OVERCLUSTER_K.value)
+    final = train.evaluate_workdir(_WORKDIR.value, _eval_overrides())
   for name, scores in final.items() if jax.process_index() == 0 else ():
     if isinstance(scores, dict):
       print(f"{name} (K={scores['k']}): acc {scores['acc']:.2f}  mIoU {scores['miou']:.2f}")
     else:
       print(f"{name}: {scores}")
+
+
+def _eval_overrides():
+  """The --config.<key> values given on the command line (eval applies them to the run's saved
+  config; the recipe file itself is not read), and --overcluster_k."""
+  overrides = dict(config_flags.get_override_values(flags.FLAGS["config"]))
+  if _OVERCLUSTER_K.value is not None:
+    overrides["eval.overcluster_k"] = _OVERCLUSTER_K.value
+  return overrides
 
 
 def run():

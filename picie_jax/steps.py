@@ -32,6 +32,11 @@ class Method(NamedTuple):
   res1: int
   photometric: T.PhotometricConfig
   geometric: T.GeometricConfig
+  # reference_quirks: view 2 resized res2 -> res1 as PIL does (antialiased), not plain bilinear
+  antialiased_view2: bool = False
+  # reference_quirks on Cityscapes: its official loader trains on view 1 without P1 (its
+  # 'train' mode passes the un-jittered image on); clustering and labels still see G(P1(x))
+  jitter_train_view1: bool = True
 
 
 def method_from_config(config):
@@ -51,7 +56,9 @@ def method_from_config(config):
           reference_quirks=a.reference_quirks, enabled=a.photometric),
       geometric=T.GeometricConfig(min_scale=a.min_scale, max_scale=a.max_scale,
                                   hflip_p=a.hflip_p, vflip_p=a.vflip_p,
-                                  enabled=a.geometric))
+                                  enabled=a.geometric),
+      antialiased_view2=a.reference_quirks,
+      jitter_train_view1=not (a.reference_quirks and config.dataset.name == "cityscapes27"))
 
 
 @flax.struct.dataclass
@@ -101,10 +108,11 @@ def _to_float_images(images_uint8):
   return images_uint8.astype(jnp.float32) / 255.0
 
 
-def view_images(images_uint8, indices, epoch, key, method):
+def view_images(images_uint8, indices, epoch, key, method, train_phase=False):
   """The network inputs of each view in [0, 1], plus G's parameters (DESIGN §1 'two views').
 
   view 1 = G(P1(x)) resized to res1; view 2 = P2(x) resized to res1 (G comes after f).
+  `train_phase`: the inputs of the loss, where `method.jitter_train_view1=False` drops P1.
   """
   x = _to_float_images(images_uint8)
   geo = T.batch_params(T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM,
@@ -116,7 +124,10 @@ def view_images(images_uint8, indices, epoch, key, method):
                            method.photometric)
     jittered = T.apply_photometric(x, photo, method.photometric)
     if view == 0:
-      views.append(T.apply_geometric(jittered, geo, method.res1))
+      unjittered = train_phase and not method.jitter_train_view1
+      views.append(T.apply_geometric(x if unjittered else jittered, geo, method.res1))
+    elif method.antialiased_view2:
+      views.append(T.resize_antialiased(jittered, method.res1))
     else:
       views.append(T.resize_bilinear(jittered, method.res1))
   return views, geo
@@ -149,13 +160,14 @@ def _in_metric_space(z, method):
 
 
 def view_features(model, variables, images_uint8, indices, epoch, key, method, train,
-                  views=None):
+                  views=None, train_phase=False):
   """Each view's features in the common frame of view 1, normalised for the cosine metric.
 
-  `views` selects which views to compute (default all). Returns ([z_v (B, h, w, C) per
-  selected view], batch_stats after the passes).
+  `views` selects which views to compute (default all); `train_phase` as in view_images.
+  Returns ([z_v (B, h, w, C) per selected view], batch_stats after the passes).
   """
-  images_by_view, geo = view_images(images_uint8, indices, epoch, key, method)
+  images_by_view, geo = view_images(images_uint8, indices, epoch, key, method,
+                                    train_phase=train_phase)
   batch_stats = variables.get("batch_stats")
   feats = []
   for view in (range(method.num_views) if views is None else views):
@@ -248,7 +260,7 @@ def train_step(model, state, targets, batch, epoch, key, *, method, tx):
   def loss_fn(params, classifier):
     feats, batch_stats = view_features(
         model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        batch["index"], epoch, key, method, train=True)
+        batch["index"], epoch, key, method, train=True, train_phase=True)
     if method.parametric:
       weights = classifier
     else:

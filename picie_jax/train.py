@@ -9,12 +9,14 @@ weights describe exactly the labels the loss sees.
 import json
 import math
 import os
+import tempfile
 
 import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
 from picie_jax import checkpoint
 from picie_jax import clustering
 from picie_jax import config_check
@@ -37,7 +39,9 @@ _AUGMENT_STREAM, _KMEANS_STREAM, _INIT_STREAM, _CLASSIFIER_STREAM, _FRESH_STREAM
 class Run:
   """The static parts of a run: config, model, method, mesh, data sources, optimizer.
 
-  `load_data=False` leaves the sources out (None): labelling new images needs no dataset.
+  With the data, batch sizes are checked against the mesh and the data scanned (headers,
+  label values) before anything trains. `load_data=False` leaves the sources out (None):
+  labelling new images needs no dataset.
   """
 
   def __init__(self, config, workdir, load_data=True):
@@ -50,8 +54,12 @@ class Run:
     self.train_source = self.val_source = None
     self.no_evaluation_reason = "the run was set up without its dataset"
     if load_data:
+      config_check.check_batch_sizes(config, self.mesh.size, jax.process_count())
       self.train_source = datasets.build_source(config, "train")
       self.val_source, self.no_evaluation_reason = datasets.evaluation_source(config)
+      datasets.scan_sources(self.train_source, self.val_source,
+                            config.dataset.scan_label_values,
+                            progress=config.progress and reporting.is_main_process())
     seed_key = jax.random.PRNGKey(config.seed)
     self.keys = {s: jax.random.fold_in(seed_key, s) for s in range(5)}
     self.augment_key = parallel.replicate(self.keys[_AUGMENT_STREAM], self.mesh)
@@ -67,6 +75,13 @@ class Run:
 
   def shard(self, host_batch):
     return parallel.shard_host_batch(host_batch, self.mesh)
+
+  def bad_files(self):
+    """{'bad_files': [...]}: the files left out (config.dataset.on_bad_file='skip'), else {}."""
+    if self.config.dataset.on_bad_file != "skip":
+      return {}
+    sources = (s for s in (self.train_source, self.val_source) if s is not None)
+    return {"bad_files": sorted({f for s in sources for f in s.bad_files.files})}
 
   def progress(self, desc, num_examples, batch_size, initial=0):
     return reporting.Progress(desc, pipeline.num_batches(num_examples, batch_size), batch_size,
@@ -231,7 +246,8 @@ def write_matching(workdir, epoch, scores, source):
 
 # Fields that may change when a run is resumed: they do not change its results.
 _RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps",
-                      "dataset.data_dir", "dataset.manual_dir")
+                      "dataset.data_dir", "dataset.manual_dir", "dataset.scan_label_values",
+                      "dataset.on_bad_file")
 
 
 def _check_same_config(config, workdir):
@@ -323,6 +339,7 @@ def train_and_evaluate(config, workdir):
         run.model, {"params": state.params, "batch_stats": state.batch_stats},
         run.train_source, run.val_source, config, run.mesh, run.method,
         run.keys[_FRESH_STREAM], workdir, progress=config.progress)
+  final.update(run.bad_files())
   reporting.write_json(os.path.join(workdir, "final.json"), final)
   writer.close()
   ckpt.close()
@@ -330,12 +347,24 @@ def train_and_evaluate(config, workdir):
 
 
 def saved_config(workdir):
-  """The resolved config a run saved in `workdir/config.json`."""
+  """The resolved config a run saved in `workdir/config.json` (fields added to
+  configs/common.py since then take their defaults)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing: is {workdir} a picie-jax run directory?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  return ml_collections.ConfigDict(
+      _with_new_fields(saved, json.loads(common.get_config().to_json_best_effort())))
+
+
+def _with_new_fields(tree, defaults):
+  for key, value in defaults.items():
+    if isinstance(value, dict):
+      _with_new_fields(tree.setdefault(key, {}), value)
+    else:
+      tree.setdefault(key, value)
+  return tree
 
 
 def restore_latest(run):
@@ -353,18 +382,62 @@ def restore_latest(run):
   return tree["state"], tree["targets"], meta
 
 
-def evaluate_workdir(workdir, overcluster_k=None):
+# Fields `eval` may change: where the data is read, how it is checked, what is scored and
+# shown. Anything else would score another model than the run trained.
+EVAL_OVERRIDABLE = ("dataset.root", "dataset.data_dir", "dataset.manual_dir",
+                    "dataset.scan_label_values", "dataset.on_bad_file", "eval.batch_size",
+                    "eval.k_test", "eval.overcluster_k", "eval.num_vis", "progress")
+
+
+def apply_eval_overrides(config, overrides):
+  """Sets the {dotted key: value} `overrides` on a run's saved config; returns one line per
+  changed field ('config.k: old -> new'). A changed field outside EVAL_OVERRIDABLE is an error
+  naming it (an unchanged one is accepted: it is what the run used)."""
+  saved = _flatten(json.loads(config.to_json_best_effort()))
+  changed = {k: v for k, v in overrides.items() if saved.get(k) != v}
+  refused = [k for k in changed if k not in EVAL_OVERRIDABLE]
+  if refused:
+    raise ValueError("; ".join(
+        f"config.{k} cannot be changed at eval ({saved.get(k)!r} -> {changed[k]!r}): it "
+        "changes the model or the run being scored" for k in refused) +
+        ". eval may change only " + ", ".join(f"config.{k}" for k in EVAL_OVERRIDABLE))
+  config.update_from_flattened_dict(changed)
+  return [f"config.{k}: {saved.get(k)!r} -> {v!r}" for k, v in changed.items()]
+
+
+def _require_writable(workdir, out_dir, files):
+  """Fails before any computing when eval could not write its results."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    for directory in (workdir, out_dir):
+      with tempfile.TemporaryFile(dir=directory):
+        pass
+  except OSError as e:
+    raise PermissionError(f"cannot write the evaluation's results under {workdir} ({e}): "
+                          "make it writable") from None
+  for path in files:
+    if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.W_OK)):
+      raise PermissionError(f"{path} is not a writable file: remove it or make it writable")
+
+
+def evaluate_workdir(workdir, overrides=None):
   """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
-  optionally overclustering; writes `eval.json` and PNGs under workdir/eval."""
+  optionally overclustering; writes `eval.json` and PNGs under workdir/eval.
+
+  `overrides` ({dotted key: value}, e.g. {'eval.k_test': 54}) change the saved config where
+  that does not change the model (EVAL_OVERRIDABLE); each change is reported in one line.
+  """
   config = saved_config(workdir)
-  if overcluster_k is not None:
-    config.eval.overcluster_k = overcluster_k
+  for line in apply_eval_overrides(config, overrides or {}):
+    reporting.say(f"eval overrides {line}")
   config_check.validate(config)
+  out_dir = os.path.join(workdir, "eval")
+  _require_writable(workdir, out_dir, [os.path.join(workdir, name)
+                                       for name in ("eval.json", MATCHING_FILE)])
   run = Run(config, workdir)
   if run.val_source is None:
     raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
   state, targets, meta = restore_latest(run)
-  out_dir = os.path.join(workdir, "eval")
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   results = {}
   if config.method != "pixel_kmeans" and meta["epoch"] > 0:
@@ -378,6 +451,7 @@ def evaluate_workdir(workdir, overcluster_k=None):
                                            run.val_source, config, run.mesh, run.method,
                                            run.keys[_FRESH_STREAM], out_dir,
                                            progress=config.progress))
+  results.update(run.bad_files())
   reporting.write_json(os.path.join(workdir, "eval.json"), results)
   return results
 

@@ -96,6 +96,9 @@ def test_coco_settings_read_the_curated_lists(coco_prepared, coco_tree, setting,
 
 
 def test_prepared_records_keep_the_original_bytes(coco_prepared, coco_tree):
+  """Also the up-front scan of a prepared split (first/last records, val label values)."""
+  datasets.scan_sources(datasets.build_source(coco_prepared, "train"),
+                        datasets.build_source(coco_prepared, "val"), True, progress=False)
   records = prepared.open_split(coco_stuff.PicieCocoStuff, coco_prepared.dataset.data_dir, "val")
   assert records[1]["image_file"].decode() == "images/val2017/000000000139.jpg"
   assert records[1]["image"] == (coco_tree / "images/val2017/000000000139.jpg").read_bytes()
@@ -202,20 +205,25 @@ def test_bad_label_files_are_named(tmp_path, bad_label, message):
 
 
 def test_image_folder_without_labels_trains_and_skips_evaluation(tiny_config, tmp_path, capsys):
+  """Also the run summary of dataset.on_bad_file='skip': a truncated photo is left out."""
   rng = np.random.default_rng(3)
   for n in range(16):
     _save(_random_image(rng, (40, 48)), tmp_path / "photos" / "train" / "images" / f"{n}.jpg")
+  truncated = tmp_path / "photos" / "train" / "images" / "7.jpg"
+  truncated.write_bytes(truncated.read_bytes()[:600])  # the header stays readable
   tiny_config.dataset.name = "image_folder"
   tiny_config.dataset.root = str(tmp_path / "photos")
+  tiny_config.dataset.on_bad_file = "skip"
   tiny_config.num_epochs = 1
   tiny_config.method = "mdc"  # one view: the quickest real training loop
   tiny_config.train.cross_view_loss = False
   final = train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
   assert "val/images does not exist" in final["evaluation_skipped"]
+  assert final["bad_files"] == [str(truncated)]
   assert "evaluation skipped" in capsys.readouterr().out
   with open(tmp_path / "run" / "final.json") as f:
     assert json.load(f) == final
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     record = json.loads(f.readline())
-  assert record["epoch"] == 0 and "acc" not in record
+  assert record["epoch"] == 0 and "acc" not in record and np.isfinite(record["train_loss_total"])
   assert os.listdir(tmp_path / "run" / "checkpoints")

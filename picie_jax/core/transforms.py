@@ -242,3 +242,12 @@ def resize_bilinear(images_bhwc, out_size: int):
     return _resample(images_bhwc, jnp.broadcast_to(rows, (batch,) + rows.shape),
                      jnp.broadcast_to(cols, (batch,) + cols.shape))
 
+
+
+def resize_antialiased(images_bhwc, out_size: int):
+    """Whole-image resize to (out_size, out_size) as PIL's Image.resize(BILINEAR): a triangle
+    filter widened by the downscale factor (antialiased), weights renormalised at the borders.
+    reference_quirks resizes view 2 so, as the official loader does (PIL, 640 -> 320)."""
+    batch, _, _, channels = images_bhwc.shape
+    return jax.image.resize(images_bhwc, (batch, out_size, out_size, channels), "linear",
+                            antialias=True)

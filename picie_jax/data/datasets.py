@@ -11,6 +11,16 @@ Nothing is downloaded.
 
 Every source decodes the same way (`_encoded_source`): encoded bytes fetched by index, decoded
 in the tf.data map, label PNGs read at their exact bit depth and mapped through a table.
+
+EXIF orientation: an image folder's photos are shown as a viewer shows them (a phone's
+rotated JPEG, with its label drawn on the displayed picture, stays aligned). COCO and
+Cityscapes keep the stored pixel array, as the official loader (PIL `Image.open`, no
+`exif_transpose`) does: their annotations are defined on the stored array.
+
+Before a run (`Source.scan`, called where the Run is built): an image folder's every file
+header (scan.py) and, when config.dataset.scan_label_values, every evaluation label's values;
+a prepared split's first and last records (that the split is complete and readable; `prepare`
+wrote it from the checked archives) and, likewise, its label values.
 """
 import os
 
@@ -21,6 +31,7 @@ from picie_jax.data import cityscapes
 from picie_jax.data import coco_stuff
 from picie_jax.data import pipeline
 from picie_jax.data import prepared
+from picie_jax.data import scan
 from picie_jax.data import synthetic
 
 _INVALID = -2  # table entry for a label value the dataset does not define
@@ -53,14 +64,27 @@ def build_source(config, split):
 
 def evaluation_source(config):
   """(labelled val source, None), or (None, why there is none): an image folder may come
-  without val labels, and then a run trains and clusters but reports no scores."""
+  without val labels (config.dataset.num_classes=0), and then a run trains and clusters but
+  reports no scores; with num_classes set, missing val labels are an error."""
   if config.dataset.name == "image_folder":
     for sub in ("images", "labels"):
       path = os.path.join(config.dataset.root, "val", sub)
       if not os.path.isdir(path):
-        return None, (f"{path} does not exist (config.dataset.root={config.dataset.root!r}); "
-                      "add val/images and val/labels/<stem>.png to evaluate")
+        why = (f"{path} does not exist (config.dataset.root={config.dataset.root!r}); "
+               "add val/images and val/labels/<stem>.png to evaluate")
+        if config.dataset.num_classes:
+          raise FileNotFoundError(f"{why}, or set config.dataset.num_classes=0 to train "
+                                  "without evaluation")
+        return None, why
   return build_source(config, "val"), None
+
+
+def scan_sources(train_source, val_source, scan_label_values, progress):
+  """The up-front check of a run's data (see the module docstring); raises naming the file.
+  Train labels are never read (training is unsupervised), so only their presence is checked."""
+  for source, labels in ((train_source, False), (val_source, True)):
+    if source is not None and source.scan is not None:
+      source.scan(labels=labels, values=labels and scan_label_values, progress=progress)
 
 
 def prepare(config):
@@ -134,15 +158,27 @@ def decode_label_png(png_bytes, file_name, table):
     return tf.identity(label)
 
 
-def _encoded_source(name, num_examples, fetch, table, has_labels, num_classes, describe,
-                    class_names=(), thing_classes=None):
-  """A Source whose `fetch(index)` gives (image bytes, label PNG bytes, label file name)."""
+def _encoded_source(dcfg, name, num_examples, fetch, table, has_labels, num_classes, describe,
+                    scan_fn, honour_exif=False, class_names=(), thing_classes=None):
+  """A Source whose `fetch(index)` gives (image bytes, label PNG bytes, label file name).
+
+  `scan_fn(source, labels, progress)` checks the headers of the split; `honour_exif` turns
+  images as their EXIF orientation says.
+  """
   if num_examples <= 0:
     raise ValueError(f"{name}: no images found")
 
+  def decode_image(image_bytes):
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    if not honour_exif:
+      return image
+    orientation = tf.numpy_function(scan.orientation_of_bytes, [image_bytes], tf.int64,
+                                    stateful=False)
+    return apply_orientation(image, orientation)
+
   def load(index):
     image_bytes, label_bytes, label_file = fetch(index)
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = decode_image(image_bytes)
     if not has_labels:
       return {"image": image, "label": tf.fill(tf.shape(image)[:2], pipeline.IGNORE_LABEL)}
     label = decode_label_png(label_bytes, label_file, table)
@@ -152,10 +188,49 @@ def _encoded_source(name, num_examples, fetch, table, has_labels, num_classes, d
     with tf.control_dependencies([check_size]):
       return {"image": image, "label": tf.identity(label)}
 
-  return pipeline.Source(
+  def load_label(index):
+    _, label_bytes, label_file = fetch(index)
+    return decode_label_png(label_bytes, label_file, table)
+
+  def unreadable_file(index):
+    """(file, error) of the first file of example `index` that cannot be read or decoded."""
+    try:
+      image_bytes, label_bytes, label_file = fetch(tf.constant(index, tf.int64))
+    except tf.errors.OpError as e:
+      return describe(index), e.message
+    parts = [(describe(index), lambda: tf.io.decode_image(image_bytes, expand_animations=False))]
+    if has_labels:
+      parts.append((label_file.numpy().decode(),
+                    lambda: tf.io.decode_png(label_bytes, dtype=tf.uint16)))
+    for file, decode in parts:
+      try:
+        decode()
+      except tf.errors.OpError as e:
+        return file, e.message
+    return None
+
+  def scan_split(labels, values, progress):
+    scan_fn(source, labels and has_labels, progress)
+    if labels and has_labels and values:
+      scan.check_label_values(source, load_label, progress)
+
+  source = pipeline.Source(
       name=name, num_examples=num_examples, load=load, has_labels=has_labels,
       num_classes=num_classes, class_names=tuple(class_names), thing_classes=thing_classes,
-      describe=describe)
+      describe=describe, unreadable_file=unreadable_file, scan=scan_split,
+      bad_files=pipeline.BadFiles(dcfg.on_bad_file))
+  return source
+
+
+def apply_orientation(image_hwc, orientation):
+  """The image as displayed for EXIF `orientation` (1..8), as PIL's ImageOps.exif_transpose:
+  5..8 transpose first; then (flip rows, flip columns) cycle (no, no), (no, yes), (yes, yes),
+  (yes, no) over 1..4 and again over 5..8."""
+  step = (orientation - 1) % 4
+  image = tf.cond(orientation >= 5, lambda: tf.transpose(image_hwc, [1, 0, 2]),
+                  lambda: image_hwc)
+  image = tf.cond(tf.logical_or(step == 2, step == 3), lambda: image[::-1], lambda: image)
+  return tf.cond(tf.logical_or(step == 1, step == 2), lambda: image[:, ::-1], lambda: image)
 
 
 def _prepared_source(dcfg, split, table, has_labels, num_classes, class_names=(),
@@ -163,10 +238,22 @@ def _prepared_source(dcfg, split, table, has_labels, num_classes, class_names=()
   """A Source over a prepared split of config.dataset.name, read by index."""
   records = prepared.open_split(_BUILDERS[dcfg.name], dcfg.data_dir, split)
   count = _limit(len(records), dcfg.num_train if split == "train" else dcfg.num_val)
-  return _encoded_source(f"{dcfg.name}/{split}", count, prepared.fetch_fn(records), table,
+
+  def scan_records(source, labels, progress):
+    """The first and last records: the split is there, complete and readable."""
+    del progress  # two records
+    examples = []
+    for index in sorted({0, count - 1}):
+      record = records[index]
+      examples.append((record["image"], record["label"] if labels else None,
+                       record["image_file"].decode(), record["label_file"].decode(), False))
+    scan.check_headers(source, examples, progress=False)
+
+  return _encoded_source(dcfg, f"{dcfg.name}/{split}", count, prepared.fetch_fn(records), table,
                          has_labels, num_classes,
                          describe=lambda i: records[i]["image_file"].decode(),
-                         class_names=class_names, thing_classes=thing_classes)
+                         scan_fn=scan_records, class_names=class_names,
+                         thing_classes=thing_classes)
 
 
 def _coco_stuff(dcfg, split):
@@ -212,6 +299,11 @@ def _image_folder(dcfg, split):
     label_bytes = tf.io.read_file(label_file) if has_labels else tf.constant(b"")
     return tf.io.read_file(tf.gather(images_t, index)), label_bytes, label_file
 
+  def scan_files(source, with_labels, progress):
+    scan.check_headers(source, [(image, label if with_labels else None, image, label, True)
+                                for image, label in zip(images, labels)], progress)
+
   mapping = {**{v: v for v in range(dcfg.num_classes)}, 255: pipeline.IGNORE_LABEL}
-  return _encoded_source(f"image_folder/{split}", len(images), fetch, label_table(mapping),
-                         has_labels, dcfg.num_classes, describe=lambda i: images[i])
+  return _encoded_source(dcfg, f"image_folder/{split}", len(images), fetch, label_table(mapping),
+                         has_labels, dcfg.num_classes, describe=lambda i: images[i],
+                         scan_fn=scan_files, honour_exif=True)

@@ -5,19 +5,49 @@ are built from index lists, so the order is exact and reproducible: a pass over 
 fixed order (cluster, label, evaluation phases) or a seeded shuffle per epoch (training),
 both with the last batch padded (index -1, mask False) so no example is dropped or counted
 twice. Each host loads only its own slice of every global batch.
+
+A batch that fails to load is re-read one example at a time (only then, so it costs nothing
+otherwise) to name the one bad file; with config.dataset.on_bad_file='skip' an undecodable
+file's example is masked out of its batch (like padding, so every count stays exact).
 """
 import dataclasses
 from typing import Callable, Optional, Sequence
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
 IGNORE_LABEL = -1
+ON_BAD_FILE = ("error", "skip")
+
+
+class BadFiles:
+  """The files of a split that cannot be decoded: an error naming the file, or (policy 'skip')
+  one warning per file and a record of it for the run summary."""
+
+  def __init__(self, policy="error"):
+    if policy not in ON_BAD_FILE:
+      raise ValueError(f"config.dataset.on_bad_file={policy!r} must be one of {ON_BAD_FILE}")
+    self.policy = policy
+    self.files = {}  # file -> why it could not be read, in the order found
+
+  def report(self, source_name, file, message):
+    if self.policy == "error":
+      raise ValueError(f"{source_name}: cannot decode {file}: {message}. Replace or remove the "
+                       "file, or set config.dataset.on_bad_file='skip' to leave it out.")
+    if file not in self.files:
+      self.files[file] = message
+      logging.warning("%s: skipping %s (cannot decode it: %s)", source_name, file, message)
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A dataset split: `load(index)` returns {'image': uint8 HxWx3, 'label': int32 HxW (-1 ignored)}."""
+  """A dataset split: `load(index)` returns {'image': uint8 HxWx3, 'label': int32 HxW (-1 ignored)}.
+
+  `unreadable_file(index)` (eager) gives (file, error) for a file of example `index` that
+  cannot be decoded, else None; `scan(values, progress)` is the up-front check of the split
+  (see datasets.py). Both are optional (generated data cannot be unreadable).
+  """
   name: str
   num_examples: int
   load: Callable[[tf.Tensor], dict]
@@ -26,6 +56,9 @@ class Source:
   class_names: Sequence[str] = ()
   thing_classes: Optional[Sequence[int]] = None
   describe: Callable[[int], str] = str  # index -> file name (for error messages)
+  unreadable_file: Optional[Callable[[int], Optional[tuple]]] = None
+  scan: Optional[Callable[..., None]] = None
+  bad_files: BadFiles = dataclasses.field(default_factory=BadFiles)
 
 
 def resize_shorter_and_center_crop(image_hwc, side, method):
@@ -80,23 +113,68 @@ def epoch_order(num_examples, seed, epoch):
 
 def make_batches(source, host_indices, side, with_labels=False):
   """An iterator of numpy batches for the given (num_batches, local) index array."""
-  ds = tf.data.Dataset.from_tensor_slices(host_indices.reshape(-1))
-  ds = ds.map(_prepare(source, side, with_labels), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.batch(host_indices.shape[1], drop_remainder=True).prefetch(2)
-  return _with_clear_errors(ds.as_numpy_iterator(), source, host_indices)
+  prepare = _prepare(source, side, with_labels)
+
+  def batches_from(start):
+    ds = tf.data.Dataset.from_tensor_slices(host_indices[start:].reshape(-1))
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(host_indices.shape[1], drop_remainder=True).prefetch(2).as_numpy_iterator()
+
+  return recovering(batches_from, len(host_indices),
+                    lambda position, error: _reread_batch(
+                        source, prepare, host_indices[position], position, error, side,
+                        with_labels))
 
 
-def _with_clear_errors(iterator, source, host_indices):
-  """Re-raises a decode error with the files of the failing batch named."""
-  for batch_number in range(host_indices.shape[0]):
+def recovering(items_from, count, on_error):
+  """Yields the `count` items of `items_from(start)` (an iterator from item `start`); an item
+  that raises is replaced by `on_error(position, error)` and iteration restarts after it."""
+  position, items = 0, items_from(0)
+  while position < count:
     try:
-      yield next(iterator)
+      item = next(items)
     except tf.errors.OpError as e:
-      names = ", ".join(source.describe(int(i)) for i in host_indices[batch_number] if i >= 0)
-      raise ValueError(
-          f"{source.name}: could not read an example of batch {batch_number} "
-          f"(one of: {names}): {e.message}") from None
+      item = on_error(position, e)
+      items = items_from(position + 1)
+    yield item
+    position += 1
+
+
+def check_example(source, index, error):
+  """After `error` on example `index`: reports an undecodable file to `source.bad_files`
+  (which raises unless skipping); anything else (a label with undefined values, of the wrong
+  format or size) raises naming the example."""
+  bad = source.unreadable_file(index) if source.unreadable_file else None
+  if bad is None:
+    raise ValueError(f"{source.name}: cannot use {source.describe(index)}: "
+                     f"{error.message}") from None
+  source.bad_files.report(source.name, *bad)
+
+
+def _reread_batch(source, prepare, indices, batch_number, error, side, with_labels):
+  """A failed batch rebuilt one example at a time, undecodable examples masked out."""
+  examples, skipped = [], False
+  for index in indices:
+    try:
+      examples.append({k: v.numpy() for k, v in prepare(tf.constant(index)).items()})
+    except tf.errors.OpError as e:
+      check_example(source, int(index), e)
+      examples.append(_masked_example(side, with_labels))
+      skipped = True
+  if not skipped:
+    names = ", ".join(source.describe(int(i)) for i in indices if i >= 0)
+    raise ValueError(f"{source.name}: could not read batch {batch_number} (one of: {names}): "
+                     f"{error.message}") from None
+  return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+
+def _masked_example(side, with_labels):
+  """What a skipped example becomes: as padding, masked out of every count."""
+  example = {"image": np.zeros((side, side, 3), np.uint8), "index": np.int64(0),
+             "mask": np.False_}
+  if with_labels:
+    example["label"] = np.full((side, side), IGNORE_LABEL, np.int32)
+  return example
 
 
 def pass_batches(source, global_batch, side, *, with_labels=False, num_hosts=1, host_id=0,

@@ -1,0 +1,97 @@
+"""augment.reference_quirks: the official loader's view 1 and view 2, re-stated small.
+
+Official (data/cityscapes_train_dataset.py, data/coco_train_dataset.py, TrainX.transform_image):
+  mode 'compute' (cluster and label phases): view 1 = tensor(P1(x)), G on the GPU;
+                                             view 2 = tensor(PIL resize(P2(x), res1, BILINEAR))
+  mode 'train' / 'baseline_train' (the loss):
+      Cityscapes: image1 = transform_inv(x, 0); image1 = transform_tensor(image)  -> G(x), no P1
+      COCO:       image1 = transform_tensor(image1)                              -> G(P1(x))
+      view 2 as in 'compute'.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from configs import synthetic as synthetic_config
+from picie_jax import steps
+from picie_jax.core import transforms as T
+from picie_jax.data import synthetic
+
+
+def _method(dataset="cityscapes27", **overrides):
+  c = synthetic_config.get_config()
+  c.res1 = 32
+  c.dataset.name = dataset
+  c.augment.reference_quirks = True
+  c.update_from_flattened_dict(overrides)
+  return steps.method_from_config(c)
+
+
+def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
+  """MDC (one view: the official 'baseline_train' mode drops P1 alike) keeps this cheap."""
+  images = jnp.asarray(synthetic.generate_split(7, 0, 2, 32)[0])
+  indices, key = jnp.arange(2), jax.random.PRNGKey(3)
+  mdc = {"method": "mdc", "train.cross_view_loss": False}
+  method = _method(**mdc)
+  geo = T.batch_params(T.geometric_params, key, 0, indices, T.GEOMETRIC_STREAM,
+                       method.geometric)
+  photo = T.batch_params(T.photometric_params, key, 0, indices, T.VIEW1_PHOTOMETRIC_STREAM,
+                         method.photometric)
+  x = images.astype(jnp.float32) / 255
+  official = {"jittered": T.apply_geometric(T.apply_photometric(x, photo, method.photometric),
+                                            geo, method.res1),
+              "unjittered": T.apply_geometric(x, geo, method.res1)}
+  assert float(jnp.abs(official["jittered"] - official["unjittered"]).max()) > 0.05
+  cases = {("cityscapes27", True, "compute"): "jittered",
+           ("cityscapes27", True, "train"): "unjittered",
+           ("coco_stuff27", True, "train"): "jittered",
+           ("cityscapes27", False, "train"): "jittered"}
+  for (dataset, quirks, mode), want in cases.items():
+    method = _method(dataset, **mdc, **{"augment.reference_quirks": quirks})
+    (v1,), _ = steps.view_images(images, indices, 0, key, method, train_phase=mode == "train")
+    np.testing.assert_allclose(v1, official[want], atol=1e-6,
+                               err_msg=f"{dataset} quirks={quirks} {mode}")
+
+
+def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
+  """The loss's view_images call is the one marked train_phase (labels keep P1)."""
+  method = _method(**{"method": "pixel_kmeans", "kmeans.metric": "l2"})
+  calls = []
+  real = steps.view_images
+
+  def recording(*args, train_phase=False, **kwargs):
+    calls.append(train_phase)
+    return real(*args, train_phase=train_phase, **kwargs)
+
+  monkeypatch.setattr(steps, "view_images", recording)
+  tx = optax.adam(1e-3)
+  classifier = jnp.zeros((2, 3, 4))
+  state = steps.TrainState(step=jnp.int32(0), params={}, batch_stats={}, opt_state=tx.init({}),
+                           classifier=classifier, classifier_opt_state=tx.init(classifier))
+  targets = steps.EpochTargets(frozen={"params": {}, "batch_stats": {}},
+                               centroids=jnp.zeros((2, 3, 3)), weights=jnp.ones((2, 3)))
+  batch = {"image": jnp.zeros((2, 64, 64, 3), jnp.uint8), "index": jnp.arange(2),
+           "mask": jnp.ones(2, bool)}
+  step = functools.partial(steps.train_step.__wrapped__, None, method=method, tx=tx)
+  jax.make_jaxpr(step)(state, targets, batch, 0, jax.random.PRNGKey(0))
+  assert True in calls  # the loss
+  assert calls.count(True) == 1
+
+
+def test_quirk_view2_is_resized_as_pil_does():
+  """Official view 2: PIL Image.resize(BILINEAR) of the uint8 base image (640 -> 320 there,
+  64 -> 32 here: the same factor); PIL rounds to uint8 with fixed-point weights, so one
+  level is the tolerance. Plain bilinear (the default) is far from it on fine texture."""
+  image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  pil = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR), np.float32)
+  method = _method(**{"augment.photometric": False})
+  (_, v2), _ = steps.view_images(jnp.asarray(image)[None], jnp.arange(1), 0,
+                                 jax.random.PRNGKey(0), method)
+  ours = np.asarray(v2[0]) * 255
+  assert np.abs(ours - pil).max() <= 1.0 + 1e-3 and np.abs(ours - pil).mean() < 0.3
+  plain = np.asarray(T.resize_bilinear(jnp.asarray(image, jnp.float32)[None], 32)[0])
+  assert np.abs(plain - pil).max() > 20
