@@ -252,7 +252,7 @@ def write_plot(summary, path):
                       else p["label"] for p in points],
                   rotation=0 if one_key else 20, ha="center" if one_key else "right")
     ax.set_xlabel(", ".join(summary["sweep_keys"]))
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
   backend_agg.FigureCanvasAgg(fig).print_png(path)
 
 
