@@ -100,13 +100,15 @@ def is_done(config, run_dir):
   final.json alone is not enough: it can be older than the latest (interrupted) train call in
   the directory, or belong to another config (a run with no epochs keeps no checkpoint for
   train to refuse a changed config on). So: final.json not older than config.json (train
-  writes config.json first and final.json last) and no results-changing field differs.
+  writes config.json first and final.json last), no results-changing field differs, and the
+  same num_epochs (a resumed run may raise it: then train continues the run).
   A changed config in a run with checkpoints is then refused by train itself.
   """
   final, saved = (os.path.join(run_dir, n) for n in ("final.json", "config.json"))
   return (os.path.isfile(final) and os.path.isfile(saved)
           and os.path.getmtime(final) >= os.path.getmtime(saved)
-          and not train.config_changes(config, run_dir))
+          and not train.config_changes(config, run_dir)
+          and train.saved_config(run_dir).num_epochs == config.num_epochs)
 
 
 def run_commands(runs, workdir, argv):

@@ -54,7 +54,10 @@ def finished_study(tmp_path_factory):
          f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}",
          *[f"--config.{k}={v}" for k, v in STUDY_OVERRIDES.items()],
          f"--seeds={','.join(SEEDS)}", f"--sweep=train.lr={','.join(LRS)}", f"--workdir={workdir}"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  # The seed-2 runs reuse the seed-1 runs' compiled programs (init, train step) from JAX's
+  # persistent cache: each run builds its own jit wrappers, so the in-memory cache misses them.
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache")}
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir, study.plan(_config(), SEEDS, [f"train.lr={','.join(LRS)}"])
 
@@ -119,6 +122,9 @@ def test_a_run_is_done_only_with_its_config_and_a_later_final_json(finished_stud
   display_only.progress, display_only.train.lr = True, spec.config.train.lr
   assert study.is_done(display_only, str(run_dir))
   assert not study.is_done(runs[1].config, str(run_dir))  # another seed
+  more_epochs = study.plan(_config(), SEEDS, [])[0].config
+  more_epochs.num_epochs = 2  # train continues a finished run when num_epochs is raised
+  assert not study.is_done(more_epochs, str(run_dir))
   os.utime(run_dir / "config.json", (time.time() + 10,) * 2)  # a later train call, unfinished
   assert not study.is_done(spec.config, str(run_dir))
 
