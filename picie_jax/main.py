@@ -1,5 +1,6 @@
 """picie-jax: `prepare` a dataset, `train` (or resume) a run, `eval` a run's latest checkpoint,
-`segment` images with a run, `convert` an official PiCIE checkpoint into a run.
+`segment` images with a run, `convert` an official PiCIE checkpoint into a run, `study` a config
+over seeds and sweep values.
 
   picie-jax train --workdir runs/demo                       # the synthetic demo (default config)
   picie-jax prepare --config configs/coco_stuff27.py --config.dataset.manual_dir=/raw/coco \
@@ -8,8 +9,10 @@
   picie-jax eval --workdir runs/demo [--overcluster_k 64] [--config.eval.k_test=54 ...]
   picie-jax segment --workdir runs/demo --out labelled/ photo.jpg more_photos/
   picie-jax convert --config configs/coco_stuff27.py --workdir runs/official checkpoint.pth.tar
+  picie-jax study --seeds 1,2,3 --sweep train.lr=1e-4,1e-3 --workdir runs/lr_study [--list|--only I]
 """
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,12 +31,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _OVERCLUSTER_K = flags.DEFINE_integer("overcluster_k", None,
                                       "eval: also score K-cluster many-to-one matching.")
 _OUT = flags.DEFINE_string("out", None, "segment: directory for the label and overlay PNGs.")
+_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "study: the seeds of every sweep point.")
+_SWEEP = flags.DEFINE_multi_string(
+    "sweep", [], "study: KEY=V1,V2,... a config field and its values; repeat for a grid.")
+_ONLY = flags.DEFINE_integer("only", None, "study: train only the run of this index (one cluster "
+                             "job each), no aggregation; see --list.")
+_LIST = flags.DEFINE_boolean("list", False, "study: print each run's index, directory, state "
+                             "and --only command, then exit.")
 # command -> (min, max) number of positional arguments after it
 _COMMANDS = {"prepare": (0, 0), "train": (0, 0), "eval": (0, 0), "segment": (1, None),
-             "convert": (1, 1)}
+             "convert": (1, 1), "study": (0, 0)}
 _USAGE = (f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]; "
           "segment --workdir RUN --out DIR IMAGES_OR_DIRS...; "
-          "convert --config CFG --workdir NEW_RUN checkpoint.pth.tar")
+          "convert --config CFG --workdir NEW_RUN checkpoint.pth.tar; "
+          "study --config CFG --seeds 1,2,3 [--sweep KEY=V1,V2 ...] --workdir DIR")
 
 
 def main(argv):
@@ -62,6 +73,15 @@ def main(argv):
     from picie_jax import segment  # pylint: disable=g-import-not-at-top
     written = segment.segment_images(_WORKDIR.value, _OUT.value, positional)
     print(f"wrote {len(written)} label maps and overlays to {_OUT.value}")
+    return
+  if command == "study":
+    from picie_jax import study  # pylint: disable=g-import-not-at-top
+    runs = study.plan(_CONFIG.value, _SEEDS.value, _SWEEP.value)
+    if _LIST.value:
+      print("\n".join(study.run_commands(runs, _WORKDIR.value, sys.argv)))
+    elif study.run_study(runs, _WORKDIR.value, only=_ONLY.value) and jax.process_index() == 0:
+      print(f"wrote {os.path.join(_WORKDIR.value, study.STUDY_MD)}, {study.STUDY_JSON}, "
+            f"{study.STUDY_PNG}")
     return
   if command == "convert":
     config = train.import_official_checkpoint(_CONFIG.value, positional[0], _WORKDIR.value)

@@ -250,18 +250,27 @@ _RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps",
                       "dataset.on_bad_file")
 
 
-def _check_same_config(config, workdir):
-  """Refuses to resume a run in `workdir` with a config that would change its results."""
+def config_changes(config, workdir):
+  """{key: (saved, now)} for the fields where `config` would change the results of the run
+  saved in `workdir/config.json` (empty when there is none)."""
   path = os.path.join(workdir, "config.json")
-  if not (os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
-    return
+  if not os.path.isfile(path):
+    return {}
   with open(path) as f:
     saved = _flatten(json.load(f))
   now = _flatten(json.loads(config.to_json_best_effort()))
-  changed = sorted(k for k in set(saved) | set(now)
-                   if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
+  return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+          if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES}
+
+
+def _check_same_config(config, workdir):
+  """Refuses to resume a run in `workdir` with a config that would change its results."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  changed = config_changes(config, workdir)
   if changed:
-    details = ", ".join(f"config.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+    details = ", ".join(f"config.{k}: {old!r} -> {new!r}"
+                        for k, (old, new) in list(changed.items())[:5])
     raise ValueError(f"{workdir} holds a run with a different config ({details}); resuming "
                      "would mix the two. Use a new --workdir, or the original config.")
 

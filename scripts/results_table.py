@@ -1,8 +1,13 @@
 """Runs the synthetic comparison (k-means on the initial ImageNet features, raw-pixel k-means,
 MDC, PiCIE without cross-view loss, PiCIE; all from the same init) over several seeds at the
-same budget and writes <out>.md (the table) and <out>.json.
+same budget, as one `picie-jax study` per config in <workdir>/<config name>, and writes the
+comparison of the studies to <out>.md (the table) and <out>.json (per-seed numbers).
 
   python scripts/results_table.py --seeds 1 2 3 --jobs 2
+
+With `--jobs N` (N > 1) it first trains N runs at once (`picie-jax study --only INDEX`, as a
+cluster would); the `picie-jax study` call per config then finds them finished and only
+aggregates. Finished runs are skipped, so an interrupted table resumes.
 """
 import argparse
 import json
@@ -11,7 +16,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+from picie_jax import study
 
 METHODS = (
     ("k-means on the initial ImageNet features (no training)",
@@ -21,7 +26,41 @@ METHODS = (
     ("PiCIE without cross-view loss", "configs/picie_nocross_synthetic.py"),
     ("PiCIE", "configs/synthetic.py"),
 )
+SCORES = ("acc", "miou", "thing_miou", "stuff_miou")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def study_dir(config, args):
+  return os.path.join(args.workdir, os.path.basename(config)[:-3])
+
+
+def study_command(config, args, *extra):
+  """The `picie-jax study` command of one config (no sweep: the seeds only)."""
+  return [sys.executable, "-m", "picie_jax.main", "study", f"--config={config}",
+          f"--seeds={','.join(map(str, args.seeds))}", "--config.progress=False",
+          *[f"--config.{o}" for o in args.override], f"--workdir={study_dir(config, args)}",
+          *extra]
+
+
+def run_at_most(commands, jobs, log_dir):
+  """Runs the commands, `jobs` at a time; stops at the first failure."""
+  os.makedirs(log_dir, exist_ok=True)
+  pending, active = list(enumerate(commands)), []
+  while pending or active:
+    while pending and len(active) < jobs:
+      index, cmd = pending.pop(0)
+      log_path = os.path.join(log_dir, f"job{index}.txt")
+      with open(log_path, "w") as log:
+        active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
+                       log_path))
+      print("started", " ".join(cmd[2:]), flush=True)
+    for entry in list(active):
+      proc, log_path = entry
+      if proc.poll() is not None:
+        active.remove(entry)
+        if proc.returncode:
+          raise SystemExit(f"a run failed (exit {proc.returncode}), see {log_path}")
+    time.sleep(2)
 
 
 def main():
@@ -34,64 +73,36 @@ def main():
                       help="extra --config.x=v flags applied to every run")
   args = parser.parse_args()
 
-  runs = [(name, cfg, seed) for name, cfg in METHODS for seed in args.seeds]
-  pending, active, wall = list(runs), [], {}
-  while pending or active:
-    while pending and len(active) < args.jobs:
-      name, cfg, seed = pending.pop(0)
-      workdir = os.path.join(args.workdir, f"{os.path.basename(cfg)[:-3]}_seed{seed}")
-      if os.path.exists(os.path.join(workdir, "final.json")):
-        continue
-      cmd = [sys.executable, "-m", "picie_jax.main", "train", f"--config={cfg}",
-             f"--config.seed={seed}", "--config.progress=False", f"--workdir={workdir}",
-             *[f"--config.{o}" for o in args.override]]
-      os.makedirs(workdir, exist_ok=True)
-      log = open(os.path.join(workdir, "log.txt"), "w")
-      active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                     workdir, time.time()))
-      print("started", " ".join(cmd[2:]), flush=True)
-    for entry in list(active):
-      proc, workdir, start = entry
-      if proc.poll() is not None:
-        active.remove(entry)
-        wall[workdir] = time.time() - start
-        print(f"finished {workdir} rc={proc.returncode} in {wall[workdir]:.0f}s", flush=True)
-        with open(os.path.join(workdir, "wall_s.txt"), "w") as f:
-          f.write(f"{wall[workdir]:.1f}\n")
-        if proc.returncode:
-          raise SystemExit(f"run failed, see {workdir}/log.txt")
-    time.sleep(2)
-
-  rows = []
-  for name, cfg, in METHODS:
-    finals, walls = [], []
-    for seed in args.seeds:
-      workdir = os.path.join(args.workdir, f"{os.path.basename(cfg)[:-3]}_seed{seed}")
-      with open(os.path.join(workdir, "final.json")) as f:
-        finals.append(json.load(f)["fresh"])
-      with open(os.path.join(workdir, "wall_s.txt")) as f:
-        walls.append(float(f.read()))
-    rows.append({"method": name, "config": cfg, "seeds": args.seeds, "wall_s": walls,
-                 **{m: [r[m] for r in finals] for m in ("acc", "miou", "thing_miou",
-                                                         "stuff_miou")}})
+  if args.jobs > 1:
+    run_at_most([study_command(config, args, f"--only={i}") for _, config in METHODS
+                 for i in range(len(args.seeds))], args.jobs, os.path.join(args.workdir, "logs"))
+  rows, lines = [], []
+  for name, config in METHODS:
+    # Trains what is not finished yet (nothing after --jobs), then aggregates.
+    subprocess.run(study_command(config, args), cwd=ROOT, check=True)
+    with open(os.path.join(study_dir(config, args), study.STUDY_JSON)) as f:
+      summary = json.load(f)
+    (point,) = summary["points"]
+    rows.append({"method": name, "config": config, "seeds": args.seeds,
+                 "wall_s": [r["metrics"]["wall_s"] for r in summary["runs"]],
+                 **{m: [r["metrics"][f"fresh.{m}"] for r in summary["runs"]] for m in SCORES}})
+    cells = [study.format_mean_std(point["metrics"][f"fresh.{m}"]) for m in SCORES]
+    cells.append(study.format_mean_std(point["metrics"]["wall_s"], digits=0))
+    lines.append(f"| {name} | `{config}` | " + " | ".join(cells) + " |")
   with open(args.out + ".json", "w") as f:
     json.dump({"overrides": args.override, "rows": rows}, f, indent=2)
-  lines = ["| method | config | pixel acc (%) | mIoU (%) | thing mIoU | stuff mIoU | wall (s) |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    cells = [f"{np.mean(r[m]):.1f} ± {np.std(r[m]):.1f}"
-             for m in ("acc", "miou", "thing_miou", "stuff_miou")]
-    cells.append(f"{np.mean(r['wall_s']):.0f}")
-    lines.append(f"| {r['method']} | `{r['config']}` | " + " | ".join(cells) + " |")
-  table = "\n".join(lines)
+  table = "\n".join(
+      ["| method | config | pixel acc (%) | mIoU (%) | thing mIoU | stuff mIoU | wall (s) |",
+       "| --- | --- | --- | --- | --- | --- | --- |"] + lines)
   print(table)
   with open(args.out + ".md", "w") as f:
     f.write(f"# Synthetic results ({len(args.seeds)} seeds: {args.seeds})\n\n"
             "Generated by `python scripts/results_table.py "
             + " ".join(f"--override {o}" for o in args.override)
-            + "`; mean ± std over seeds of the final fresh-cluster evaluation (K = 8) on the "
-            "synthetic validation split. Every run uses the config named, same budget.\n\n"
-            + table + "\n")
+            + "`; mean ± sample std (n − 1) over seeds of the final fresh-cluster evaluation "
+            "(K = 8) on the synthetic validation split. Every run uses the config named, same "
+            "budget; each config's runs, study.md and plot are in its `picie-jax study` "
+            "directory.\n\n" + table + "\n")
 
 
 if __name__ == "__main__":
