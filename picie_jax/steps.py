@@ -242,11 +242,22 @@ def label_counts(model, targets, batch, epoch, key, *, method, k):
           jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32)) for y in labels])
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(lr, weight_decay):
-  """Adam (AdamW when weight_decay > 0); the reference uses Adam without decay."""
+  """Adam (AdamW when weight_decay > 0); the reference uses Adam without decay.
+
+  Cached: the optimizer is a static argument of the jitted train step, so runs with the same
+  settings in one process share one compiled step instead of compiling their own.
+  """
   if weight_decay > 0:
     return optax.adamw(lr, weight_decay=weight_decay)
   return optax.adam(lr)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "res"))
+def init_variables(model, key, res):
+  """The model's variables for (1, res, res, 3) inputs (eval mode: BN statistics untouched)."""
+  return model.init(key, jnp.zeros((1, res, res, 3)), train=False)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "method", "tx"), donate_argnums=(1,))

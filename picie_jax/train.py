@@ -94,9 +94,7 @@ def initial_state(run, pretrained=True):
   `pretrained` applies config.model.init (e.g. ImageNet weights); a state about to be
   overwritten by a checkpoint skips it, so restoring needs no weight files.
   """
-  res = run.config.res1
-  variables = jax.jit(run.model.init, static_argnames="train")(
-      run.keys[_INIT_STREAM], jnp.zeros((1, res, res, 3)), train=False)
+  variables = steps.init_variables(run.model, run.keys[_INIT_STREAM], run.config.res1)
   if pretrained:
     variables = convert.initial_variables(variables, run.config.model)
   channels = 3 if run.method.pixels else run.config.model.fpn_channels

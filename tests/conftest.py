@@ -1,8 +1,14 @@
-"""Test-wide settings (CPU, quiet TF) and the tiny end-to-end config the loop tests share."""
+"""Test-wide settings (CPU, quiet TF, a compilation cache) and the tiny end-to-end config the
+loop tests share."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests (and their subprocesses, which inherit this) compile the same tiny train step:
+# JAX's persistent cache compiles each once per machine instead of once per test.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "picie_jax_test_compilation_cache"))
 
 import pytest  # pylint: disable=g-import-not-at-top
 
