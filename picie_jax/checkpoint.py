@@ -16,6 +16,15 @@ class UnreadableCheckpoints(reporting.UserError):
   """Every checkpoint of a run fails to restore: resuming would silently start afresh."""
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager without its own preemption check: that check calls JAX's preemption sync
+  point with our save counter, which breaks the sequence of ids preemption.requested() gives
+  it (the agreed step is then never reached). preemption.py decides when to save instead."""
+
+  def reached_preemption(self, step):
+    return False
+
+
 class Checkpointer:
   """Saves {'state', 'targets'} pytrees plus a JSON `meta` dict (epoch, position in the epoch).
 
@@ -25,7 +34,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory, max_to_keep=2):
-    self._manager = ocp.CheckpointManager(
+    self._manager = _Manager(
         os.path.abspath(directory),  # orbax rejects relative paths
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False),

@@ -143,7 +143,7 @@ def _strip_timing(records):
 
 def _wait_for_checkpoint(proc, workdir, epoch, min_next_batch):
   """Polls until a checkpoint of `epoch` at train batch >= min_next_batch exists."""
-  deadline = time.time() + 300
+  deadline = time.time() + 600
   while time.time() < deadline:
     meta = _latest_meta(workdir)
     if meta and meta["epoch"] == epoch and meta.get("next_batch") is not None and (
@@ -169,11 +169,14 @@ def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finish
     """Starts the run, sends `signals` once it is past that checkpoint; (exit code, stderr)."""
     with open(tmp_path / "stderr.txt", "w+") as stderr:
       proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
-      _wait_for_checkpoint(proc, killed, epoch, min_next_batch)
-      for signum in signals:
-        proc.send_signal(signum)
-        time.sleep(0.1)
-      proc.wait(timeout=300 if len(signals) == 1 else 30)
+      try:
+        _wait_for_checkpoint(proc, killed, epoch, min_next_batch)
+        for signum in signals:
+          proc.send_signal(signum)
+          time.sleep(0.1)
+        proc.wait(timeout=300 if len(signals) == 1 else 30)
+      finally:
+        proc.kill()  # when the test failed before the run ended
       stderr.seek(0)
       return proc.returncode, stderr.read()
 
