@@ -43,16 +43,21 @@ class _Status:
 _status = _Status()
 
 
+def _write_stderr(line):
+  """os.write, not print: a handler that prints while the main thread prints raises."""
+  os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def _handler(signum, frame):  # pylint: disable=unused-argument
   name = signal.Signals(signum).name
   if _status.signum is not None:
-    print(f"picie-jax: second {name}: exiting now, without saving", file=sys.stderr, flush=True)
+    _write_stderr(f"picie-jax: second {name}: exiting now, without saving")
     if _status.on_hard_exit is not None:
       _status.on_hard_exit()
     os._exit(128 + signum)  # pylint: disable=protected-access
   _status.signum = signum
-  print(f"picie-jax: {name}: stopping after the current step (send it again to exit at once)",
-        file=sys.stderr, flush=True)
+  _write_stderr(f"picie-jax: {name}: stopping after the current step (send it again to exit "
+                "at once)")
   if _status.mode == "sync" and signum != signal.SIGTERM:
     os.kill(os.getpid(), signal.SIGTERM)  # JAX's sync manager tells every process
 
