@@ -12,7 +12,9 @@ over seeds and sweep values.
   picie-jax study --seeds 1,2,3 --sweep train.lr=1e-4,1e-3 --workdir runs/lr_study [--list|--only I]
 """
 import os
+import shlex
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -38,6 +40,8 @@ _ONLY = flags.DEFINE_integer("only", None, "study: train only the run of this in
                              "job each), no aggregation; see --list.")
 _LIST = flags.DEFINE_boolean("list", False, "study: print each run's index, directory, state "
                              "and --only command, then exit.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of errors that are the "
+                             "user's to fix (bad config, missing files) too.")
 # command -> (min, max) number of positional arguments after it
 _COMMANDS = {"prepare": (0, 0), "train": (0, 0), "eval": (0, 0), "segment": (1, None),
              "convert": (1, 1), "study": (0, 0)}
@@ -47,7 +51,45 @@ _USAGE = (f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]; 
           "study --config CFG --seeds 1,2,3 [--sweep KEY=V1,V2 ...] --workdir DIR")
 
 
+_PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
+                      for f in (configs.__file__, __file__))
+# Raised by our code for the user (bad config, missing files, a diverging run): one line.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def _one_line(exc):
+  """(message, exit code) for an error the user can act on, or None for a bug (traceback)."""
+  from picie_jax import preemption  # pylint: disable=g-import-not-at-top
+  from picie_jax import reporting  # pylint: disable=g-import-not-at-top
+  if isinstance(exc, preemption.Stopped):
+    command = shlex.join(["picie-jax", *sys.argv[1:]])
+    return f"{exc}; resume with: {command}", exc.exit_code
+  if isinstance(exc, reporting.UserError):
+    return f"error: {exc}", 1
+  full = reporting.no_space_error(exc)
+  if full is not None:
+    what = getattr(full, "filename", None) or "the run's outputs"
+    return f"error: {reporting.DiskFull(what)}", 1
+  raised_at = traceback.extract_tb(exc.__traceback__)[-1].filename if exc.__traceback__ else ""
+  if isinstance(exc, _USER_ERRORS) and os.path.abspath(raised_at).startswith(_PACKAGE_DIRS):
+    return f"error: {exc}", 1
+  return None
+
+
 def main(argv):
+  try:
+    _run_command(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    reported = _one_line(e)
+    if reported is None:
+      raise
+    if _VERBOSE.value:
+      traceback.print_exc()
+    print(f"picie-jax: {reported[0]}", file=sys.stderr, flush=True)
+    sys.exit(reported[1])
+
+
+def _run_command(argv):
   if len(argv) < 2 or argv[1] not in _COMMANDS:
     raise app.UsageError(_USAGE)
   command, positional = argv[1], argv[2:]

@@ -23,8 +23,10 @@ from picie_jax import config_check
 from picie_jax import convert
 from picie_jax import evaluate
 from picie_jax import parallel
+from picie_jax import preemption
 from picie_jax import reporting
 from picie_jax import steps
+from picie_jax import workdir_lock
 from picie_jax.core import losses
 from picie_jax.data import datasets
 from picie_jax.data import pipeline
@@ -122,6 +124,7 @@ def cluster_phase(run, state, epoch):
 
     def features_fn(host_batch, view=view):
       nonlocal batch_stats
+      preemption.stop_if_requested("cluster", epoch)
       points, mask, batch_stats = steps.cluster_features(
           run.model, {"params": state.params, "batch_stats": batch_stats},
           run.shard(host_batch), epoch, run.augment_key, method=run.method, view=view)
@@ -154,6 +157,7 @@ def label_phase(run, state, centroids, epoch):
                      cfg.kmeans.batch_size)
   for host_batch in pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2,
                                           **run.hosts):
+    preemption.stop_if_requested("label", epoch)
     counts += parallel.to_host(steps.label_counts(
         run.model, targets, run.shard(host_batch), epoch, run.augment_key, method=run.method,
         k=run.k))
@@ -204,9 +208,12 @@ def train_phase(run, state, targets, epoch, start_batch, sums, ckpt, meta):
     sums["batches"] = sums.get("batches", 0) + 1
     bar.update(1, loss=out["total"])
     done = batch_index + 1
-    if done < total and done % cfg.checkpoint_every_steps == 0:
+    stop = preemption.requested()
+    if stop or (done < total and done % cfg.checkpoint_every_steps == 0):
       ckpt.save({"state": state, "targets": targets},
                 {**meta, "next_batch": done, "loss_sums": sums})
+    if stop:
+      raise preemption.stopped(f"at epoch {epoch} batch {done}: saved {ckpt.latest_path()}")
   bar.close()
   return state, sums, bar.images_per_second()
 
@@ -243,9 +250,10 @@ def write_matching(workdir, epoch, scores, source):
 
 
 # Fields that may change when a run is resumed: they do not change its results.
+# num_epochs may be raised to continue a run (checked against the checkpoint on resume).
 _RESUMABLE_CHANGES = ("progress", "log_every_steps", "checkpoint_every_steps",
                       "dataset.data_dir", "dataset.manual_dir", "dataset.scan_label_values",
-                      "dataset.on_bad_file")
+                      "dataset.on_bad_file", "num_epochs")
 
 
 def config_changes(config, workdir):
@@ -282,33 +290,76 @@ def _flatten(tree, prefix=""):
 
 
 def train_and_evaluate(config, workdir):
-  """Runs (or resumes) training in `workdir`; returns the final metrics dict."""
+  """Runs (or resumes) training in `workdir`; returns the final metrics dict.
+
+  One run per workdir (a lock); SIGTERM/SIGINT stop it at the next batch boundary with a
+  checkpoint where the phase allows (preemption.Stopped).
+  """
   config_check.validate(config)
   run = Run(config, workdir)  # finds the data first: a bad path fails before anything is written
   _check_same_config(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir) as release_lock, preemption.handle_signals(release_lock):
+    writer = reporting.MetricWriter(workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+      return _train_and_evaluate(run, writer, ckpt)
+    finally:
+      writer.close()
+      ckpt.close()
+
+
+def _resume_point(run, ckpt):
+  """(state, targets, start_epoch, start_batch, meta) from the latest readable checkpoint."""
+  if ckpt.latest_path() is None:
+    return (*initial_state(run), 0, None, {})
+  state, targets = initial_state(run, pretrained=False)
+  tree, meta = ckpt.restore_latest({"state": state, "targets": targets})
+  start_epoch, start_batch = meta["epoch"], meta.get("next_batch")
+  started = start_epoch + (start_batch is not None)
+  if started > run.config.num_epochs:
+    raise ValueError(f"{ckpt.latest_path()} is {started} epochs into the run; "
+                     f"config.num_epochs={run.config.num_epochs} is fewer: use at least "
+                     f"{started}, or a new --workdir")
+  reporting.say(f"resuming from {ckpt.latest_path()}: epoch {start_epoch}, "
+                f"{'cluster phase' if start_batch is None else f'train batch {start_batch}'}")
+  return (parallel.replicate(tree["state"], run.mesh),
+          parallel.replicate(tree["targets"], run.mesh), start_epoch, start_batch, meta)
+
+
+def _evaluate_epoch(run, state, targets, epoch, record, writer):
+  """Evaluates an epoch when config.eval schedules it, then writes its metrics row."""
+  config = run.config
+  if run.val_source is not None and ((epoch + 1) % config.eval.every_epochs == 0
+                                     or epoch + 1 == config.num_epochs):
+    scores, _ = evaluate.evaluate(
+        run.model, {"params": state.params, "batch_stats": state.batch_stats},
+        eval_classifier(run, state, targets), run.val_source, config, run.mesh, run.method,
+        vis_prefix=os.path.join(run.workdir, "vis", f"epoch{epoch:03d}"),
+        progress=config.progress)
+    record = {**record,
+              **{k: scores[k] for k in scores if not isinstance(scores[k], (list, dict))}}
+    write_matching(run.workdir, epoch, scores, run.val_source)
+  writer.write(record, record["step"])
+  reporting.say(_epoch_summary(record))
+
+
+def _train_and_evaluate(run, writer, ckpt):
+  config, workdir = run.config, run.workdir
+  state, targets, start_epoch, start_batch, meta = _resume_point(run, ckpt)
   if reporting.is_main_process():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  vis_dir = os.path.join(workdir, "vis")
-  writer = reporting.MetricWriter(workdir)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  resuming = ckpt.latest_path() is not None
-  state, targets = initial_state(run, pretrained=not resuming)
-  start_epoch, start_batch, meta = 0, None, {}
-  restored = ckpt.restore_latest({"state": state, "targets": targets}) if resuming else None
-  if restored is None and resuming:
-    state, targets = initial_state(run)
-  if restored is not None:
-    tree, meta = restored
-    state, targets = (parallel.replicate(tree["state"], run.mesh),
-                      parallel.replicate(tree["targets"], run.mesh))
-    start_epoch, start_batch = meta["epoch"], meta.get("next_batch")
-    reporting.say(f"resuming from {ckpt.latest_path()}: epoch {start_epoch}, "
-                  f"{'cluster phase' if start_batch is None else f'train batch {start_batch}'}")
-  writer.drop_from_epoch(start_epoch)
+    with reporting.writing(os.path.join(workdir, "config.json")):
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+  # The end-of-epoch checkpoint is saved before the epoch's evaluation: when that evaluation
+  # did not finish (no metrics row), it is done now.
+  unevaluated = (start_batch is None and "record" in meta
+                 and start_epoch - 1 not in reporting.recorded_epochs(workdir))
+  writer.drop_from_epoch(start_epoch - 1 if unevaluated else start_epoch)
   if run.val_source is None:
     reporting.say(f"evaluation skipped: {run.no_evaluation_reason}")
+  if unevaluated:
+    _evaluate_epoch(run, state, targets, start_epoch - 1, meta["record"], writer)
 
   for epoch in range(start_epoch, config.num_epochs):
     if start_batch is None:
@@ -325,18 +376,12 @@ def train_and_evaluate(config, workdir):
     record.update({k: v for k, v in meta["cluster_stats"].items() if k != "label_counts"})
     record.update({f"train_loss_{k}": v / sums["batches"] for k, v in sums.items()
                    if k != "batches"})
-    if run.val_source is not None and ((epoch + 1) % config.eval.every_epochs == 0
-                                       or epoch + 1 == config.num_epochs):
-      scores, _ = evaluate.evaluate(
-          run.model, {"params": state.params, "batch_stats": state.batch_stats},
-          eval_classifier(run, state, targets), run.val_source, config, run.mesh, run.method,
-          vis_prefix=os.path.join(vis_dir, f"epoch{epoch:03d}"), progress=config.progress)
-      record.update({k: scores[k] for k in scores if not isinstance(scores[k], (list, dict))})
-      write_matching(workdir, epoch, scores, run.val_source)
-    writer.write(record, int(state.step))
-    reporting.say(_epoch_summary(record))
-    meta = {"epoch": epoch + 1, "next_batch": None}
-    ckpt.save({"state": state, "targets": targets}, meta)
+    ckpt.save({"state": state, "targets": targets},
+              {"epoch": epoch + 1, "next_batch": None, "record": record})
+    if preemption.requested():
+      raise preemption.stopped(f"at the end of epoch {epoch}, before its evaluation: saved "
+                               f"{ckpt.latest_path()}")
+    _evaluate_epoch(run, state, targets, epoch, record, writer)
     start_batch = None
 
   if run.val_source is None:
@@ -348,8 +393,6 @@ def train_and_evaluate(config, workdir):
         run.keys[_FRESH_STREAM], workdir, progress=config.progress)
   final.update(run.bad_files())
   reporting.write_json(os.path.join(workdir, "final.json"), final)
-  writer.close()
-  ckpt.close()
   return final
 
 

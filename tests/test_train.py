@@ -1,6 +1,7 @@
 """The epoch loop end to end on a tiny synthetic config: outputs, labels, resume, NaN, CLI."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 from picie_jax import checkpoint
 from picie_jax import config_check
+from picie_jax import evaluate
 from picie_jax import steps
 from picie_jax import train
 from picie_jax.core import transforms as T
@@ -28,8 +30,18 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_loop_writes_every_output(tiny_config, tmp_path):
-  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """An uninterrupted tiny 2-epoch run: (workdir, final); its outputs are references."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  config.update_from_flattened_dict(TINY_OVERRIDES)
+  workdir = tmp_path_factory.mktemp("finished")
+  return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def test_loop_writes_every_output(finished_run):
+  tmp_path, final = finished_run
   records = _read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["epoch"] for r in records] == [0, 1]
   for key in ("kmeans_online_loss_view1", "kmeans_init_loss_view2", "train_loss_within",
@@ -129,26 +141,57 @@ def _strip_timing(records):
   return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in records]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-  """Also the CLI test: train, kill, train again (resumes), then `eval` the finished run.
-
-  Workdirs are relative paths, as a user types them.
-  """
-  clean, killed = tmp_path / "clean", tmp_path / "killed"
-  subprocess.run(_cli("train", workdir="clean"), cwd=tmp_path, check=True, timeout=600,
-                 capture_output=True)
-
-  proc = subprocess.Popen(_cli("train", workdir="killed"), cwd=tmp_path,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+def _wait_for_checkpoint(proc, workdir, epoch, min_next_batch):
+  """Polls until a checkpoint of `epoch` at train batch >= min_next_batch exists."""
+  deadline = time.time() + 600
   while time.time() < deadline:
-    meta = _latest_meta(killed)
-    if meta and meta["epoch"] == 1 and (meta.get("next_batch") or 0) >= 1:
-      break  # epoch 1 is mid-training: past its cluster phase and its first batch
-    assert proc.poll() is None, "the run ended before it could be killed"
+    meta = _latest_meta(workdir)
+    if meta and meta["epoch"] == epoch and meta.get("next_batch") is not None and (
+        meta["next_batch"] >= min_next_batch):
+      return
+    assert proc.poll() is None, "the run ended before it could be stopped"
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  raise AssertionError(f"no checkpoint of epoch {epoch} in {workdir}")
+
+
+def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finished_run,
+                                                                         tmp_path):
+  """Also the CLI test: train, stop, train again (resumes), then `eval` the finished run.
+
+  SIGTERM as epoch 0's train phase starts (its first step compiles for seconds) must stop after
+  that step with a checkpoint at batch 1 and exit 143; two SIGINTs in epoch 1 exit at once (130)
+  with no save, like a kill. The workdir is a relative path, as a user types it.
+  """
+  clean, killed = finished_run[0], tmp_path / "killed"
+  command = _cli("train", workdir="killed")
+
+  def stop(epoch, min_next_batch, *signals):
+    """Starts the run, sends `signals` once it is past that checkpoint; (exit code, stderr)."""
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+      proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+      try:
+        _wait_for_checkpoint(proc, killed, epoch, min_next_batch)
+        for signum in signals:
+          proc.send_signal(signum)
+          time.sleep(0.1)
+        proc.wait(timeout=300 if len(signals) == 1 else 30)
+      finally:
+        proc.kill()  # when the test failed before the run ended
+      stderr.seek(0)
+      return proc.returncode, stderr.read()
+
+  code, stderr = stop(0, 0, signal.SIGTERM)
+  assert code == 143, stderr
+  assert "Traceback" not in stderr
+  line = stderr.strip().splitlines()[-1]
+  assert line.startswith("picie-jax: stopped by SIGTERM at epoch 0 batch 1: saved "), line
+  assert line.endswith("; resume with: picie-jax " + shlex.join(command[3:])), line
+  assert _latest_meta(killed) == {**_latest_meta(killed), "epoch": 0, "next_batch": 1}
+  assert not (killed / "train.lock").exists()
+
+  code, stderr = stop(1, 1, signal.SIGINT, signal.SIGINT)
+  assert code == 130, stderr
+  assert "second SIGINT: exiting now" in stderr
   assert not (killed / "final.json").exists()
 
   out = subprocess.run(_cli("train", workdir="killed"), cwd=tmp_path, check=True, timeout=600,
@@ -169,8 +212,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
   assert "fresh (K=8)" in out.stdout
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path, caplog):
-  """Runs MDC with the parametric classifier (one view, learned 1x1 conv) to get checkpoints."""
+def _corrupt(checkpoint_dir):
+  for dirpath, _, files in os.walk(checkpoint_dir / "tree"):
+    for f in files:
+      with open(os.path.join(dirpath, f), "wb") as fh:
+        fh.write(b"garbage")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path, caplog, capsys):
+  """Runs MDC with the parametric classifier (one view, learned 1x1 conv) to get checkpoints.
+
+  The resumed run must name the checkpoint it used, keep it through the next save's garbage
+  collection (max_to_keep=2), and stop with an error when no checkpoint is readable.
+  """
   tiny_config.num_epochs = 1
   tiny_config.method = "mdc"
   tiny_config.train.classifier = "parametric"
@@ -178,10 +232,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
   train.train_and_evaluate(tiny_config, str(tmp_path))
   ckpts = tmp_path / "checkpoints"
   latest = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  for dirpath, _, files in os.walk(ckpts / str(latest) / "tree"):
-    for f in files:
-      with open(os.path.join(dirpath, f), "wb") as fh:
-        fh.write(b"garbage")
+  _corrupt(ckpts / str(latest))
   run = train.Run(tiny_config, str(tmp_path))
   state, targets = train.initial_state(run)
   restored = checkpoint.Checkpointer(str(ckpts)).restore_latest(
@@ -192,6 +243,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
   assert restored[0]["state"].classifier.shape == (1, 8, 17)
   assert not np.allclose(restored[0]["state"].classifier, epoch_start_classifier)  # trained
   assert f"checkpoints/{latest} is unreadable" in caplog.text
+  assert sorted(os.listdir(ckpts)) == [str(latest - 1)]
+  (moved,) = os.listdir(tmp_path / checkpoint.CORRUPT_DIR)
+  assert moved.startswith(f"{latest}-")
+
+  _corrupt(tmp_path / checkpoint.CORRUPT_DIR / moved)  # put it back, as before the fallback
+  os.rename(tmp_path / checkpoint.CORRUPT_DIR / moved, ckpts / str(latest))
+  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config, str(tmp_path))  # resumes from latest - 1
+  assert f"resuming from {ckpts}/{latest - 1}: epoch 0, train batch 2" in capsys.readouterr().out
+  kept = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
+  assert kept == [latest - 1, latest]  # the good one survived the save's garbage collection
+  caplog.clear()
+  assert checkpoint.Checkpointer(str(ckpts)).restore_latest(
+      {"state": state, "targets": targets})[1]["epoch"] == 1
+  assert "unreadable" not in caplog.text
+  assert _strip_timing(_read_jsonl(tmp_path / "metrics.jsonl")) == _strip_timing(rows)
+
+  for step in kept:
+    _corrupt(ckpts / str(step))
+  with pytest.raises(checkpoint.UnreadableCheckpoints, match=f"no checkpoint in {ckpts} is"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert _strip_timing(_read_jsonl(tmp_path / "metrics.jsonl")) == _strip_timing(rows)
 
 
 def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_path):
@@ -221,4 +295,36 @@ def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, str(tmp_path))
   tiny_config.kmeans.k_train = 5
   with pytest.raises(ValueError, match=r"config.kmeans.k_train: 8 -> 5"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_failed_evaluation_keeps_the_epoch_and_raising_num_epochs_continues(
+    finished_run, tiny_config, tmp_path, monkeypatch):
+  """1 epoch; then num_epochs=2 with epoch 1's evaluation failing; then a plain rerun: the
+  outputs must equal the uninterrupted 2-epoch run's. Lowering num_epochs is refused."""
+  reference = finished_run[0]
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.num_epochs = 2
+  real_evaluate = evaluate.evaluate
+
+  def failing_evaluate(*args, vis_prefix, **kwargs):
+    if vis_prefix.endswith("epoch001"):
+      raise RuntimeError("evaluation failed")
+    return real_evaluate(*args, vis_prefix=vis_prefix, **kwargs)
+
+  monkeypatch.setattr(evaluate, "evaluate", failing_evaluate)
+  with pytest.raises(RuntimeError, match="evaluation failed"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert _latest_meta(tmp_path)["epoch"] == 2  # epoch 1's training was saved
+  assert [r["epoch"] for r in _read_jsonl(tmp_path / "metrics.jsonl")] == [0]
+  monkeypatch.setattr(evaluate, "evaluate", real_evaluate)
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))  # evaluates epoch 1, then final
+  assert _strip_timing(_read_jsonl(tmp_path / "metrics.jsonl")) == _strip_timing(
+      _read_jsonl(reference / "metrics.jsonl"))
+  assert final == finished_run[1]
+  with open(reference / "matching.json") as a, open(tmp_path / "matching.json") as b:
+    assert json.load(a) == json.load(b)
+  tiny_config.num_epochs = 1
+  with pytest.raises(ValueError, match="is 2 epochs into the run; config.num_epochs=1 is fewer"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
