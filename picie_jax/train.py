@@ -265,8 +265,11 @@ def train_and_evaluate(config, workdir):
   _check_same_config(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   if reporting.is_main_process():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    # Written whole, then renamed: the other processes of a resumed run read it meanwhile.
+    config_path = os.path.join(workdir, "config.json")
+    with open(config_path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(config_path + ".tmp", config_path)
   vis_dir = os.path.join(workdir, "vis")
   writer = reporting.MetricWriter(workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
