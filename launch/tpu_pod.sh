@@ -11,10 +11,28 @@
 # WORKDIR must be a directory all workers see (an NFS/Filestore mount): the checkpoints are
 # written by all processes together, and the code uses plain file I/O (no gs:// paths).
 # Config paths are relative to $REMOTE_DIR. Batch sizes must be multiples of the chip count.
+# --dry-run (first argument) prints the gcloud command instead of running it.
 set -euo pipefail
 
+dry_run=0
+if [[ "${1:-}" == --dry-run ]]; then
+  dry_run=1
+  shift
+fi
+
+# Runs a command, or with --dry-run prints it (shell-quoted) instead.
+run() {
+  if (( dry_run )); then
+    local quoted
+    quoted="$(printf '%q ' "$@")"
+    echo "${quoted% }"
+  else
+    "$@"
+  fi
+}
+
 if [[ $# -lt 2 ]]; then
-  echo "usage: TPU=name ZONE=zone $0 CONFIG WORKDIR [extra picie-jax flags...]" >&2
+  echo "usage: TPU=name ZONE=zone $0 [--dry-run] CONFIG WORKDIR [extra picie-jax flags...]" >&2
   exit 2
 fi
 : "${TPU:?set TPU to the TPU VM name}"
@@ -30,5 +48,5 @@ if [[ -n "${PROJECT:-}" ]]; then
   project_flag=(--project "$PROJECT")
 fi
 
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" "${project_flag[@]}" --worker=all \
+run gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" "${project_flag[@]}" --worker=all \
   --command "$remote_cmd"

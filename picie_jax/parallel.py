@@ -10,13 +10,20 @@ from picie_jax.core.kmeans import DATA_AXIS
 
 
 def maybe_initialize_distributed():
-  """Joins a multi-process run when PICIE_COORDINATOR is set (TPU pods auto-detect via PICIE_DISTRIBUTED=1)."""
+  """Joins a multi-process run when PICIE_COORDINATOR is set, or with PICIE_DISTRIBUTED=1 lets
+  jax detect the cluster (TPU pods).
+
+  With PICIE_COORDINATOR, jax's cluster detection is off: under SLURM it would otherwise keep
+  only GPU SLURM_LOCALID (one process per node would drive one GPU). A process keeps every
+  device it sees, or those of JAX_LOCAL_DEVICE_IDS (launch/slurm.sh sets it per GPU).
+  """
   coordinator = os.environ.get("PICIE_COORDINATOR")
   if coordinator:
     jax.distributed.initialize(
         coordinator,
         num_processes=int(os.environ["PICIE_NUM_PROCESSES"]),
-        process_id=int(os.environ["PICIE_PROCESS_ID"]))
+        process_id=int(os.environ["PICIE_PROCESS_ID"]),
+        cluster_detection_method="deactivate")
   elif os.environ.get("PICIE_DISTRIBUTED") == "1":
     jax.distributed.initialize()
 

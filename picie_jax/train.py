@@ -348,9 +348,12 @@ def _train_and_evaluate(run, writer, ckpt):
   config, workdir = run.config, run.workdir
   state, targets, start_epoch, start_batch, meta = _resume_point(run, ckpt)
   if reporting.is_main_process():
-    with reporting.writing(os.path.join(workdir, "config.json")):
-      with open(os.path.join(workdir, "config.json"), "w") as f:
+    # Written whole, then renamed: the other processes of a resumed run read it meanwhile.
+    config_path = os.path.join(workdir, "config.json")
+    with reporting.writing(config_path):
+      with open(config_path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2))
+      os.replace(config_path + ".tmp", config_path)
   # The end-of-epoch checkpoint is saved before the epoch's evaluation: when that evaluation
   # did not finish (no metrics row), it is done now.
   unevaluated = (start_batch is None and "record" in meta

@@ -1,12 +1,14 @@
 """Data-parallel and multi-host runs against one device.
 
 The training loop on 4 devices of one process against 1 device (global BatchNorm statistics
-and sharded k-means make them agree up to float reduction order), and k-means on 2 processes x
-2 devices joined by jax.distributed against a 1-device run in this process. Each run is a
-subprocess so XLA_FLAGS and jax.distributed are set before jax starts.
+and sharded k-means make them agree up to float reduction order); the same epoch on 2
+processes x 2 devices joined by jax.distributed (gloo on loopback) against the 4-device run,
+killed and resumed; and k-means on 2 processes x 2 devices against a 1-device run in this
+process. Each run is a subprocess so XLA_FLAGS and jax.distributed are set before jax starts.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,12 +18,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
 from conftest import TINY_OVERRIDES
 from picie_jax.core import kmeans as km
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TIMEOUT_S = 180
+# Seconds a group of processes may run (a hung collective fails the test); raise it on a
+# loaded machine.
+_TIMEOUT_S = int(os.environ.get("PICIE_TEST_TIMEOUT_S", "180"))
 
 
 def _cpu_env(num_devices):
@@ -29,9 +35,11 @@ def _cpu_env(num_devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
 
 
-def _run_together(commands, log_dir):
+def _run_together(commands, log_dir, kill_when=None):
   """Runs the (argv, env) commands at once, logs in `log_dir`; kills them all as soon as one
-  fails or after _TIMEOUT_S, and raises with every process's log tail."""
+  fails or after _TIMEOUT_S, and raises with every process's log tail. With `kill_when`, SIGKILLs
+  the last process as soon as kill_when() is True, then the others (a dead peer leaves them
+  blocked in a collective until the heartbeat timeout), and returns."""
   procs, logs = [], []
 
   def report(what):
@@ -42,14 +50,18 @@ def _run_together(commands, log_dir):
   try:
     for i, (argv, env) in enumerate(commands):
       logs.append(log_dir / f"process{i}.log")
-      with open(logs[-1], "w") as log:
+      with open(logs[-1], "a") as log:
         procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT))
     deadline = time.monotonic() + _TIMEOUT_S
     while any(p.poll() is None for p in procs):
       assert all(p.poll() in (None, 0) for p in procs), report("a process failed")
       assert time.monotonic() < deadline, report(f"still running after {_TIMEOUT_S} s")
-      time.sleep(0.2)
+      if kill_when is not None and kill_when():
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait()
+        return
+      time.sleep(0.1)
     assert all(p.returncode == 0 for p in procs), report("a process failed")
   finally:
     for p in procs:
@@ -90,12 +102,22 @@ def _assert_scores_agree(four, one, where):
       np.testing.assert_allclose(four[key], expect, atol=0.5, err_msg=f"{where} {key}")
 
 
-def test_four_devices_train_like_one_device(tmp_path):
+_EPOCH_OVERRIDES = {**TINY_OVERRIDES, "num_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+  """One epoch in one process on 4 devices (workdir d4) and on 1 device (d1), run at once."""
+  out = tmp_path_factory.mktemp("one_process")
+  overrides = json.dumps(_EPOCH_OVERRIDES)
+  _run_together([([sys.executable, "-c", _TRAIN_SCRIPT, str(n), overrides, str(out / f"d{n}")],
+                  _cpu_env(n)) for n in (4, 1)], out)
+  return out
+
+
+def test_four_devices_train_like_one_device(one_process_runs):
   """One epoch of the real loop, batches sharded over 4 devices against 1 device."""
-  overrides = json.dumps({**TINY_OVERRIDES, "num_epochs": 1})
-  commands = [([sys.executable, "-c", _TRAIN_SCRIPT, str(n), overrides, str(tmp_path / f"d{n}")],
-               _cpu_env(n)) for n in (4, 1)]
-  _run_together(commands, tmp_path)
+  tmp_path = one_process_runs
   four, one = _records(tmp_path / "d4"), _records(tmp_path / "d1")
   assert [r["epoch"] for r in four] == [r["epoch"] for r in one] == [0]
   for key in ("kmeans_init_loss_view1", "kmeans_online_loss_view2", "train_loss_total", "miou"):
@@ -103,6 +125,78 @@ def test_four_devices_train_like_one_device(tmp_path):
   _assert_scores_agree(four[0], one[0], "metrics.jsonl")
   finals = [json.loads((tmp_path / d / "final.json").read_text())["fresh"] for d in ("d4", "d1")]
   _assert_scores_agree(*finals, "final.json fresh")
+
+
+def _final_centroids(workdir):
+  """Both views' centroids (V, K, C) from the newest checkpoint, read as numpy in this process."""
+  directory = workdir / "checkpoints"
+  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory / str(step) / "tree", args=ocp.args.PyTreeRestore(
+          item={"targets": {"centroids": 0}}, partial_restore=True,
+          restore_args={"targets": {"centroids": ocp.RestoreArgs(restore_type=np.ndarray)}}))
+  return restored["targets"]["centroids"]
+
+
+def _two_process_commands(workdir, cache_dir, port):
+  """The real CLI, twice, joined by PICIE_COORDINATOR; the XLA cache is shared across runs
+  (restarts then skip compilation, the same programs are compiled the same way)."""
+  argv = [sys.executable, "-m", "picie_jax.main", "train", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in _EPOCH_OVERRIDES.items())]
+  env = dict(_cpu_env(2), PICIE_COORDINATOR=f"127.0.0.1:{port}", PICIE_NUM_PROCESSES="2",
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return [(argv, dict(env, PICIE_PROCESS_ID=str(i))) for i in (0, 1)]
+
+
+
+
+def _without_speed(records):
+  return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in records]
+
+
+def test_two_processes_train_like_one_process_and_resume(one_process_runs, tmp_path):
+  """A whole epoch on 2 processes x 2 devices (cluster, label, train, eval, checkpoints written by
+  both processes, final evaluation) against the same epoch on 4 devices of one process; then a
+  second run where process 1 is SIGKILLed in the train phase and both are restarted with the
+  same command: it resumes there and ends exactly as the uninterrupted 2-process run.
+
+  Tolerances against one process are those of the 4-vs-1-device test (losses 1e-3 relative,
+  scores 0.5 points, centroids 1e-4): only the order of cross-process reductions differs (gloo
+  all-reduce of 2 partial sums instead of one in-process sum), which moves float32 sums by ~1e-7
+  but can flip a pixel's nearest centroid. The resumed run repeats the uninterrupted one's
+  process layout and reduction order, so it must match it exactly.
+  """
+  cache = tmp_path / "xla_cache"
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  whole_logs = tmp_path / "whole_logs"
+  whole_logs.mkdir()
+  _run_together(_two_process_commands(whole, cache, _free_port()), whole_logs)
+  reference = one_process_runs / "d4"
+  records = _records(whole)
+  assert [r["epoch"] for r in records] == [0]
+  _assert_scores_agree(records[0], _records(reference)[0], "2 processes metrics.jsonl")
+  finals = [json.loads((d / "final.json").read_text()) for d in (whole, reference)]
+  _assert_scores_agree(finals[0]["fresh"], finals[1]["fresh"], "2 processes final.json")
+  np.testing.assert_allclose(_final_centroids(whole), _final_centroids(reference), atol=1e-4)
+  assert (whole / "final_fresh_segmentation.png").exists()
+  assert len(list((whole / "checkpoints").glob("*/tree/ocdbt.process_1"))) == 2  # both write
+  assert "epoch 0 |" not in (whole_logs / "process1.log").read_text()  # process 0 reports
+
+  logs = tmp_path / "killed_logs"
+  logs.mkdir()
+  commands = _two_process_commands(killed, cache, _free_port())
+  # Save 2 is the first inside the train phase (after batch 1 of 3).
+  _run_together(commands, logs, kill_when=(killed / "checkpoints/2/commit_success.txt").exists)
+  assert not (killed / "metrics.jsonl").exists(), "the kill landed after the train phase"
+  _run_together(commands, logs)
+  log0 = (logs / "process0.log").read_text()
+  assert "resuming from" in log0 and "train batch" in log0, log0[-2000:]
+  assert _without_speed(_records(killed)) == _without_speed(_records(whole))
+  assert (json.loads((killed / "final.json").read_text())
+          == json.loads((whole / "final.json").read_text()))
+  np.testing.assert_array_equal(_final_centroids(killed), _final_centroids(whole))
 
 
 def kmeans_outputs(data, rows, whole, mesh):
