@@ -3,6 +3,7 @@
   python -m benchmarks.run                    # every row (about 30 min on 2 cores)
   python -m benchmarks.run --quick            # < 10 min on 2 cores: see --help for what it drops
   python -m benchmarks.run --only kmeans --tiny --out /tmp/k.json
+  python -m benchmarks.run --show /tmp/k.json   # the table of an earlier (or interrupted) run
 
 Prints a table and writes JSON with the machine, versions, thread settings, every raw timing
 (with the foreign CPU load of each round) and the projected COCO epoch. Row groups (--only
@@ -31,7 +32,7 @@ def parse_args(argv):
                  help="3 repeats instead of 5, k-means at 1 M points only (not 4 M), COCO "
                       "batch 4 instead of 8 for the train/cluster/label rows")
   p.add_argument("--tiny", action="store_true",
-                 help="smallest path, for the tests: 2 repeats, k-means 5,000 points, "
+                 help="smallest path, for the tests: 2 repeats, k-means 20,000 points, "
                       "pipeline 8 images, step rows at batch 2")
   p.add_argument("--only", default="", help="comma-separated row groups or prefixes")
   p.add_argument("--repeats", type=int, help="timed rounds per row (default 5; 3 --quick)")
@@ -65,13 +66,15 @@ def parse_args(argv):
                       "floor of one pass (reading the N x D float32 points once)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="benchmarks/results/results.json")
+  p.add_argument("--show", metavar="JSON",
+                 help="print the table of an earlier run's JSON (complete or interrupted)")
   args = p.parse_args(argv)
   args.repeats = args.repeats or (2 if args.tiny else 3 if args.quick else 5)
   if args.repeats < 1 or args.warmup < 1:
     p.error(f"--repeats={args.repeats} and --warmup={args.warmup} must be >= 1")
   args.max_foreign_cores = (None if args.max_foreign_load.lower() == "off"
                             else float(args.max_foreign_load))
-  sizes = args.kmeans_sizes or ("5000" if args.tiny else "1000000" if args.quick else
+  sizes = args.kmeans_sizes or ("20000" if args.tiny else "1000000" if args.quick else
                                 ",".join(map(str, FULL_KMEANS_SIZES)))
   args.kmeans_sizes = [int(s) for s in sizes.split(",")]
   args.coco_batch = args.coco_batch or (2 if args.tiny else 4 if args.quick else 8)
@@ -247,7 +250,7 @@ def print_table(results):
     parts = [f"{impl} {v:.6f} ({100 * (v / ref - 1):+.3f}%)" for impl, v in row["inertia"].items()]
     print(f"k-means N={int(n):,}: inertia (ours, float64) " + ", ".join(parts))
     print("  ms per pass: " + ", ".join(f"{impl} {1e3 * s:.2f}"
-                                        for impl, s in row["seconds_per_pass"].items())
+                                        for impl, s in row.get("seconds_per_pass", {}).items())
           + (f"; memory-bandwidth floor {1e3 * row['bandwidth_floor_s_per_pass']:.2f} ms "
              f"(points read once at {row['bandwidth_tbs']} TB/s)"
              if "bandwidth_floor_s_per_pass" in row else ""))
@@ -281,6 +284,10 @@ def print_table(results):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.show:
+    with open(args.show) as f:
+      print_table(json.load(f))
+    return
   threads = timing.pin_threads(args.threads)
   import jax  # pylint: disable=import-outside-toplevel
   threads["peers"] = timing.pin_peer_threads(args.threads)

@@ -1,4 +1,4 @@
-"""The benchmark harness's smallest path (k-means at 5,000 points) end to end, the epoch
+"""The benchmark harness's smallest path (k-means at 20,000 points) end to end, the epoch
 projection by hand, gpu.sh's commands, and the PyTorch peer's loss against picie_jax's."""
 import json
 import os
@@ -29,7 +29,7 @@ def test_tiny_kmeans_run_records_machine_timings_and_agreeing_inertias(tiny_kmea
   assert r["machine"]["cpu_model"] and r["machine"]["cores"] >= 1
   assert r["versions"]["jax"] and r["threads"]["threads"] == 1
   assert r["threads"]["OMP_NUM_THREADS"] == "1"
-  row = r["kmeans"]["5000"]
+  row = r["kmeans"]["20000"]
   present = set(row["inertia"])
   # A peer that is not installed is reported, not silently dropped.
   assert present | set(row["skipped"]) == {"picie_jax", "scikit-learn", "faiss-cpu"}
@@ -42,7 +42,7 @@ def test_tiny_kmeans_run_records_machine_timings_and_agreeing_inertias(tiny_kmea
     stats = row["timing"]["fns"][impl]
     assert stats["n"] == 2 and stats["min_s"] <= stats["median_s"] <= stats["max_s"]
     assert row["peak_memory"][impl]["peak_rss_bytes"] > row["points_bytes"]
-    assert f"kmeans_5000/{impl}" in r["rows"]
+    assert f"kmeans_20000/{impl}" in r["rows"]
   assert all(len(x["seconds"]) == len(present) and x["foreign_cores"] >= 0
              for x in row["timing"]["rounds"])
 
