@@ -86,7 +86,7 @@ def parse_args(argv):
   return args
 
 
-def step_results(args, shape, groups, results):
+def step_results(args, shape, groups, results, save):
   """Times the step groups of one shape ('coco' or 'demo') into results['rows']."""
   from benchmarks import step_rows  # pylint: disable=import-outside-toplevel
   overrides = list(args.override)
@@ -99,6 +99,7 @@ def step_results(args, shape, groups, results):
   except step_rows.MissingField as e:
     for g in groups:
       results["skipped"][g] = str(e)
+    save()
     return
   jax_steps = step_rows.JaxSteps(config, args.seed)
   peers = {}
@@ -123,8 +124,9 @@ def step_results(args, shape, groups, results):
     if phase == "train" and args.flops:
       results["flops"][shape] = train_step_flops(jax_steps, args.peak_tflops,
                                                  results["rows"][f"{shape}/picie_jax/train_step"])
-  results["configs"][shape] = {"module": step_rows.SHAPES[shape]["config"],
-                               "overrides": overrides, "config": config.to_dict()}
+    results["configs"][shape] = {"module": step_rows.SHAPES[shape]["config"],
+                                 "overrides": overrides, "config": config.to_dict()}
+    save()
 
 
 def train_step_flops(jax_steps, peak_tflops, row):
@@ -144,7 +146,7 @@ def train_step_flops(jax_steps, peak_tflops, row):
   return out
 
 
-def kmeans_results(args, results):
+def kmeans_results(args, results, save):
   from benchmarks import kmeans_rows  # pylint: disable=import-outside-toplevel
   impls = ("picie_jax",) if args.no_peers else kmeans_rows.IMPLEMENTATIONS
   for n in args.kmeans_sizes:
@@ -164,9 +166,10 @@ def kmeans_results(args, results):
       results["rows"][f"kmeans_{n}/{impl}"] = {**stats, "batch_size": n, "side": 128,
                                                "group": "kmeans",
                                                "contaminated": row["timing"]["contaminated"]}
+    save()
 
 
-def pipeline_results(args, results):
+def pipeline_results(args, results, save):
   from benchmarks import pipeline_rows  # pylint: disable=import-outside-toplevel
   from benchmarks import step_rows  # pylint: disable=import-outside-toplevel
   print("timing pipeline ...", flush=True)
@@ -178,6 +181,7 @@ def pipeline_results(args, results):
   results["rows"]["pipeline/picie_jax/input_pipeline"] = {
       **stats, "batch_size": row["images"], "side": row["res2"], "group": "pipeline",
       "contaminated": row["timing"]["contaminated"], "images_per_s": row["images_per_s"]}
+  save()
 
 
 def ratios(rows):
@@ -310,8 +314,8 @@ def main(argv=None):
     measurements.append(("kmeans", functools.partial(kmeans_results, args)))
   if "pipeline" in args.groups:
     measurements.append(("pipeline", functools.partial(pipeline_results, args)))
-  for _, measure in measurements:
-    measure(results)
+  def save():
+    """Derived numbers and the JSON, after every group: an interrupted run keeps its rows."""
     results["ratios"] = ratios(results["rows"])
     coco_rows = {name.split("/", 1)[1]: r for name, r in results["rows"].items()
                  if name.startswith("coco/")}
@@ -319,8 +323,11 @@ def main(argv=None):
     if "pipeline" in results:
       results["projection"]["input_minutes"] = projection.input_minutes(
           results["pipeline"]["images_per_s"])
-    with open(args.out, "w") as f:  # after every group, so an interrupted run keeps its rows
+    with open(args.out, "w") as f:
       json.dump(results, f, indent=1, default=str)
+
+  for _, measure in measurements:
+    measure(results, save)
   print_table(results)
   print(f"wrote {args.out}")
 
