@@ -1,7 +1,7 @@
 """The benchmark harness: picie_jax against PyTorch, scikit-learn and faiss-cpu, one command.
 
-  python -m benchmarks.run                    # every row (about 30 min on 2 cores)
-  python -m benchmarks.run --quick            # < 10 min on 2 cores: see --help for what it drops
+  python -m benchmarks.run                    # every row: 5 repeats, k-means at 1 M and 4 M
+  python -m benchmarks.run --quick            # sized for < 10 min on 2 quiet cores (see --help)
   python -m benchmarks.run --only kmeans --tiny --out /tmp/k.json
   python -m benchmarks.run --show /tmp/k.json   # the table of an earlier (or interrupted) run
 

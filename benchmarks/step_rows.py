@@ -32,7 +32,7 @@ SHAPES = {
 
 def parse_override(config, item):
   """'a.b=v' -> ('a.b', v converted to the type of config.a.b); a missing field is an error
-  that names it (timing.MissingField, so a row can be skipped with the reason)."""
+  that names it (MissingField, so its rows are skipped with the reason)."""
   key, sep, text = item.partition("=")
   if not sep:
     raise SystemExit(f"--override {item!r}: expected key=value")
