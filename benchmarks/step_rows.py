@@ -1,0 +1,242 @@
+"""Per-batch rows of picie_jax's phases (train step and its parts, cluster, label, inference)
+for a config, each timed interleaved with its PyTorch peer where there is one.
+
+The config's dataset is swapped for 4 tiny synthetic images (no step reads it), so recipes
+like COCO run without their files; batches are random uint8 images at the phase's size and
+targets random unit centroids, as the steps' cost does not depend on the values.
+"""
+import ast
+import importlib
+
+import jax
+import numpy as np
+import optax
+
+from benchmarks import timing
+from picie_jax import config_check
+from picie_jax import parallel
+from picie_jax import steps
+from picie_jax import train
+from picie_jax.core import kmeans
+from picie_jax.core import losses
+
+# Where these shapes come from: the COCO recipe (configs/coco_stuff27.py) at CPU batch sizes,
+# and the demo (configs/synthetic.py) as it runs.
+SHAPES = {
+    "coco": {"config": "configs.coco_stuff27",
+             "overrides": {"train.batch_size": 8, "kmeans.batch_size": 8,
+                           "eval.batch_size": 16}},
+    "demo": {"config": "configs.synthetic", "overrides": {}},
+}
+
+
+def parse_override(config, item):
+  """'a.b=v' -> ('a.b', v converted to the type of config.a.b); a missing field is an error
+  that names it (MissingField, so its rows are skipped with the reason)."""
+  key, sep, text = item.partition("=")
+  if not sep:
+    raise SystemExit(f"--override {item!r}: expected key=value")
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise MissingField(f"--override {item!r}: this checkout's config has no field {key!r}")
+    node = node[part]
+  if isinstance(node, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise SystemExit(f"--override {item!r}: {key} is a bool, give true or false")
+    return key, text.lower() in ("true", "1")
+  if isinstance(node, (tuple, list)):
+    return key, type(node)(ast.literal_eval(text))
+  return key, type(node)(text)
+
+
+class MissingField(Exception):
+  """An --override names a config field this checkout does not have."""
+
+
+def load_config(shape, overrides=()):
+  """The shape's config with its overrides, then the user's `key=value` overrides."""
+  config = importlib.import_module(SHAPES[shape]["config"]).get_config()
+  config.update_from_flattened_dict(SHAPES[shape]["overrides"])
+  config.update_from_flattened_dict(dict(parse_override(config, o) for o in overrides))
+  config.progress = False
+  config_check.validate(config)
+  return config
+
+
+def without_dataset(config):
+  """A copy of `config` whose data sources are 4 synthetic 16-px images (cheap to build)."""
+  config = config.copy_and_resolve_references()
+  config.dataset.update({"name": "synthetic", "num_train": 4, "num_val": 4,
+                         "synthetic_size": 16})
+  return config
+
+
+def random_batch(run, rng, batch_size, side, num_labels=0):
+  """A sharded batch of random uint8 images (B, side, side, 3) with index and mask, and
+  int32 labels in [0, num_labels) when num_labels > 0."""
+  batch = {"image": rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8),
+           "index": np.arange(batch_size, dtype=np.int32),
+           "mask": np.ones(batch_size, bool)}
+  if num_labels:
+    batch["label"] = rng.integers(0, num_labels, (batch_size, side, side), dtype=np.int32)
+  return run.shard(batch)
+
+
+def random_targets(run, targets, rng):
+  """`targets` with random unit-norm centroids of the same (V, K, C) shape."""
+  centroids = kmeans.normalize_features(
+      rng.standard_normal(targets.centroids.shape).astype(np.float32))
+  return targets.replace(centroids=parallel.replicate(centroids, run.mesh))
+
+
+def loss_grads(model, state, targets, batch, labels, epoch, key, method):
+  """The part of steps.train_step between labels and optimizer, for PiCIE (2 views,
+  centroid classifier): both views' augmentation and features, the loss, its gradients."""
+
+  def loss_fn(params):
+    feats, batch_stats = steps.view_features(
+        model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        batch["index"], epoch, key, method, train=True)
+    z = [steps.with_bias_column(f) for f in feats]
+    w = [steps.classifier_from_centroids(c, method.metric) for c in targets.centroids]
+    out = losses.picie_loss(z[0], z[1], labels[0], labels[1], w[0], w[1], targets.weights[0],
+                            targets.weights[1], batch["mask"], use_cross=method.use_cross)
+    return out["total"], batch_stats
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
+def adam_update(tx, params, opt_state, grads):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+class JaxSteps:
+  """picie_jax's per-batch functions for one config, with random batches and targets."""
+
+  def __init__(self, config, seed=0):
+    self.config = config
+    self.run = run = train.Run(without_dataset(config), workdir="")
+    rng = np.random.default_rng(seed)
+    self.state, targets = train.initial_state(run, pretrained=False)
+    self.targets = random_targets(run, targets, rng)
+    self.classifier = parallel.replicate(steps.classifier_from_centroids(
+        self.targets.centroids[0], config.kmeans.metric), run.mesh)
+    self.num_true = config.eval.k_test  # the recipes' k_test is their number of true classes
+    self.sizes = {"train": (config.train.batch_size, config.res2),
+                  "cluster": (config.kmeans.batch_size, config.res2),
+                  "eval": (config.eval.batch_size, config.eval.res)}
+    self.batches = {name: random_batch(run, rng, b, side, self.num_true if name == "eval" else 0)
+                    for name, (b, side) in self.sizes.items()}
+    self.kmeans_state = kmeans.MiniBatchState(self.targets.centroids[0],
+                                              jax.numpy.ones(run.k, jax.numpy.float32))
+    self._views = jax.jit(steps.view_images, static_argnames="method")
+    self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "method"))
+    self._loss_grads = jax.jit(loss_grads, static_argnames=("model", "method"))
+    self._adam = jax.jit(adam_update, static_argnames="tx")
+    # Set by label_recompute and views_forward_backward (called in that order, after a first
+    # train_step): computed from the initial state they would compile once more for nothing.
+    self.labels = self.grads = None
+
+  def train_step(self):
+    r = self.run
+    self.state, out = steps.train_step(r.model, self.state, self.targets, self.batches["train"],
+                                       0, r.augment_key, method=r.method, tx=r.tx)
+    return out
+
+  def views(self):
+    b = self.batches["train"]
+    return self._views(b["image"], b["index"], 0, self.run.augment_key, self.run.method)
+
+  def label_recompute(self):
+    r = self.run
+    self.labels = self._labels(r.model, self.targets, self.batches["train"], 0, r.augment_key,
+                               r.method)
+    return self.labels
+
+  def views_forward_backward(self):
+    r = self.run
+    out = self._loss_grads(r.model, self.state, self.targets, self.batches["train"],
+                           self.labels, 0, r.augment_key, r.method)
+    self.grads = out[1]
+    return out
+
+  def optimizer(self):
+    return self._adam(self.run.tx, self.state.params, self.state.opt_state, self.grads)
+
+  def cluster_step(self):
+    """One batch of one view's cluster pass: train-mode features, one mini-batch update."""
+    r = self.run
+    points, mask, _ = steps.cluster_features(r.model, self.targets.frozen,
+                                             self.batches["cluster"], 0, r.augment_key,
+                                             method=r.method, view=0)
+    return kmeans.minibatch_update(self.kmeans_state, points, mask, mesh=r.mesh,
+                                   chunk_size=self.config.kmeans.chunk_size)
+
+  def label_step(self):
+    r = self.run
+    return steps.label_counts(r.model, self.targets, self.batches["cluster"], 0, r.augment_key,
+                              method=r.method, k=r.k)
+
+  def eval_step(self):
+    r = self.run
+    return steps.eval_step(r.model, self.targets.frozen, self.classifier, self.batches["eval"],
+                           method=r.method, num_true=self.num_true)
+
+
+def torch_peers(config, seed=0):
+  """{'nchw': PiCIEPeer, 'channels_last': PiCIEPeer} for a ResNet-18 config, with inputs;
+  raises timing.MissingPeer without torch and ValueError for a backbone the peer lacks."""
+  torch = timing.require("torch", "the PyTorch peer")
+  from benchmarks import torch_picie  # pylint: disable=import-outside-toplevel
+  if config.model.backbone != "resnet18" or config.model.width != 64:
+    raise ValueError(f"the PyTorch peer is the ResNet-18 FPN; this config has "
+                     f"model.backbone={config.model.backbone!r} width {config.model.width}")
+  gen = torch.Generator().manual_seed(seed)
+  res1, stride = config.res1, steps.FEATURE_STRIDE
+  k = config.kmeans.k_train
+
+  def images(b, side):
+    return torch.rand(b, 3, side, side, generator=gen)
+
+  def labels(b):
+    return torch.randint(0, k, (b, res1 // stride, res1 // stride), generator=gen)
+
+  peers = {}
+  for layout in ("nchw", "channels_last"):
+    peer = torch_picie.PiCIEPeer(k, config.model.fpn_channels, config.train.lr,
+                                 channels_last=layout == "channels_last", seed=seed)
+    bt, bc, be = (config.train.batch_size, config.kmeans.batch_size, config.eval.batch_size)
+    peer.inputs = {"train": [peer.images(images(bt, res1)) for _ in range(2)] + [labels(bt),
+                                                                                  labels(bt)],
+                   "cluster": [peer.images(images(bc, res1)) for _ in range(2)],
+                   "eval": peer.images(images(be, res1))}
+    peers[layout] = peer
+  return peers
+
+
+def step_groups(jax_steps, peers):
+  """{group: {name: fn}}: the functions timed together (interleaved) in each group."""
+  j = jax_steps
+  groups = {
+      "train": {"picie_jax/train_step": j.train_step,
+                "picie_jax/views": j.views,
+                "picie_jax/label_recompute": j.label_recompute,
+                "picie_jax/views_forward_backward": j.views_forward_backward,
+                "picie_jax/optimizer": j.optimizer},
+      "cluster": {"picie_jax/cluster_step_one_view": j.cluster_step},
+      "label": {"picie_jax/label_step": j.label_step},
+      "eval": {"picie_jax/eval_step": j.eval_step},
+  }
+  eval_hw = (j.config.eval.res, j.config.eval.res)
+  for layout, p in peers.items():
+    t, c = p.inputs["train"], p.inputs["cluster"]
+    groups["train"][f"torch_{layout}/train_step"] = lambda p=p, t=t: p.train_step(*t)
+    groups["train"][f"torch_{layout}/train_labels"] = lambda p=p, t=t: p.label_step(t[0],
+                                                                                     t[1])
+    groups["cluster"][f"torch_{layout}/cluster_step"] = lambda p=p, c=c: p.cluster_step(*c)
+    groups["label"][f"torch_{layout}/label_step"] = lambda p=p, c=c: p.label_step(*c)
+    groups["eval"][f"torch_{layout}/eval_step"] = lambda p=p: p.eval_step(p.inputs["eval"],
+                                                                          eval_hw)
+  return groups
