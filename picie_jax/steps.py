@@ -30,6 +30,7 @@ class Method(NamedTuple):
   metric: str  # 'cosine' or 'l2'
   balance: bool
   res1: int
+  cached_labels: bool  # train_step takes the labels from batch['labels'] (the label cache)
   photometric: T.PhotometricConfig
   geometric: T.GeometricConfig
 
@@ -44,6 +45,7 @@ def method_from_config(config):
       metric=config.kmeans.metric,
       balance=config.train.balance,
       res1=config.res1,
+      cached_labels=config.train.labels == "cached",
       photometric=T.PhotometricConfig(
           brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
           jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
@@ -220,14 +222,21 @@ def labels_for_batch(model, targets, batch, epoch, key, method):
   return labels
 
 
+def label_dtype(k):
+  """The smallest integer dtype holding cluster indices 0..k-1 (the label cache's dtype)."""
+  return jnp.uint8 if k <= 256 else jnp.int16 if k <= 32768 else jnp.int32
+
+
 @functools.partial(jax.jit, static_argnames=("model", "method", "k"))
 def label_counts(model, targets, batch, epoch, key, *, method, k):
-  """(V, K) label counts of one batch (padded images excluded), for the balance weights."""
+  """The label pass of one batch: (V, K) label counts (padded images excluded), for the
+  balance weights, and the labels (B, V, h, w) in label_dtype(k), for the label cache."""
   labels = labels_for_batch(model, targets, batch, epoch, key, method)
   valid = batch["mask"][:, None, None]
-  return jnp.stack([
+  counts = jnp.stack([
       jnp.zeros(k, jnp.int32).at[y.reshape(-1)].add(
           jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32)) for y in labels])
+  return counts, jnp.stack(labels, axis=1).astype(label_dtype(k))
 
 
 def make_optimizer(lr, weight_decay):
@@ -241,9 +250,14 @@ def make_optimizer(lr, weight_decay):
 def train_step(model, state, targets, batch, epoch, key, *, method, tx):
   """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
 
+  The labels come from the label cache (batch['labels'] (B, V, h, w)) when
+  method.cached_labels, else they are recomputed here by the label pass's own function.
   Returns (new state, {'total', 'within', 'cross'} losses).
   """
-  labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
+  if method.cached_labels:
+    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(method.num_views)]
+  else:
+    labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
 
   def loss_fn(params, classifier):
     feats, batch_stats = view_features(

@@ -56,7 +56,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(tiny_config):
   run = train.Run(tiny_config, "/tmp/unused")
   state, _ = train.initial_state(run)
   state, centroids, _ = train.cluster_phase(run, state, epoch=0)
-  targets, counts = train.label_phase(run, state, centroids, epoch=0)
+  targets, counts, cache = train.label_phase(run, state, centroids, epoch=0)
   expect = np.zeros_like(counts)
   for host_batch in pipeline.pass_batches(run.train_source, 16, tiny_config.res2):
     (v1, v2), geo = steps.view_images(jnp.asarray(host_batch["image"]),
@@ -72,6 +72,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(tiny_config):
       mu = np.asarray(centroids[view], np.float64)
       labels = np.argmin(((z[..., None, :] - mu) ** 2).sum(-1), axis=-1)
       labels = labels[host_batch["mask"]]
+      np.testing.assert_array_equal(cache[host_batch["index"][host_batch["mask"]], view], labels)
       expect[view] += np.bincount(labels.ravel(), minlength=run.k)
   np.testing.assert_array_equal(counts, expect)
   np.testing.assert_allclose(targets.weights, expect / expect.sum(1, keepdims=True), rtol=1e-6)
