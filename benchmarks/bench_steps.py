@@ -3,9 +3,9 @@
 For each phase one random batch of the size the run would use is built, sharded with
 `Run.shard`, and timed (median over --repeats interleaved rounds, after a first call that
 traces and compiles):
-  cluster_features  one view's train-mode features (kmeans.batch_size images at res2)
+  cluster_features  both views' train-mode features, one pass (kmeans.batch_size at res2)
   label_counts      the label phase's counting pass (kmeans.batch_size images at res2)
-  train_step        labels + two views fwd/bwd + Adam (train.batch_size images at res2)
+  train_step        two views fwd/bwd + Adam, labels per train.labels (train.batch_size at res2)
   eval_step         prediction + confusion histogram (eval.batch_size images at eval.res)
 Targets are `train.initial_state`'s with random unit centroids. The config's dataset is
 replaced by a few tiny synthetic images: no step reads it, so any recipe runs without its files.
@@ -125,6 +125,9 @@ def main():
            "eval_step": (config.eval.batch_size, config.eval.res)}
   batches = {name: random_batch(run, rng, b, side, num_true if name == "eval_step" else 0)
              for name, (b, side) in sizes.items()}
+  if method.cached_labels:  # train.labels='cached': the label cache's rows come with the batch
+    _, batches["train_step"]["labels"] = steps.label_counts(
+        run.model, targets, batches["train_step"], 0, run.augment_key, method=method, k=run.k)
   epoch, key, method = 0, run.augment_key, run.method
 
   def train_once():
@@ -135,7 +138,8 @@ def main():
 
   fns = {
       "cluster_features": lambda: steps.cluster_features(
-          run.model, frozen, batches["cluster_features"], epoch, key, method=method, view=0),
+          run.model, frozen["params"], [frozen["batch_stats"]] * run.num_views,
+          batches["cluster_features"], epoch, key, method=method),
       "label_counts": lambda: steps.label_counts(
           run.model, targets, batches["label_counts"], epoch, key, method=method, k=run.k),
       "train_step": train_once,

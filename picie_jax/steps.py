@@ -150,23 +150,27 @@ def _in_metric_space(z, method):
   return kmeans.normalize_features(z) if method.metric == "cosine" else z
 
 
-def view_features(model, variables, images_uint8, indices, epoch, key, method, train,
-                  views=None):
+def _one_view_features(model, params, batch_stats, images_by_view, geo, view, method, train):
+  """View `view`'s features in view 1's frame (G after f for view 2), in the metric's space."""
+  z, batch_stats = _raw_features(model, {"params": params, "batch_stats": batch_stats},
+                                 images_by_view[view], method, train)
+  if view == 1:
+    z = T.apply_geometric(z, geo, z.shape[1])
+  return _in_metric_space(z, method), batch_stats
+
+
+def view_features(model, variables, images_uint8, indices, epoch, key, method, train):
   """Each view's features in the common frame of view 1, normalised for the cosine metric.
 
-  `views` selects which views to compute (default all). Returns ([z_v (B, h, w, C) per
-  selected view], batch_stats after the passes).
+  Returns ([z_v (B, h, w, C) per view], batch_stats after the passes, view 1's first).
   """
   images_by_view, geo = view_images(images_uint8, indices, epoch, key, method)
   batch_stats = variables.get("batch_stats")
   feats = []
-  for view in (range(method.num_views) if views is None else views):
-    z, batch_stats = _raw_features(
-        model, {"params": variables.get("params"), "batch_stats": batch_stats},
-        images_by_view[view], method, train)
-    if view == 1:
-      z = T.apply_geometric(z, geo, z.shape[1])
-    feats.append(_in_metric_space(z, method))
+  for view in range(method.num_views):
+    z, batch_stats = _one_view_features(model, variables.get("params"), batch_stats,
+                                        images_by_view, geo, view, method, train)
+    feats.append(z)
   return feats, batch_stats
 
 
@@ -186,17 +190,24 @@ def flatten_with_mask(z_bhwc, mask_b):
   return z_bhwc.reshape(b * h * w, c), jnp.repeat(mask_b, h * w)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "view", "train"))
-def cluster_features(model, variables, batch, epoch, key, *, method, view, train=True):
-  """Cluster phase: the flattened features of one view (BN in batch-stats mode by default).
+@functools.partial(jax.jit, static_argnames=("model", "method", "train"))
+def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, method,
+                     train=True):
+  """Cluster phase: every view's flattened features from one read of the batch (BN in
+  batch-stats mode by default, as the reference runs these passes under model.train()).
 
-  Returns (points (N, C), mask (N,), batch_stats): the reference runs these passes under
-  model.train(), so the running averages move too.
+  View v's BN running averages move along its own chain `batch_stats_by_view[v]` (train.py
+  combines the chains into the reference's two-pass result). Returns ([(points (N, C),
+  mask (N,)) per view], [batch_stats per view]).
   """
-  feats, batch_stats = view_features(model, variables, batch["image"], batch["index"], epoch,
-                                     key, method, train, views=(view,))
-  points, mask = flatten_with_mask(feats[0], batch["mask"])
-  return points, mask, batch_stats
+  images_by_view, geo = view_images(batch["image"], batch["index"], epoch, key, method)
+  points, chains = [], []
+  for view in range(method.num_views):
+    z, batch_stats = _one_view_features(model, params, batch_stats_by_view[view],
+                                        images_by_view, geo, view, method, train)
+    points.append(flatten_with_mask(z, batch["mask"]))
+    chains.append(batch_stats)
+  return points, chains
 
 
 @functools.partial(jax.jit, static_argnames=("model", "method"))

@@ -28,6 +28,7 @@ from picie_jax.core import losses
 from picie_jax.data import datasets
 from picie_jax.data import pipeline
 from picie_jax.models import fpn
+from picie_jax.models import layers
 
 MATCHING_FILE = "matching.json"
 
@@ -100,33 +101,61 @@ def initial_state(run, pretrained=True):
 
 
 def cluster_phase(run, state, epoch):
-  """Mini-batch k-means per view on train-mode features; returns (state, centroids, stats)."""
+  """Mini-batch k-means of every view from one pass of train-mode features; returns
+  (state, centroids (V, K, C), stats).
+
+  The reference runs one pass per view under model.train(), so the BN running averages move
+  through view 1's batches, then view 2's. Train-mode features do not depend on the running
+  averages, and these follow r <- m r + (1 - m) s per pass; so one pass carries a chain per
+  view (view 1's from the current averages, the others' from zeros) and combines them as
+  r = m^N r_view1 + r_view2 (N batches): the two-pass result, in one read of the data.
+  """
   cfg = run.config
-  batch_stats = state.batch_stats
-  centroids, stats = [], {}
-  for view in range(run.num_views):
-    bar = run.progress(f"epoch {epoch} cluster view {view + 1}",
-                       run.train_source.num_examples, cfg.kmeans.batch_size)
+  num_batches = pipeline.num_batches(run.train_source.num_examples, cfg.kmeans.batch_size)
+  side = cfg.res1 // steps.FEATURE_STRIDE
+  clustering.check_init_buffer(
+      cfg, num_views=run.num_views, points_per_image=side * side,
+      channels=3 if run.method.pixels else cfg.model.fpn_channels, say=reporting.say)
+  chains = [state.batch_stats] + [jax.tree.map(jnp.zeros_like, state.batch_stats)
+                                  for _ in range(run.num_views - 1)]
+  kmeans_key = jax.random.fold_in(run.keys[_KMEANS_STREAM], epoch)
+  bar = run.progress(f"epoch {epoch} cluster", run.train_source.num_examples,
+                     cfg.kmeans.batch_size)
 
-    def features_fn(host_batch, view=view):
-      nonlocal batch_stats
-      points, mask, batch_stats = steps.cluster_features(
-          run.model, {"params": state.params, "batch_stats": batch_stats},
-          run.shard(host_batch), epoch, run.augment_key, method=run.method, view=view)
-      return points, mask
+  def features_fn(batch, for_init):
+    nonlocal chains
+    views, chains = steps.cluster_features(run.model, state.params, chains, batch, epoch,
+                                           run.augment_key, method=run.method)
+    if for_init and cfg.kmeans.init_pixels_per_image:
+      views = [clustering.sample_pixels(points, mask, batch["index"], kmeans_key,
+                                        cfg.kmeans.init_pixels_per_image)
+               for points, mask in views]
+    return views
 
-    mu, view_stats = clustering.minibatch_kmeans(
-        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
-        features_fn, k=run.k, num_init_batches=cfg.kmeans.num_init_batches,
-        iters=cfg.kmeans.iters, init=cfg.kmeans.init,
-        key=jax.random.fold_in(jax.random.fold_in(run.keys[_KMEANS_STREAM], epoch), view),
-        mesh=run.mesh, chunk_size=cfg.kmeans.chunk_size, progress=bar)
-    bar.close()
-    centroids.append(mu)
-    stats.update({f"kmeans_init_loss_view{view + 1}": view_stats["init_loss"],
-                  f"kmeans_online_loss_view{view + 1}": view_stats["online_loss"]})
-  state = state.replace(batch_stats=batch_stats)
-  return state, jnp.stack(centroids), stats
+  centroids, view_stats = clustering.minibatch_kmeans(
+      parallel.prefetch_to_device(
+          pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
+          run.mesh),
+      features_fn, k=run.k, num_init_batches=cfg.kmeans.num_init_batches,
+      iters=cfg.kmeans.iters, init=cfg.kmeans.init,
+      keys=[jax.random.fold_in(kmeans_key, view) for view in range(run.num_views)],
+      mesh=run.mesh, chunk_size=cfg.kmeans.chunk_size, buffer_dtype=cfg.kmeans.buffer_dtype,
+      progress=bar)
+  bar.close()
+  batch_stats = chains[0]
+  if not run.method.pixels:
+    decays = layers.running_average_decays(
+        run.model, {"params": state.params, "batch_stats": batch_stats},
+        jnp.zeros((1, cfg.res1, cfg.res1, 3)))
+    for chain in chains[1:]:
+      batch_stats = jax.tree.map(lambda m, first, then: m ** num_batches * first + then,
+                                 decays, batch_stats, chain)
+  stats = {"kmeans_init_buffer_bytes_per_device":
+           sum(s["init_buffer_bytes"] for s in view_stats) // jax.device_count()}
+  for view, s in enumerate(view_stats):
+    stats.update({f"kmeans_init_loss_view{view + 1}": s["init_loss"],
+                  f"kmeans_online_loss_view{view + 1}": s["online_loss"]})
+  return state.replace(batch_stats=batch_stats), centroids, stats
 
 
 def label_pass(run, targets, epoch):
