@@ -12,7 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from picie_jax import parallel
 from picie_jax.core import kmeans
@@ -80,16 +80,18 @@ def sample_pixels(points_nd, mask_n, indices_b, key, per_image):
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _fill(buffer_nd, buffer_mask_n, points_nd, mask_n, batch_number):
-  """Writes one batch's rows into the preallocated buffer, in place (the buffer is donated)."""
-  start = batch_number * points_nd.shape[0]
-  return (lax.dynamic_update_slice_in_dim(buffer_nd, points_nd.astype(buffer_nd.dtype), start, 0),
-          lax.dynamic_update_slice_in_dim(buffer_mask_n, mask_n, start, 0))
+def _fill(buffer_bnd, buffer_mask_bn, points_nd, mask_n, batch_number):
+  """Writes one batch's rows into slot `batch_number` of the buffer, in place (donated); the
+  buffer is sharded along its rows as the batch is, so every device writes its own rows."""
+  return (buffer_bnd.at[batch_number].set(points_nd.astype(buffer_bnd.dtype)),
+          buffer_mask_bn.at[batch_number].set(mask_n))
 
 
-def _empty_buffer(rows, channels, dtype, mesh):
-  sharding = parallel.batch_sharded(mesh)
-  return jax.jit(lambda: (jnp.zeros((rows, channels), dtype), jnp.zeros((rows,), bool)),
+def _empty_buffer(num_batches, rows, channels, dtype, mesh):
+  """Zero (num_batches, rows, channels) points and a False mask, sharded along the rows."""
+  sharding = NamedSharding(mesh, P(None, kmeans.DATA_AXIS))
+  return jax.jit(lambda: (jnp.zeros((num_batches, rows, channels), dtype),
+                          jnp.zeros((num_batches, rows), bool)),
                  out_shardings=(sharding, sharding))()
 
 
@@ -113,7 +115,7 @@ def minibatch_kmeans(batches, features_fn, *, k, num_init_batches, iters, init, 
     views = features_fn(batch, states is None)
     if states is None:
       if buffers is None:
-        buffers = [_empty_buffer(num_init_batches * p.shape[0], p.shape[1],
+        buffers = [_empty_buffer(num_init_batches, p.shape[0], p.shape[1],
                                  BUFFER_DTYPES[buffer_dtype], mesh) for p, _ in views]
       buffers = [_fill(*buf, p, m, filled) for buf, (p, m) in zip(buffers, views)]
       filled += 1
@@ -145,9 +147,8 @@ def _initialise_all(buffers, filled, *, num_init_batches, k, iters, init, keys, 
   states, stats = [], []
   for (points, mask), key in zip(buffers, keys):
     nbytes = points.nbytes + mask.nbytes
-    if filled < num_init_batches:  # a short pass: the unfilled rows are left out
-      rows = points.shape[0] // num_init_batches * filled
-      points, mask = points[:rows], mask[:rows]
+    if filled < num_init_batches:  # a short pass: the unfilled slots are left out
+      points, mask = points[:filled], mask[:filled]
     state, init_loss = _initialise(points, mask, k, iters, init, key, mesh, chunk_size)
     states.append(state)
     stats.append({"init_loss": init_loss, "init_buffer_bytes": nbytes})
@@ -159,8 +160,12 @@ def _initialise(points, mask, k, iters, init, key, mesh, chunk_size):
   if num_valid < k:
     raise ValueError(f"k-means init has {num_valid} valid points for k={k} clusters: "
                      "raise kmeans.num_init_batches or lower the number of clusters")
-  result = kmeans.lloyd(points, mask, kmeans.init_centroids(key, points, mask, k, method=init),
-                        iters, mesh=mesh, chunk_size=chunk_size)
+  if init == "random":
+    init_kd = kmeans.random_init_from_batches(key, points, mask, k, mesh=mesh)
+  else:  # kmeans++ reads every row: it sees the batches concatenated (resharded on a mesh)
+    init_kd = kmeans.init_centroids(key, points.reshape(-1, points.shape[-1]), mask.reshape(-1),
+                                    k, method=init)
+  result = kmeans.lloyd(points, mask, init_kd, iters, mesh=mesh, chunk_size=chunk_size)
   state = kmeans.MiniBatchState(centroids=result.centroids,
                                 running_counts=result.counts.astype(jnp.float32))
   return state, float(np.asarray(result.loss))

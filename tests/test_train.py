@@ -151,6 +151,37 @@ def test_cached_labels_train_as_recomputed_labels(phases):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_init_buffer_too_large_fails_before_the_first_batch(phases, monkeypatch):
+  run, start, _, _ = phases
+  monkeypatch.setattr(clustering, "device_memory_bytes", lambda: (10_000, "test limit"))
+  monkeypatch.setattr(steps, "cluster_features", lambda *a, **k: pytest.fail("a batch was read"))
+  with pytest.raises(MemoryError) as e:
+    train.cluster_phase(run, start, epoch=0)
+  for field in ("config.kmeans.init_pixels_per_image", "config.kmeans.buffer_dtype",
+                "config.kmeans.num_init_batches", "config.kmeans.batch_size"):
+    assert field in str(e.value)
+
+
+def test_sample_pixels_keeps_a_fixed_subset_per_image():
+  """Each image keeps `per_image` distinct rows of its own, drawn from its index alone."""
+  hw, channels = 12, 2
+  indices = jnp.array([7, 3, 9])
+  image_of_row = jnp.repeat(indices, hw)
+  points = jnp.stack([image_of_row, jnp.tile(jnp.arange(hw), 3)], axis=1).astype(jnp.float32)
+  mask = jnp.repeat(jnp.array([True, True, False]), hw)
+  key = jax.random.PRNGKey(5)
+  sampled, sampled_mask = clustering.sample_pixels(points, mask, indices, key, 4)
+  assert sampled.shape == (3 * 4, channels)
+  np.testing.assert_array_equal(sampled[:, 0], np.repeat(indices, 4))
+  np.testing.assert_array_equal(sampled_mask, np.repeat([True, True, False], 4))
+  for image in range(3):
+    assert len(set(np.asarray(sampled[4 * image:4 * image + 4, 1]).tolist())) == 4
+  first_two_swapped = jnp.concatenate([points[hw:2 * hw], points[:hw], points[2 * hw:]])
+  swapped, _ = clustering.sample_pixels(first_two_swapped, mask, indices[jnp.array([1, 0, 2])],
+                                        key, 4)
+  np.testing.assert_array_equal(swapped[:4], sampled[4:8])  # image 3's subset, wherever it is
+
+
 def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
   """Label counts (balance weights) and the label cache against labels recomputed
   independently: a plain eval-mode apply of the frozen model and a float64 numpy
