@@ -47,6 +47,9 @@ def check_init_buffer(config, *, num_views, points_per_image, channels, say):
   """Prints the init buffers' size per device and fails, before any batch is read, when it
   exceeds what a device can hold, naming the config fields that shrink it."""
   k = config.kmeans
+  if k.init_pixels_per_image > points_per_image:
+    raise ValueError(f"config.kmeans.init_pixels_per_image={k.init_pixels_per_image} exceeds "
+                     f"the {points_per_image} pixels of a feature map: lower it (0 = all)")
   needed = init_buffer_bytes(
       num_views=num_views, num_init_batches=k.num_init_batches, batch_size=k.batch_size,
       points_per_image=k.init_pixels_per_image or points_per_image, channels=channels,

@@ -150,8 +150,7 @@ def cluster_phase(run, state, epoch):
     for chain in chains[1:]:
       batch_stats = jax.tree.map(lambda m, first, then: m ** num_batches * first + then,
                                  decays, batch_stats, chain)
-  stats = {"kmeans_init_buffer_bytes_per_device":
-           sum(s["init_buffer_bytes"] for s in view_stats) // jax.device_count()}
+  stats = {"kmeans_init_buffer_bytes": sum(s["init_buffer_bytes"] for s in view_stats)}
   for view, s in enumerate(view_stats):
     stats.update({f"kmeans_init_loss_view{view + 1}": s["init_loss"],
                   f"kmeans_online_loss_view{view + 1}": s["online_loss"]})
