@@ -136,8 +136,10 @@ def test_one_cluster_pass_equals_the_reference_two_passes(phases):
 
 
 def test_cached_labels_train_as_recomputed_labels(phases):
-  """One epoch of train_phase fed by the label cache equals the train step recomputing them."""
+  """One epoch of train_phase fed by the label cache equals the train step recomputing them;
+  a resume's label pass from the targets rebuilds the cache exactly."""
   run, _, (state, _, _), (targets, _, cache) = phases
+  np.testing.assert_array_equal(train.resumed_labels(run, targets, 0), cache)
   recompute = copy.copy(run)
   recompute.method = run.method._replace(cached_labels=False)
   results = [train.train_phase(r, jax.tree.map(jnp.copy, state), targets, labels, 0, 0, {},
