@@ -56,6 +56,11 @@ def get_config():
   c.kmeans.iters = 20  # Lloyd iterations of the init
   c.kmeans.init = "random"  # random (reference/faiss) | kmeans++
   c.kmeans.chunk_size = 65536  # points per distance chunk (bounds N x K memory)
+  # Init buffer (num_init_batches x batch_size images, both views): pixels kept per image (a
+  # fixed random subset keyed by (seed, epoch, index); 0 = all (res1/4)^2) and storage dtype
+  # (float32 | bfloat16; distances are computed in float32 either way).
+  c.kmeans.init_pixels_per_image = 0
+  c.kmeans.buffer_dtype = "float32"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -64,6 +69,10 @@ def get_config():
   c.train.classifier = "nonparametric"  # nonparametric (centroids) | parametric (MDC: learned 1x1 conv, reset each epoch)
   c.train.balance = True  # class-balance weights w_k = label frequency (the reference's choice)
   c.train.cross_view_loss = True  # False: within-view loss only (invariance/equivariance ablation)
+  # cached: the label phase keeps every image's labels in host memory (num_train x views x
+  # (res1/4)^2 bytes) and feeds them with the batch | recompute: the train step recomputes them
+  # (two extra eval-mode forward passes per step; for datasets too large to hold).
+  c.train.labels = "cached"
 
   c.augment = ml_collections.ConfigDict()
   c.augment.photometric = True

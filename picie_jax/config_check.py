@@ -18,6 +18,8 @@ _CHOICES = {
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),
     "dataset.on_bad_file": ("error", "skip"),
+    "train.labels": ("cached", "recompute"),
+    "kmeans.buffer_dtype": ("float32", "bfloat16"),
 }
 _POSITIVE_INTS = ("res1", "res2", "kmeans.k_train", "kmeans.batch_size",
                   "kmeans.num_init_batches", "kmeans.iters", "kmeans.chunk_size",
@@ -25,7 +27,8 @@ _POSITIVE_INTS = ("res1", "res2", "kmeans.k_train", "kmeans.batch_size",
                   "eval.every_epochs", "log_every_steps", "checkpoint_every_steps",
                   "model.width", "model.fpn_channels")
 _NON_NEGATIVE_INTS = ("num_epochs", "dataset.num_train", "dataset.num_val", "eval.num_vis",
-                      "eval.overcluster_k", "augment.blur_max_radius")
+                      "eval.overcluster_k", "augment.blur_max_radius",
+                      "kmeans.init_pixels_per_image")
 _PROBABILITIES = ("augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
                   "augment.hflip_p", "augment.vflip_p")
 

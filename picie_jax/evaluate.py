@@ -82,16 +82,17 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
                            pipeline.num_batches(source.num_examples, batch_size), batch_size,
                            enabled=progress)
 
-  def features_fn(host_batch):
+  def features_fn(host_batch, for_init):
+    del for_init  # every pixel: the init buffer of one view at the evaluation's batch
     batch = parallel.shard_host_batch(host_batch, mesh)
-    return steps.fresh_features(model, variables, batch, method=method)
+    return [steps.fresh_features(model, variables, batch, method=method)]
 
   centroids, stats = clustering.minibatch_kmeans(
       batches, features_fn, k=k, num_init_batches=config.kmeans.num_init_batches,
-      iters=config.kmeans.iters, init=config.kmeans.init, key=key,
+      iters=config.kmeans.iters, init=config.kmeans.init, keys=[key],
       mesh=mesh, chunk_size=config.kmeans.chunk_size, progress=bar)
   bar.close()
-  return centroids, stats
+  return centroids[0], stats[0]
 
 
 def final_evaluation(model, variables, train_source, val_source, config, mesh, method, key,

@@ -1,4 +1,5 @@
 """Device mesh, shardings and multi-host set-up: one data-parallel axis named 'data'."""
+import collections
 import os
 
 import jax
@@ -46,6 +47,18 @@ def shard_host_batch(host_batch, mesh):
   sharding = batch_sharded(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+
+
+def prefetch_to_device(host_batches, mesh, size=2):
+  """Yields the batches as global arrays, with the next `size - 1` already sent to the
+  devices, so the transfer overlaps the step running on the current one."""
+  queue = collections.deque()
+  for host_batch in host_batches:
+    queue.append(shard_host_batch(host_batch, mesh))
+    if len(queue) == size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def replicate(tree, mesh):

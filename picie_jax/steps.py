@@ -30,6 +30,7 @@ class Method(NamedTuple):
   metric: str  # 'cosine' or 'l2'
   balance: bool
   res1: int
+  cached_labels: bool  # train_step takes the labels from batch['labels'] (the label cache)
   photometric: T.PhotometricConfig
   geometric: T.GeometricConfig
   # reference_quirks: view 2 resized res2 -> res1 as PIL does (antialiased), not plain bilinear
@@ -49,6 +50,7 @@ def method_from_config(config):
       metric=config.kmeans.metric,
       balance=config.train.balance,
       res1=config.res1,
+      cached_labels=config.train.labels == "cached",
       photometric=T.PhotometricConfig(
           brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
           jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
@@ -159,24 +161,30 @@ def _in_metric_space(z, method):
   return kmeans.normalize_features(z) if method.metric == "cosine" else z
 
 
+def _one_view_features(model, params, batch_stats, images_by_view, geo, view, method, train):
+  """View `view`'s features in view 1's frame (G after f for view 2), in the metric's space."""
+  z, batch_stats = _raw_features(model, {"params": params, "batch_stats": batch_stats},
+                                 images_by_view[view], method, train)
+  if view == 1:
+    z = T.apply_geometric(z, geo, z.shape[1])
+  return _in_metric_space(z, method), batch_stats
+
+
 def view_features(model, variables, images_uint8, indices, epoch, key, method, train,
-                  views=None, train_phase=False):
+                  train_phase=False):
   """Each view's features in the common frame of view 1, normalised for the cosine metric.
 
-  `views` selects which views to compute (default all); `train_phase` as in view_images.
-  Returns ([z_v (B, h, w, C) per selected view], batch_stats after the passes).
+  `train_phase` as in view_images. Returns ([z_v (B, h, w, C) per view], batch_stats after the
+  passes, view 1's first).
   """
   images_by_view, geo = view_images(images_uint8, indices, epoch, key, method,
                                     train_phase=train_phase)
   batch_stats = variables.get("batch_stats")
   feats = []
-  for view in (range(method.num_views) if views is None else views):
-    z, batch_stats = _raw_features(
-        model, {"params": variables.get("params"), "batch_stats": batch_stats},
-        images_by_view[view], method, train)
-    if view == 1:
-      z = T.apply_geometric(z, geo, z.shape[1])
-    feats.append(_in_metric_space(z, method))
+  for view in range(method.num_views):
+    z, batch_stats = _one_view_features(model, variables.get("params"), batch_stats,
+                                        images_by_view, geo, view, method, train)
+    feats.append(z)
   return feats, batch_stats
 
 
@@ -196,17 +204,24 @@ def flatten_with_mask(z_bhwc, mask_b):
   return z_bhwc.reshape(b * h * w, c), jnp.repeat(mask_b, h * w)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "view", "train"))
-def cluster_features(model, variables, batch, epoch, key, *, method, view, train=True):
-  """Cluster phase: the flattened features of one view (BN in batch-stats mode by default).
+@functools.partial(jax.jit, static_argnames=("model", "method", "train"))
+def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, method,
+                     train=True):
+  """Cluster phase: every view's flattened features from one read of the batch (BN in
+  batch-stats mode by default, as the reference runs these passes under model.train()).
 
-  Returns (points (N, C), mask (N,), batch_stats): the reference runs these passes under
-  model.train(), so the running averages move too.
+  View v's BN running averages move along its own chain `batch_stats_by_view[v]` (train.py
+  combines the chains into the reference's two-pass result). Returns ([(points (N, C),
+  mask (N,)) per view], [batch_stats per view]).
   """
-  feats, batch_stats = view_features(model, variables, batch["image"], batch["index"], epoch,
-                                     key, method, train, views=(view,))
-  points, mask = flatten_with_mask(feats[0], batch["mask"])
-  return points, mask, batch_stats
+  images_by_view, geo = view_images(batch["image"], batch["index"], epoch, key, method)
+  points, chains = [], []
+  for view in range(method.num_views):
+    z, batch_stats = _one_view_features(model, params, batch_stats_by_view[view],
+                                        images_by_view, geo, view, method, train)
+    points.append(flatten_with_mask(z, batch["mask"]))
+    chains.append(batch_stats)
+  return points, chains
 
 
 @functools.partial(jax.jit, static_argnames=("model", "method"))
@@ -232,14 +247,21 @@ def labels_for_batch(model, targets, batch, epoch, key, method):
   return labels
 
 
+def label_dtype(k):
+  """The smallest integer dtype holding cluster indices 0..k-1 (the label cache's dtype)."""
+  return jnp.uint8 if k <= 256 else jnp.int16 if k <= 32768 else jnp.int32
+
+
 @functools.partial(jax.jit, static_argnames=("model", "method", "k"))
 def label_counts(model, targets, batch, epoch, key, *, method, k):
-  """(V, K) label counts of one batch (padded images excluded), for the balance weights."""
+  """The label pass of one batch: (V, K) label counts (padded images excluded), for the
+  balance weights, and the labels (B, V, h, w) in label_dtype(k), for the label cache."""
   labels = labels_for_batch(model, targets, batch, epoch, key, method)
   valid = batch["mask"][:, None, None]
-  return jnp.stack([
+  counts = jnp.stack([
       jnp.zeros(k, jnp.int32).at[y.reshape(-1)].add(
           jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32)) for y in labels])
+  return counts, jnp.stack(labels, axis=1).astype(label_dtype(k))
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,9 +286,14 @@ def init_variables(model, key, res):
 def train_step(model, state, targets, batch, epoch, key, *, method, tx):
   """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
 
+  The labels come from the label cache (batch['labels'] (B, V, h, w)) when
+  method.cached_labels, else they are recomputed here by the label pass's own function.
   Returns (new state, {'total', 'within', 'cross'} losses).
   """
-  labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
+  if method.cached_labels:
+    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(method.num_views)]
+  else:
+    labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
 
   def loss_fn(params, classifier):
     feats, batch_stats = view_features(

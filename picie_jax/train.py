@@ -1,10 +1,11 @@
 """The PiCIE epoch loop (DESIGN §1): cluster -> label -> train, evaluate, checkpoint, resume.
 
-Labels are not stored: the label phase fixes the epoch's targets (a frozen copy of the
-variables after the cluster phase, the centroids, and class-balance weights from a counting
-pass in eval mode), and `steps.train_step` recomputes each batch's labels from them under
-stop_gradient. Both the counting pass and the train step call `steps.labels_for_batch`, so the
-weights describe exactly the labels the loss sees.
+The label phase fixes the epoch's targets (a frozen copy of the variables after the cluster
+phase, the centroids, and class-balance weights from a label pass in eval mode) and keeps every
+image's labels in host memory (config.train.labels='cached'), fed with the batches of the train
+phase; with 'recompute', `steps.train_step` recomputes each batch's labels from the targets
+under stop_gradient. Both call `steps.labels_for_batch`, so the weights describe exactly the
+labels the loss sees. Labels are not checkpointed: a resume recomputes them.
 """
 import json
 import math
@@ -31,6 +32,7 @@ from picie_jax.core import losses
 from picie_jax.data import datasets
 from picie_jax.data import pipeline
 from picie_jax.models import fpn
+from picie_jax.models import layers
 
 MATCHING_FILE = "matching.json"
 
@@ -114,58 +116,120 @@ def initial_state(run, pretrained=True):
 
 
 def cluster_phase(run, state, epoch):
-  """Mini-batch k-means per view on train-mode features; returns (state, centroids, stats)."""
+  """Mini-batch k-means of every view from one pass of train-mode features; returns
+  (state, centroids (V, K, C), stats).
+
+  The reference runs one pass per view under model.train(), so the BN running averages move
+  through view 1's batches, then view 2's. Train-mode features do not depend on the running
+  averages, and these follow r <- m r + (1 - m) s per pass; so one pass carries a chain per
+  view (view 1's from the current averages, the others' from zeros) and combines them as
+  r = m^N r_view1 + r_view2 (N batches): the two-pass result, in one read of the data.
+  """
   cfg = run.config
-  batch_stats = state.batch_stats
-  centroids, stats = [], {}
-  for view in range(run.num_views):
-    bar = run.progress(f"epoch {epoch} cluster view {view + 1}",
-                       run.train_source.num_examples, cfg.kmeans.batch_size)
+  num_batches = pipeline.num_batches(run.train_source.num_examples, cfg.kmeans.batch_size)
+  side = cfg.res1 // steps.FEATURE_STRIDE
+  clustering.check_init_buffer(
+      cfg, num_views=run.num_views, points_per_image=side * side,
+      channels=3 if run.method.pixels else cfg.model.fpn_channels, say=reporting.say)
+  chains = [state.batch_stats] + [jax.tree.map(jnp.zeros_like, state.batch_stats)
+                                  for _ in range(run.num_views - 1)]
+  kmeans_key = jax.random.fold_in(run.keys[_KMEANS_STREAM], epoch)
+  bar = run.progress(f"epoch {epoch} cluster", run.train_source.num_examples,
+                     cfg.kmeans.batch_size)
 
-    def features_fn(host_batch, view=view):
-      nonlocal batch_stats
-      preemption.stop_if_requested("cluster", epoch)
-      points, mask, batch_stats = steps.cluster_features(
-          run.model, {"params": state.params, "batch_stats": batch_stats},
-          run.shard(host_batch), epoch, run.augment_key, method=run.method, view=view)
-      return points, mask
+  def features_fn(batch, for_init):
+    nonlocal chains
+    preemption.stop_if_requested("cluster", epoch)
+    views, chains = steps.cluster_features(run.model, state.params, chains, batch, epoch,
+                                           run.augment_key, method=run.method)
+    if for_init and cfg.kmeans.init_pixels_per_image:
+      views = [clustering.sample_pixels(points, mask, batch["index"], kmeans_key,
+                                        cfg.kmeans.init_pixels_per_image)
+               for points, mask in views]
+    return views
 
-    mu, view_stats = clustering.minibatch_kmeans(
-        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
-        features_fn, k=run.k, num_init_batches=cfg.kmeans.num_init_batches,
-        iters=cfg.kmeans.iters, init=cfg.kmeans.init,
-        key=jax.random.fold_in(jax.random.fold_in(run.keys[_KMEANS_STREAM], epoch), view),
-        mesh=run.mesh, chunk_size=cfg.kmeans.chunk_size, progress=bar)
-    bar.close()
-    centroids.append(mu)
-    stats.update({f"kmeans_init_loss_view{view + 1}": view_stats["init_loss"],
-                  f"kmeans_online_loss_view{view + 1}": view_stats["online_loss"]})
-  state = state.replace(batch_stats=batch_stats)
-  return state, jnp.stack(centroids), stats
+  centroids, view_stats = clustering.minibatch_kmeans(
+      parallel.prefetch_to_device(
+          pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
+          run.mesh),
+      features_fn, k=run.k, num_init_batches=cfg.kmeans.num_init_batches,
+      iters=cfg.kmeans.iters, init=cfg.kmeans.init,
+      keys=[jax.random.fold_in(kmeans_key, view) for view in range(run.num_views)],
+      mesh=run.mesh, chunk_size=cfg.kmeans.chunk_size, buffer_dtype=cfg.kmeans.buffer_dtype,
+      progress=bar)
+  bar.close()
+  batch_stats = chains[0]
+  if not run.method.pixels:
+    decays = layers.running_average_decays(
+        run.model, {"params": state.params, "batch_stats": batch_stats},
+        jnp.zeros((1, cfg.res1, cfg.res1, 3)))
+    for chain in chains[1:]:
+      batch_stats = jax.tree.map(lambda m, first, then: m ** num_batches * first + then,
+                                 decays, batch_stats, chain)
+  stats = {"kmeans_init_buffer_bytes": sum(s["init_buffer_bytes"] for s in view_stats)}
+  for view, s in enumerate(view_stats):
+    stats.update({f"kmeans_init_loss_view{view + 1}": s["init_loss"],
+                  f"kmeans_online_loss_view{view + 1}": s["online_loss"]})
+  return state.replace(batch_stats=batch_stats), centroids, stats
+
+
+def label_pass(run, targets, epoch):
+  """One eval-mode pass over the data with the epoch's targets: (V, K) label counts and, with
+  config.train.labels='cached', every image's labels (num_examples, V, h, w) on every host.
+
+  Each batch's labels are gathered to all hosts (parallel.to_host), since the train order is a
+  global shuffle; the cache is host memory (its size is printed).
+  """
+  cfg = run.config
+  cache = None
+  if run.method.cached_labels:
+    side = cfg.res1 // steps.FEATURE_STRIDE
+    cache = np.zeros((run.train_source.num_examples, run.num_views, side, side),
+                     steps.label_dtype(run.k))
+    reporting.say(f"label cache: {cache.shape} {cache.dtype} = {cache.nbytes / 2**20:.1f} MiB of "
+                  "host memory per host (config.train.labels='recompute' avoids it)")
+  counts = np.zeros((run.num_views, run.k), np.int64)
+  bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples,
+                     cfg.kmeans.batch_size)
+  for batch in parallel.prefetch_to_device(
+      pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
+      run.mesh):
+    preemption.stop_if_requested("label", epoch)
+    batch_counts, batch_labels = steps.label_counts(
+        run.model, targets, batch, epoch, run.augment_key, method=run.method, k=run.k)
+    counts += parallel.to_host(batch_counts)
+    if cache is not None:
+      valid = parallel.to_host(batch["mask"])
+      cache[parallel.to_host(batch["index"])[valid]] = parallel.to_host(batch_labels)[valid]
+    bar.update(1)
+  bar.close()
+  return counts, cache
 
 
 def label_phase(run, state, centroids, epoch):
-  """Fixes the epoch's targets: frozen variables, centroids, balance weights from label counts."""
-  cfg = run.config
+  """Fixes the epoch's targets: frozen variables, centroids, balance weights from label counts.
+
+  Returns (targets, counts, label cache or None).
+  """
   targets = parallel.replicate(steps.EpochTargets(
       # A copy: train_step donates the state's buffers, the frozen variables must outlive it.
       frozen=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}),
       centroids=centroids,
       weights=jnp.ones((run.num_views, run.k), jnp.float32)), run.mesh)
-  counts = np.zeros((run.num_views, run.k), np.int64)
-  bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples,
-                     cfg.kmeans.batch_size)
-  for host_batch in pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2,
-                                          **run.hosts):
-    preemption.stop_if_requested("label", epoch)
-    counts += parallel.to_host(steps.label_counts(
-        run.model, targets, run.shard(host_batch), epoch, run.augment_key, method=run.method,
-        k=run.k))
-    bar.update(1)
-  bar.close()
+  counts, labels = label_pass(run, targets, epoch)
   weights = jnp.stack([losses.balance_weights(jnp.asarray(c, jnp.float32),
-                                              enabled=cfg.train.balance) for c in counts])
-  return targets.replace(weights=parallel.replicate(weights, run.mesh)), counts
+                                              enabled=run.config.train.balance) for c in counts])
+  return targets.replace(weights=parallel.replicate(weights, run.mesh)), counts, labels
+
+
+def resumed_labels(run, targets, epoch):
+  """The label cache of a run resumed mid-epoch: not checkpointed, so recomputed by a label
+  pass from the checkpointed targets (the same function on the same inputs: exact)."""
+  if not run.method.cached_labels:
+    return None
+  reporting.say(f"recomputing epoch {epoch}'s label cache from the checkpointed targets "
+                "(one label pass; labels are not stored in checkpoints)")
+  return label_pass(run, targets, epoch)[1]
 
 
 def _new_classifier(run, state, epoch):
@@ -179,18 +243,34 @@ def _new_classifier(run, state, epoch):
                                                                run.mesh))
 
 
-def _check_finite(losses_host, step, epoch, batch_index, ckpt):
-  bad = {k: v for k, v in losses_host.items() if not math.isfinite(v)}
-  if bad:
-    raise FloatingPointError(
-        f"non-finite loss {bad} at train step {step} (epoch {epoch}, batch {batch_index}); "
-        f"the run stopped without saving. Last good checkpoint: {ckpt.latest_path()}. "
-        "Likely causes: a learning rate too high (config.train.lr) or degenerate clusters "
-        "(a class weight of 0 for every labelled pixel).")
+def _check_finite(step_losses, first_step, epoch, first_batch, ckpt):
+  """Raises on the first non-finite loss among steps fetched together (first_step on)."""
+  for offset, out in enumerate(step_losses):
+    bad = {k: v for k, v in out.items() if not math.isfinite(v)}
+    if bad:
+      last = first_step + len(step_losses) - 1
+      checked = f"steps {first_step}-{last}" if last > first_step else f"step {first_step}"
+      raise FloatingPointError(
+          f"non-finite loss {bad} at train step {first_step + offset} (epoch {epoch}, batch "
+          f"{first_batch + offset}; losses fetched for {checked}); the run stopped without "
+          f"saving. Last good checkpoint: {ckpt.latest_path()}. Likely causes: a learning rate "
+          "too high (config.train.lr) or degenerate clusters (a class weight of 0 for every "
+          "labelled pixel).")
 
 
-def train_phase(run, state, targets, epoch, start_batch, sums, ckpt, meta):
-  """Trains one epoch from batch `start_batch`; checkpoints every checkpoint_every_steps."""
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_phase(run, state, targets, labels, epoch, start_batch, sums, ckpt, meta):
+  """Trains one epoch from batch `start_batch`; checkpoints every checkpoint_every_steps.
+
+  `labels` is the label phase's cache (num_examples, V, h, w), fed with each batch, or None
+  (config.train.labels='recompute': the train step recomputes them). The step loop stays
+  asynchronous: losses are fetched every log_every_steps and before each checkpoint, where
+  they are checked (a checkpoint never holds non-finite losses or params).
+  """
   cfg = run.config
   total = pipeline.num_batches(run.train_source.num_examples, cfg.train.batch_size)
   bar = run.progress(f"epoch {epoch} train", run.train_source.num_examples,
@@ -198,18 +278,37 @@ def train_phase(run, state, targets, epoch, start_batch, sums, ckpt, meta):
   batches = pipeline.train_batches(run.train_source, cfg.train.batch_size, cfg.res2,
                                    seed=cfg.seed, epoch=epoch, start_batch=start_batch,
                                    **run.hosts)
-  for batch_index, host_batch in enumerate(batches, start=start_batch):
-    state, out = steps.train_step(run.model, state, targets, run.shard(host_batch), epoch,
-                                  run.augment_key, method=run.method, tx=run.tx)
-    out = {k: float(v) for k, v in jax.device_get(out).items()}
-    _check_finite(out, int(state.step), epoch, batch_index, ckpt)
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + v
-    sums["batches"] = sums.get("batches", 0) + 1
-    bar.update(1, loss=out["total"])
+  if labels is not None:
+    batches = ({**b, "labels": labels[b["index"]]} for b in batches)
+  pending, first_step = [], int(state.step) + 1
+
+  def fetch(batch_index):
+    nonlocal pending, first_step
+    step_losses = [{k: float(v) for k, v in out.items()} for out in jax.device_get(pending)]
+    _check_finite(step_losses, first_step, epoch, batch_index - len(pending) + 1, ckpt)
+    for out in step_losses:
+      for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + v
+    sums["batches"] = sums.get("batches", 0) + len(step_losses)
+    bar.update(len(step_losses), loss=step_losses[-1]["total"])
+    first_step += len(step_losses)
+    pending = []
+
+  for batch_index, batch in enumerate(parallel.prefetch_to_device(batches, run.mesh),
+                                      start=start_batch):
+    state, out = steps.train_step(run.model, state, targets, batch, epoch, run.augment_key,
+                                  method=run.method, tx=run.tx)
+    pending.append(out)
     done = batch_index + 1
     stop = preemption.requested()
-    if stop or (done < total and done % cfg.checkpoint_every_steps == 0):
+    save = stop or (done < total and done % cfg.checkpoint_every_steps == 0)
+    if save or done % cfg.log_every_steps == 0 or done == total:
+      fetch(batch_index)
+    if save:
+      if not bool(_all_finite(state.params)):
+        raise FloatingPointError(
+            f"non-finite parameters after train step {int(state.step)} (epoch {epoch}); not "
+            f"saved. Last good checkpoint: {ckpt.latest_path()}. Lower config.train.lr.")
       ckpt.save({"state": state, "targets": targets},
                 {**meta, "next_batch": done, "loss_sums": sums})
     if stop:
@@ -367,13 +466,15 @@ def _train_and_evaluate(run, writer, ckpt):
   for epoch in range(start_epoch, config.num_epochs):
     if start_batch is None:
       state, centroids, cluster_stats = cluster_phase(run, state, epoch)
-      targets, counts = label_phase(run, state, centroids, epoch)
+      targets, counts, labels = label_phase(run, state, centroids, epoch)
       state = _new_classifier(run, state, epoch)
       meta = {"epoch": epoch, "next_batch": 0, "loss_sums": {},
               "cluster_stats": {**cluster_stats, "label_counts": counts.tolist()}}
       ckpt.save({"state": state, "targets": targets}, meta)
       start_batch = 0
-    state, sums, images_per_s = train_phase(run, state, targets, epoch, start_batch,
+    else:
+      labels = resumed_labels(run, targets, epoch)
+    state, sums, images_per_s = train_phase(run, state, targets, labels, epoch, start_batch,
                                             dict(meta["loss_sums"]), ckpt, meta)
     record = {"epoch": epoch, "step": int(state.step), "train_images_per_s": images_per_s}
     record.update({k: v for k, v in meta["cluster_stats"].items() if k != "label_counts"})

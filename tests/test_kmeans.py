@@ -247,6 +247,21 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     inside = jax.jit(jax.shard_map(lambda p: km.assign_to_nearest(p, r1.centroids, chunk_size=50),
                                    mesh=eight, in_specs=P("data"), out_specs=P("data")))
     np.testing.assert_array_equal(inside(x[:2000])[0], km.assign_to_nearest(x[:2000], r1.centroids)[0])
+    # The init buffer's layout: batches of rows (B, N_b, D) sharded along N_b, read in batch
+    # order; bfloat16 storage is clustered as its float32 values.
+    from picie_jax import clustering, parallel
+    buf = clustering._empty_buffer(3, 400, 16, jnp.bfloat16, eight)
+    for i in range(3):
+      rows = jax.device_put((x[400 * i:400 * (i + 1)], mask[400 * i:400 * (i + 1)]),
+                            parallel.batch_sharded(eight))
+      buf = clustering._fill(*buf, *rows, i)
+    flat = x[:1200].astype(jnp.bfloat16).astype(np.float32), mask[:1200]
+    start = km.random_init_from_batches(jax.random.key(2), *buf, 8, mesh=eight)
+    np.testing.assert_array_equal(start, km.init_centroids(jax.random.key(2), *flat, 8))
+    rb = km.lloyd(*buf, start, 8, mesh=eight, chunk_size=100)
+    rf = km.lloyd(*flat, start, 8, mesh=one, chunk_size=100)
+    np.testing.assert_allclose(rb.centroids, rf.centroids, atol=1e-5)
+    np.testing.assert_array_equal(rb.assignments.reshape(-1), rf.assignments)
     print("OK")
 """)
 

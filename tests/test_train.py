@@ -1,4 +1,6 @@
 """The epoch loop end to end on a tiny synthetic config: outputs, labels, resume, NaN, CLI."""
+import copy
+import functools
 import json
 import os
 import shlex
@@ -15,10 +17,12 @@ import pytest
 
 from conftest import TINY_OVERRIDES
 from picie_jax import checkpoint
+from picie_jax import clustering
 from picie_jax import config_check
 from picie_jax import evaluate
 from picie_jax import steps
 from picie_jax import train
+from picie_jax.core import kmeans as km
 from picie_jax.core import transforms as T
 from picie_jax.data import pipeline
 
@@ -62,13 +66,142 @@ def test_loop_writes_every_output(finished_run):
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
-def test_counting_pass_counts_the_labels_the_train_step_uses(tiny_config):
-  """Label counts (balance weights) against labels recomputed independently: a plain
-  eval-mode apply of the frozen model and a float64 numpy nearest-centroid search."""
-  run = train.Run(tiny_config, "/tmp/unused")
+class _NoCheckpoints:
+  """A Checkpointer stand-in for phase-level tests: nothing is written."""
+
+  def save(self, tree, meta):
+    del tree, meta
+
+  def latest_path(self):
+    return None
+
+
+@pytest.fixture(scope="module")
+def phases():
+  """One tiny run's epoch 0 phases, shared: (run, initial state, cluster phase output, label
+  phase output)."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  config.update_from_flattened_dict(TINY_OVERRIDES)
+  run = train.Run(config, "/tmp/unused")
   state, _ = train.initial_state(run)
-  state, centroids, _ = train.cluster_phase(run, state, epoch=0)
-  targets, counts = train.label_phase(run, state, centroids, epoch=0)
+  start = jax.tree.map(jnp.copy, state)
+  clustered = train.cluster_phase(run, state, epoch=0)
+  labelled = train.label_phase(run, clustered[0], clustered[1], epoch=0)
+  return run, start, clustered, labelled
+
+
+def _two_pass_cluster_reference(run, state, epoch):
+  """The reference's cluster phase: one pass per view, BN running averages moving through
+  view 1's batches then view 2's (a plain train-mode apply per view)."""
+  cfg = run.config
+
+  @functools.partial(jax.jit, static_argnames="view")
+  def view_pass(batch_stats, batch, view):
+    images, geo = steps.view_images(batch["image"], batch["index"], epoch, run.augment_key,
+                                    run.method)
+    z, updates = run.model.apply({"params": state.params, "batch_stats": batch_stats},
+                                 images[view], train=True, mutable=["batch_stats"])
+    if view == 1:
+      z = T.apply_geometric(z, geo, z.shape[1])
+    return steps.flatten_with_mask(km.normalize_features(z), batch["mask"]), updates[
+        "batch_stats"]
+
+  batch_stats, centroids, losses = state.batch_stats, [], []
+  for view in range(2):
+    def features_fn(host_batch, for_init, view=view):
+      nonlocal batch_stats
+      points, batch_stats = view_pass(batch_stats, run.shard(host_batch), view=view)
+      return [points]
+
+    mu, stats = clustering.minibatch_kmeans(
+        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2), features_fn,
+        k=run.k, num_init_batches=cfg.kmeans.num_init_batches, iters=cfg.kmeans.iters,
+        init=cfg.kmeans.init, keys=[jax.random.fold_in(jax.random.fold_in(
+            run.keys[train._KMEANS_STREAM], epoch), view)], mesh=run.mesh,
+        chunk_size=cfg.kmeans.chunk_size)
+    centroids.append(mu[0])
+    losses.append((stats[0]["init_loss"], stats[0]["online_loss"]))
+  return batch_stats, np.stack(centroids), losses
+
+
+def test_one_cluster_pass_equals_the_reference_two_passes(phases):
+  """Centroids, k-means losses and the final BN running averages (m^N chain combination)."""
+  run, start, (state, centroids, stats), _ = phases
+  batch_stats, expect_centroids, expect_losses = _two_pass_cluster_reference(run, start, 0)
+  np.testing.assert_allclose(centroids, expect_centroids, rtol=1e-5, atol=1e-6)
+  for view, (init_loss, online_loss) in enumerate(expect_losses):
+    np.testing.assert_allclose(stats[f"kmeans_init_loss_view{view + 1}"], init_loss, rtol=1e-5)
+    np.testing.assert_allclose(stats[f"kmeans_online_loss_view{view + 1}"], online_loss,
+                               rtol=1e-5)
+  moved = 0
+  for got, want, before in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(batch_stats),
+                               jax.tree.leaves(start.batch_stats)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    moved += not np.allclose(want, before)
+  assert moved == len(jax.tree.leaves(batch_stats))  # every running average moved
+  c = run.config
+  assert stats["kmeans_init_buffer_bytes"] == clustering.init_buffer_bytes(
+      num_views=2, num_init_batches=c.kmeans.num_init_batches, batch_size=c.kmeans.batch_size,
+      points_per_image=(c.res1 // 4) ** 2, channels=c.model.fpn_channels, dtype=jnp.float32,
+      num_devices=1)  # all devices together
+
+
+def test_cached_labels_train_as_recomputed_labels(phases):
+  """One epoch of train_phase fed by the label cache equals the train step recomputing them;
+  a resume's label pass from the targets rebuilds the cache exactly."""
+  run, _, (state, _, _), (targets, _, cache) = phases
+  np.testing.assert_array_equal(train.resumed_labels(run, targets, 0), cache)
+  recompute = copy.copy(run)
+  recompute.method = run.method._replace(cached_labels=False)
+  results = [train.train_phase(r, jax.tree.map(jnp.copy, state), targets, labels, 0, 0, {},
+                               _NoCheckpoints(), {})
+             for r, labels in ((run, cache), (recompute, None))]
+  (cached_state, cached_sums, _), (recomputed_state, recomputed_sums, _) = results
+  assert cached_sums["batches"] == recomputed_sums["batches"] == 3
+  for key in ("total", "within", "cross"):
+    np.testing.assert_allclose(cached_sums[key], recomputed_sums[key], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(cached_state.params), jax.tree.leaves(recomputed_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_init_buffer_too_large_fails_before_the_first_batch(phases, monkeypatch):
+  run, start, _, _ = phases
+  monkeypatch.setattr(clustering, "device_memory_bytes", lambda: (10_000, "test limit"))
+  monkeypatch.setattr(steps, "cluster_features", lambda *a, **k: pytest.fail("a batch was read"))
+  with pytest.raises(MemoryError) as e:
+    train.cluster_phase(run, start, epoch=0)
+  for field in ("config.kmeans.init_pixels_per_image", "config.kmeans.buffer_dtype",
+                "config.kmeans.num_init_batches", "config.kmeans.batch_size"):
+    assert field in str(e.value)
+
+
+def test_sample_pixels_keeps_a_fixed_subset_per_image():
+  """Each image keeps `per_image` distinct rows of its own, drawn from its index alone."""
+  hw, channels = 12, 2
+  indices = jnp.array([7, 3, 9])
+  image_of_row = jnp.repeat(indices, hw)
+  points = jnp.stack([image_of_row, jnp.tile(jnp.arange(hw), 3)], axis=1).astype(jnp.float32)
+  mask = jnp.repeat(jnp.array([True, True, False]), hw)
+  key = jax.random.PRNGKey(5)
+  sampled, sampled_mask = clustering.sample_pixels(points, mask, indices, key, 4)
+  assert sampled.shape == (3 * 4, channels)
+  np.testing.assert_array_equal(sampled[:, 0], np.repeat(indices, 4))
+  np.testing.assert_array_equal(sampled_mask, np.repeat([True, True, False], 4))
+  for image in range(3):
+    assert len(set(np.asarray(sampled[4 * image:4 * image + 4, 1]).tolist())) == 4
+  first_two_swapped = jnp.concatenate([points[hw:2 * hw], points[:hw], points[2 * hw:]])
+  swapped, _ = clustering.sample_pixels(first_two_swapped, mask, indices[jnp.array([1, 0, 2])],
+                                        key, 4)
+  np.testing.assert_array_equal(swapped[:4], sampled[4:8])  # image 3's subset, wherever it is
+
+
+def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
+  """Label counts (balance weights) and the label cache against labels recomputed
+  independently: a plain eval-mode apply of the frozen model and a float64 numpy
+  nearest-centroid search."""
+  run, _, (_, centroids, _), (targets, counts, cache) = phases
+  tiny_config = run.config
   expect = np.zeros_like(counts)
   for host_batch in pipeline.pass_batches(run.train_source, 16, tiny_config.res2):
     (v1, v2), geo = steps.view_images(jnp.asarray(host_batch["image"]),
@@ -84,6 +217,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(tiny_config):
       mu = np.asarray(centroids[view], np.float64)
       labels = np.argmin(((z[..., None, :] - mu) ** 2).sum(-1), axis=-1)
       labels = labels[host_batch["mask"]]
+      np.testing.assert_array_equal(cache[host_batch["index"][host_batch["mask"]], view], labels)
       expect[view] += np.bincount(labels.ravel(), minlength=run.k)
   np.testing.assert_array_equal(counts, expect)
   np.testing.assert_allclose(targets.weights, expect / expect.sum(1, keepdims=True), rtol=1e-6)

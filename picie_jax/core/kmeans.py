@@ -105,7 +105,7 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
 
   def one_chunk(i, stats):
     start = jnp.minimum(i * chunk, n - chunk)
-    x_cd = lax.dynamic_slice_in_dim(points_nd, start, chunk)
+    x_cd = lax.dynamic_slice_in_dim(points_nd, start, chunk).astype(jnp.float32)
     sq_ck = (jnp.sum(jnp.square(x_cd), axis=1, keepdims=True)
              - 2.0 * jnp.dot(x_cd, centroids_kd.T, precision=_HIGHEST) + centroid_sq_k)
     labels_c = jnp.argmin(sq_ck, axis=1).astype(jnp.int32)
@@ -124,8 +124,9 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
 
   # zeros_like(points) keeps the points' varying-over-mesh type, as shard_map's loops require.
   zeros = functools.partial(jnp.zeros_like, points_nd)
-  init = _PassStats(zeros(shape=(n,), dtype=jnp.int32), zeros(shape=(n,)), zeros(shape=(k, d)),
-                    zeros(shape=(k,), dtype=jnp.int32), zeros(shape=()))
+  init = _PassStats(zeros(shape=(n,), dtype=jnp.int32), zeros(shape=(n,), dtype=jnp.float32),
+                    zeros(shape=(k, d), dtype=jnp.float32), zeros(shape=(k,), dtype=jnp.int32),
+                    zeros(shape=(), dtype=jnp.float32))
   return lax.fori_loop(0, -(-n // chunk), one_chunk, init)
 
 
@@ -169,15 +170,34 @@ def init_centroids(key, points_nd, valid_n, k, method="random"):
 
   "random": k distinct valid points drawn uniformly, the reference's (faiss) seeding.
   "kmeans++": D²-weighted seeding (Arthur & Vassilvitskii, 2007).
-  Needs at least k valid points (k distinct ones for "kmeans++").
+  Needs at least k valid points (k distinct ones for "kmeans++"). Points may be stored in
+  bfloat16; the centroids are float32.
   """
-  points_nd = points_nd.astype(jnp.float32)
   valid_n = jnp.asarray(valid_n, dtype=bool)
   if method == "random":
-    return points_nd[_distinct_valid_indices(key, valid_n, k)]
+    return points_nd[_distinct_valid_indices(key, valid_n, k)].astype(jnp.float32)
   if method == "kmeans++":
-    return _kmeans_plus_plus(key, points_nd, valid_n, k)
+    return _kmeans_plus_plus(key, points_nd.astype(jnp.float32), valid_n, k)
   raise ValueError(f"k-means init method {method!r}: expected 'random' or 'kmeans++'")
+
+
+@functools.partial(jax.jit, static_argnames=("k", "mesh"))
+def random_init_from_batches(key, points_bnd, valid_bn, k, *, mesh):
+  """init_centroids(method='random') of batches of rows (B, N_b, D), sharded along N_b, read
+  in batch order (the same draw as for their concatenation), without gathering the batches:
+  each device contributes the chosen rows it holds (a psum of k rows)."""
+  index = _distinct_valid_indices(key, valid_bn.reshape(-1), k)
+  batch_k, row_k = jnp.divmod(index, points_bnd.shape[1])
+
+  def local(points_bnd, batch_k, row_k):
+    local_rows = points_bnd.shape[1]
+    start = lax.axis_index(DATA_AXIS) * local_rows
+    here_k = (row_k >= start) & (row_k < start + local_rows)
+    rows_kd = points_bnd[batch_k, jnp.clip(row_k - start, 0, local_rows - 1)].astype(jnp.float32)
+    return lax.psum(jnp.where(here_k[:, None], rows_kd, 0.0), DATA_AXIS)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(), P()),
+                       out_specs=P())(points_bnd, batch_k, row_k)
 
 
 def _split_empty_clusters(centroids_kd, counts_k):
@@ -213,10 +233,23 @@ def _global_pass(points_nd, mask_n, centroids_kd, chunk_size):
   return stats._replace(sums_kd=sums_kd, counts_k=counts_k, sq_dist_sum=sq_dist_sum)
 
 
-def _on_mesh(points_nd, mask_n, mesh):
-  """float32 points and bool mask, padded to a multiple of the mesh size, rows over 'data'."""
-  points_nd, mask_n = pad_to_multiple(jnp.asarray(points_nd, jnp.float32), mask_n, mesh.size)
-  return jax.device_put((points_nd, mask_n), NamedSharding(mesh, P(DATA_AXIS)))
+def _row_spec(ndim):
+  """Rows over 'data': (N, D) points along N, (B, N_b, D) batches of rows along N_b."""
+  return P(DATA_AXIS) if ndim == 1 else P(None, DATA_AXIS)
+
+
+def _on_mesh(points, mask, mesh):
+  """float32 (or bfloat16, kept as stored: distances are float32 per chunk) points (N, D) or
+  (B, N_b, D) and their bool mask, rows padded to a multiple of the mesh size and sharded."""
+  points = jnp.asarray(points)
+  if points.dtype != jnp.bfloat16:
+    points = points.astype(jnp.float32)
+  mask = jnp.asarray(mask, dtype=bool)
+  pad = -mask.shape[-1] % mesh.size
+  if pad:
+    points = jnp.pad(points, [(0, 0)] * (points.ndim - 2) + [(0, pad), (0, 0)])
+    mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
+  return jax.device_put((points, mask), NamedSharding(mesh, _row_spec(mask.ndim)))
 
 
 def _replicated(tree, mesh):
@@ -226,8 +259,10 @@ def _replicated(tree, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "mesh", "chunk_size"))
-def _lloyd_on_mesh(points_nd, mask_n, centroids_kd, num_iters, mesh, chunk_size):
-  def local(points_nd, mask_n, centroids_kd):
+def _lloyd_on_mesh(points, mask, centroids_kd, num_iters, mesh, chunk_size):
+  def local(points, mask, centroids_kd):
+    points_nd, mask_n = points.reshape(-1, points.shape[-1]), mask.reshape(-1)
+
     def iteration(_, centroids_kd):
       stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size)
       means_kd = jnp.where(stats.counts_k[:, None] > 0,
@@ -238,12 +273,12 @@ def _lloyd_on_mesh(points_nd, mask_n, centroids_kd, num_iters, mesh, chunk_size)
     centroids_kd = lax.fori_loop(0, num_iters, iteration, centroids_kd)
     stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size)
     loss = stats.sq_dist_sum / jnp.maximum(jnp.sum(stats.counts_k), 1)
-    return KMeansResult(centroids_kd, jnp.where(mask_n, stats.labels_n, -1), loss,
-                        stats.counts_k)
+    return KMeansResult(centroids_kd, jnp.where(mask_n, stats.labels_n, -1).reshape(mask.shape),
+                        loss, stats.counts_k)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-                       out_specs=KMeansResult(P(), P(DATA_AXIS), P(), P()))(
-                           points_nd, mask_n, centroids_kd)
+  rows = _row_spec(mask.ndim)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P()),
+                       out_specs=KMeansResult(P(), rows, P(), P()))(points, mask, centroids_kd)
 
 
 def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=65536):
@@ -254,13 +289,15 @@ def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=6
   The returned assignments, counts and loss come from one more assignment pass against the
   returned (final) centroids, as the reference's search after faiss training does; the counts
   are what the reference starts the mini-batch running counts from.
-  Points are sharded over the mesh axis "data" (any N: padded with masked rows here).
+  Points are sharded over the mesh axis "data" (any N: padded with masked rows here). Points
+  may also come as batches (B, N_b, D) sharded along N_b (the init buffer): each device then
+  works on its own rows in place, and the assignments are (B, N_b).
   """
-  n = points_nd.shape[0]
+  n = mask_n.shape[-1]
   points_nd, mask_n = _on_mesh(points_nd, mask_n, mesh)
   result = _lloyd_on_mesh(points_nd, mask_n, _replicated(init_centroids_kd, mesh), num_iters,
                           mesh, chunk_size)
-  return result._replace(assignments=result.assignments[:n])
+  return result._replace(assignments=result.assignments[..., :n])
 
 
 def kmeans(key, points_nd, mask_n, k, num_iters=20, *, mesh, metric="cosine", init="random",

@@ -3,6 +3,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -43,6 +44,23 @@ class BatchNorm(nn.Module):
         running_var.value = m * running_var.value + (1 - m) * var * (n / (n - 1))
     y = (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
     return y.astype(self.dtype)
+
+
+def running_average_decays(model, variables, images_bhwc):
+  """A tree shaped like variables['batch_stats'] whose leaves are their BatchNorm's momentum
+  (the factor each train-mode pass multiplies the running average by), found by tracing one
+  eval-mode apply on `images_bhwc` (nothing is computed)."""
+  momenta = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, BatchNorm):
+      momenta[context.module.path] = context.module.momentum
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(model.apply, train=False), variables, images_bhwc)
+  flat = flax.traverse_util.flatten_dict(variables["batch_stats"])
+  return flax.traverse_util.unflatten_dict({path: momenta[path[:-1]] for path in flat})
 
 
 def same_padding(size, kernel_size, stride):
