@@ -20,12 +20,12 @@ _TORCH_PHASES = {
 }
 PHASES = {
     "picie_jax": {
-        "cluster": {"row": "picie_jax/cluster_step_one_view", "passes": 2, "images": "train",
-                    "note": "train.cluster_phase: one pass per view"},
+        "cluster": {"row": "picie_jax/cluster_step", "passes": 1, "images": "train",
+                    "note": "train.cluster_phase: one pass, both views"},
         "label": {"row": "picie_jax/label_step", "passes": 1, "images": "train",
-                  "note": "train.label_phase: both views, counts only"},
+                  "note": "train.label_phase: both views' counts and the label cache"},
         "train": {"row": "picie_jax/train_step", "passes": 1, "images": "train",
-                  "note": "steps.train_step recomputes both views' labels"},
+                  "note": "steps.train_step with the cached labels"},
         "eval": {"row": "picie_jax/eval_step", "passes": 1, "images": "val",
                  "note": "steps.eval_step"},
     },

@@ -200,16 +200,18 @@ def ratios(rows):
     for layout in ("nchw", "channels_last"):
       t = f"{shape}/torch_{layout}"
       train_t, label_t = median(f"{t}/train_step"), median(f"{t}/train_labels")
-      add(f"{shape} train step / torch {layout} (train step + its labels)",
-          median(f"{shape}/picie_jax/train_step"),
+      train_j, label_j = (median(f"{shape}/picie_jax/train_step"),
+                          median(f"{shape}/picie_jax/label_recompute"))
+      add(f"{shape} train step / torch {layout} (labels cached in both)", train_j, train_t)
+      add(f"{shape} train step + its labels / torch {layout} (train step + its labels)",
+          None if train_j is None or label_j is None else train_j + label_j,
           None if train_t is None or label_t is None else train_t + label_t)
       fwd, opt = median(f"{shape}/picie_jax/views_forward_backward"), median(
           f"{shape}/picie_jax/optimizer")
       add(f"{shape} views+forward+backward+Adam / torch {layout} train step",
           None if fwd is None or opt is None else fwd + opt, train_t)
-      cluster = median(f"{shape}/picie_jax/cluster_step_one_view")
       add(f"{shape} cluster step (2 views) / torch {layout}",
-          None if cluster is None else 2 * cluster, median(f"{t}/cluster_step"))
+          median(f"{shape}/picie_jax/cluster_step"), median(f"{t}/cluster_step"))
       add(f"{shape} label step / torch {layout}", median(f"{shape}/picie_jax/label_step"),
           median(f"{t}/label_step"))
       add(f"{shape} eval step / torch {layout}", median(f"{shape}/picie_jax/eval_step"),

@@ -129,6 +129,10 @@ class JaxSteps:
                   "eval": (config.eval.batch_size, config.eval.res)}
     self.batches = {name: random_batch(run, rng, b, side, self.num_true if name == "eval" else 0)
                     for name, (b, side) in self.sizes.items()}
+    if run.method.cached_labels:  # train.labels='cached': the label cache's rows come with it
+      self.batches["train"]["labels"] = steps.label_counts(
+          run.model, self.targets, self.batches["train"], 0, run.augment_key, method=run.method,
+          k=run.k)[1]
     self.kmeans_state = kmeans.MiniBatchState(self.targets.centroids[0],
                                               jax.numpy.ones(run.k, jax.numpy.float32))
     self._views = jax.jit(steps.view_images, static_argnames="method")
@@ -166,13 +170,16 @@ class JaxSteps:
     return self._adam(self.run.tx, self.state.params, self.state.opt_state, self.grads)
 
   def cluster_step(self):
-    """One batch of one view's cluster pass: train-mode features, one mini-batch update."""
+    """One batch of the cluster pass: both views' train-mode features (one read of the batch)
+    and one mini-batch k-means update per view."""
     r = self.run
-    points, mask, _ = steps.cluster_features(r.model, self.targets.frozen,
-                                             self.batches["cluster"], 0, r.augment_key,
-                                             method=r.method, view=0)
-    return kmeans.minibatch_update(self.kmeans_state, points, mask, mesh=r.mesh,
-                                   chunk_size=self.config.kmeans.chunk_size)
+    frozen = self.targets.frozen
+    views, _ = steps.cluster_features(r.model, frozen["params"],
+                                      [frozen["batch_stats"]] * r.num_views,
+                                      self.batches["cluster"], 0, r.augment_key, method=r.method)
+    return [kmeans.minibatch_update(self.kmeans_state, points, mask, mesh=r.mesh,
+                                    chunk_size=self.config.kmeans.chunk_size)
+            for points, mask in views]
 
   def label_step(self):
     r = self.run
@@ -225,7 +232,7 @@ def step_groups(jax_steps, peers):
                 "picie_jax/label_recompute": j.label_recompute,
                 "picie_jax/views_forward_backward": j.views_forward_backward,
                 "picie_jax/optimizer": j.optimizer},
-      "cluster": {"picie_jax/cluster_step_one_view": j.cluster_step},
+      "cluster": {"picie_jax/cluster_step": j.cluster_step},
       "label": {"picie_jax/label_step": j.label_step},
       "eval": {"picie_jax/eval_step": j.eval_step},
   }
