@@ -21,7 +21,8 @@ def pin_threads(threads):
   """Pins this process (and its children) to `threads` CPUs of its affinity set and sets the
   thread pools every framework reads at import: OpenMP/MKL/OpenBLAS (numpy, scikit-learn,
   faiss, torch) from the environment; XLA's CPU pool should follow the affinity set (it sizes
-  itself to the schedulable CPUs; XLA_FLAGS has no thread-count flag), and `--xla_cpu_multi_thread_eigen=false` makes it serial at 1.
+  itself to the schedulable CPUs; XLA_FLAGS has no thread-count flag), and
+  `--xla_cpu_multi_thread_eigen=false` makes it serial at 1.
   Returns what was set. Call before importing jax/numpy/torch/faiss."""
   loaded = [m for m in ("jax", "numpy", "torch", "faiss") if m in sys.modules]
   if loaded:
