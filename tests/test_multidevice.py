@@ -187,8 +187,9 @@ def test_two_processes_train_like_one_process_and_resume(one_process_runs, tmp_p
   logs = tmp_path / "killed_logs"
   logs.mkdir()
   commands = _two_process_commands(killed, cache, _free_port())
-  # Save 2 is the first inside the train phase (after batch 1 of 3).
-  _run_together(commands, logs, kill_when=(killed / "checkpoints/2/commit_success.txt").exists)
+  # Save 2 is the first inside the train phase (after batch 1 of 3); orbax renames its
+  # temporary directory to checkpoints/2 once the save is complete.
+  _run_together(commands, logs, kill_when=(killed / "checkpoints/2").is_dir)
   assert not (killed / "metrics.jsonl").exists(), "the kill landed after the train phase"
   _run_together(commands, logs)
   log0 = (logs / "process0.log").read_text()

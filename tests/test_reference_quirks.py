@@ -58,8 +58,10 @@ def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
 
 
 def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
-  """The loss's view_images call is the one marked train_phase (labels keep P1)."""
-  method = _method(**{"method": "pixel_kmeans", "kmeans.metric": "l2"})
+  """The loss's view_images call is the one marked train_phase (labels recomputed in the step
+  keep P1)."""
+  method = _method(**{"method": "pixel_kmeans", "kmeans.metric": "l2",
+                      "train.labels": "recompute"})
   calls = []
   real = steps.view_images
 
@@ -78,8 +80,7 @@ def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
            "mask": jnp.ones(2, bool)}
   step = functools.partial(steps.train_step.__wrapped__, None, method=method, tx=tx)
   jax.make_jaxpr(step)(state, targets, batch, 0, jax.random.PRNGKey(0))
-  assert True in calls  # the loss
-  assert calls.count(True) == 1
+  assert calls.count(True) == 1 and calls.count(False) == 1  # the loss, the labels
 
 
 def test_quirk_view2_is_resized_as_pil_does():
