@@ -12,6 +12,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+# Modules that take minutes run first, so the two xdist workers (pytest.ini) finish together.
+_SLOW_MODULES = ("test_multidevice.py", "test_study.py", "test_train.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _SLOW_MODULES.index(name) if name in _SLOW_MODULES else len(_SLOW_MODULES)
+  items.sort(key=rank)  # stable: the order inside a module is kept
+
 # --config.* overrides shrinking configs/synthetic.py to a run of a few seconds per epoch.
 TINY_OVERRIDES = {
     "dataset.num_train": 48, "dataset.num_val": 16, "dataset.synthetic_size": 64,
