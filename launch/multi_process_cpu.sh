@@ -11,22 +11,9 @@
 # commands (process 1 is started in the background) instead of running them.
 set -euo pipefail
 
-dry_run=0
-if [[ "${1:-}" == --dry-run ]]; then
-  dry_run=1
-  shift
-fi
-
-# Runs a command, or with --dry-run prints it (shell-quoted) instead.
-run() {
-  if (( dry_run )); then
-    local quoted
-    quoted="$(printf '%q ' "$@")"
-    echo "${quoted% }"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
+if (( dry_run )); then shift; fi
 
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 [--dry-run] CONFIG WORKDIR [extra picie-jax flags...]" >&2

@@ -14,22 +14,9 @@
 # --dry-run (first argument) prints the gcloud command instead of running it.
 set -euo pipefail
 
-dry_run=0
-if [[ "${1:-}" == --dry-run ]]; then
-  dry_run=1
-  shift
-fi
-
-# Runs a command, or with --dry-run prints it (shell-quoted) instead.
-run() {
-  if (( dry_run )); then
-    local quoted
-    quoted="$(printf '%q ' "$@")"
-    echo "${quoted% }"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
+if (( dry_run )); then shift; fi
 
 if [[ $# -lt 2 ]]; then
   echo "usage: TPU=name ZONE=zone $0 [--dry-run] CONFIG WORKDIR [extra picie-jax flags...]" >&2
