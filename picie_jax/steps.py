@@ -124,14 +124,17 @@ def view_images(images_uint8, indices, epoch, key, method, train_phase=False):
   for view, stream in enumerate(streams):
     photo = T.batch_params(T.photometric_params, key, epoch, indices, stream,
                            method.photometric)
-    jittered = T.apply_photometric(x, photo, method.photometric)
+    coloured = T.apply_colour(x, photo, method.photometric)  # P = blur(colour), blur in resize
+    blur = T.blur_kernels(photo, method.photometric)
     if view == 0:
-      unjittered = train_phase and not method.jitter_train_view1
-      views.append(T.apply_geometric(x if unjittered else jittered, geo, method.res1))
+      if train_phase and not method.jitter_train_view1:
+        views.append(T.apply_geometric(x, geo, method.res1))
+      else:
+        views.append(T.apply_geometric(coloured, geo, method.res1, blur))
     elif method.antialiased_view2:
-      views.append(T.resize_antialiased(jittered, method.res1))
+      views.append(T.resize_antialiased(coloured, method.res1, blur))
     else:
-      views.append(T.resize_bilinear(jittered, method.res1))
+      views.append(T.resize_bilinear(coloured, method.res1, blur))
   return views, geo
 
 

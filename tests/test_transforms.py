@@ -76,9 +76,10 @@ def test_hue_matches_colorsys_round_trip():
         np.testing.assert_allclose(out.reshape(-1, 3), want, atol=1e-5)
 
 
-def test_blur_matches_scipy_gaussian_filter():
+@pytest.mark.parametrize("size", [20, 5])  # 5 < the radius 6: reflected more than once
+def test_blur_matches_scipy_gaussian_filter(size):
     rng = np.random.default_rng(2)
-    images = rng.uniform(0, 1, (4, 20, 20, 3)).astype(np.float32)
+    images = rng.uniform(0, 1, (4, size, size, 3)).astype(np.float32)
     sigmas = np.array([0.3, 1.0, 2.0, 0.0], np.float32)
     got = np.asarray(apply_photometric(jnp.asarray(images), photometric_batch(
         4, blur_sigma=sigmas), T.PhotometricConfig()))
@@ -86,6 +87,35 @@ def test_blur_matches_scipy_gaussian_filter():
         # scipy 'mirror' (d c b | a b c d) is torch's 'reflect'; radius int(3*sigma + 0.5).
         want = ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="mirror", truncate=3.0)
         np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, out_size", [(40, 20), (24, 24), (12, 5)])
+def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size):
+    """The views apply P's blur inside G's resampling (and the plain and antialiased resizes');
+    the same as P's blurred image resized, for crops at both borders, flips, all blur sizes."""
+    images = jnp.asarray(smooth_images_u8(4, size, seed=7), jnp.float32) / 255
+    cfg = T.PhotometricConfig()
+    photo = photometric_batch(4, brightness=[1.2, 1.0, 0.8, 1.0], hue=[0.05, 0.0, -0.1, 0.0],
+                              blur_sigma=np.array([2.0, 0.7, 0.0, 1.3], np.float32))
+    geo = {"scale": jnp.array([0.5, 1.0, 0.73, 0.5]), "offset_y": jnp.array([0.0, 1.0, 0.4, 1.0]),
+           "offset_x": jnp.array([1.0, 0.0, 0.6, 0.0]), "hflip": jnp.array([True, False] * 2),
+           "vflip": jnp.array([False, True, True, False])}
+    coloured, blur = T.apply_colour(images, photo, cfg), T.blur_kernels(photo, cfg)
+    blurred = jnp.asarray(np.stack([  # scipy 'mirror' is torch's 'reflect'; radius 3 sigma
+        ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="mirror", truncate=3.0)
+        for image, sigma in zip(np.asarray(coloured, np.float64), photo["blur_sigma"])]),
+        jnp.float32)
+    assert float(jnp.abs(blurred - coloured).max()) > 0.05  # the blur did something
+    pairs = {
+        "geometric": (apply_geometric(blurred, geo, out_size),
+                      jax.jit(T.apply_geometric, static_argnums=2)(coloured, geo, out_size, blur)),
+        "bilinear": (resize_bilinear(blurred, out_size),
+                     jax.jit(T.resize_bilinear, static_argnums=1)(coloured, out_size, blur)),
+        "antialiased": (T.resize_antialiased(blurred, out_size),
+                        T.resize_antialiased(coloured, out_size, blur)),
+    }
+    for name, (separate, folded) in pairs.items():
+        np.testing.assert_allclose(folded, separate, atol=2e-6, err_msg=name)
 
 
 def test_ops_applied_in_order_with_clamping():
