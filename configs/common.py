@@ -55,7 +55,7 @@ def get_config():
   c.kmeans.num_init_batches = 20  # batches whose pixels seed the full Lloyd init
   c.kmeans.iters = 20  # Lloyd iterations of the init
   c.kmeans.init = "random"  # random (reference/faiss) | kmeans++
-  c.kmeans.chunk_size = 65536  # points per distance chunk (bounds N x K memory)
+  c.kmeans.chunk_size = 0  # points per distance chunk (bounds N x K memory); 0: by platform
   # Init buffer (num_init_batches x batch_size images, both views): pixels kept per image (a
   # fixed random subset keyed by (seed, epoch, index); 0 = all (res1/4)^2) and storage dtype
   # (float32 | bfloat16; distances are computed in float32 either way).

@@ -22,13 +22,13 @@ _CHOICES = {
     "kmeans.buffer_dtype": ("float32", "bfloat16"),
 }
 _POSITIVE_INTS = ("res1", "res2", "kmeans.k_train", "kmeans.batch_size",
-                  "kmeans.num_init_batches", "kmeans.iters", "kmeans.chunk_size",
+                  "kmeans.num_init_batches", "kmeans.iters",
                   "train.batch_size", "eval.res", "eval.batch_size", "eval.k_test",
                   "eval.every_epochs", "log_every_steps", "checkpoint_every_steps",
                   "model.width", "model.fpn_channels")
 _NON_NEGATIVE_INTS = ("num_epochs", "dataset.num_train", "dataset.num_val", "eval.num_vis",
                       "eval.overcluster_k", "augment.blur_max_radius",
-                      "kmeans.init_pixels_per_image")
+                      "kmeans.init_pixels_per_image", "kmeans.chunk_size")
 _PROBABILITIES = ("augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
                   "augment.hflip_p", "augment.vflip_p")
 

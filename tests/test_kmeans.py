@@ -50,10 +50,11 @@ def gaussian_points(seed, n, d):
 
 
 def test_assign_to_nearest_chunked_matches_brute_force():
-  x = gaussian_points(0, 1000, 12)
+  x = gaussian_points(0, 10000, 12)
   c = gaussian_points(1, 10, 12)
   want_labels, want_sq = brute_force_nearest(x, c)
-  for chunk_size in (300, 4096):  # 300 does not divide 1000: the last chunk overlaps
+  assert km.default_chunk_size() == 4096  # on CPU: 10000 points are 3 chunks, the last overlaps
+  for chunk_size in (300, 0, 16384):  # 300 does not divide 10000 either; 0: the default
     labels, sq = km.assign_to_nearest(x, c, chunk_size=chunk_size)
     assert labels.dtype == jnp.int32 and sq.dtype == jnp.float32
     np.testing.assert_array_equal(labels, want_labels)

@@ -88,6 +88,14 @@ def _cluster_sums(x_cd, labels_c, counted_c, k):
           jnp.sum(onehot_ck, axis=0, dtype=jnp.int32))
 
 
+def default_chunk_size():
+  """Rows per distance chunk where `chunk_size` is 0: 4096 on CPU, where a chunk's points
+  (2 MB at 128-d) stay in cache from the distance matmul to the cluster sums (1 M x 128,
+  K 27: 25% faster than 65536 on a 2-core EPYC), and 65536 on GPU/TPU, whose matmuls want rows.
+  """
+  return 4096 if jax.default_backend() == "cpu" else 65536
+
+
 def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
   """Nearest centroid of every point, in chunks of rows so at most chunk_size*K distances exist.
 
@@ -100,7 +108,7 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
   k = centroids_kd.shape[0]
   if n == 0:
     raise ValueError("points_nd has no rows: k-means needs at least one point per device")
-  chunk = min(chunk_size, n)
+  chunk = min(chunk_size or default_chunk_size(), n)
   centroid_sq_k = jnp.sum(jnp.square(centroids_kd), axis=1)
 
   def one_chunk(i, stats):
@@ -131,7 +139,7 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
-def assign_to_nearest(points_nd, centroids_kd, chunk_size=65536):
+def assign_to_nearest(points_nd, centroids_kd, chunk_size=0):
   """Nearest centroid (int32 (N,)) and its squared L2 distance (float32 (N,)) for every point."""
   stats = _chunked_pass(points_nd.astype(jnp.float32), centroids_kd.astype(jnp.float32),
                         chunk_size)
@@ -281,7 +289,7 @@ def _lloyd_on_mesh(points, mask, centroids_kd, num_iters, mesh, chunk_size):
                        out_specs=KMeansResult(P(), rows, P(), P()))(points, mask, centroids_kd)
 
 
-def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=65536):
+def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=0):
   """`num_iters` Lloyd iterations from `init_centroids_kd` over the points where `mask_n`.
 
   Each iteration assigns every point to its nearest centroid, replaces each centroid by the
@@ -301,7 +309,7 @@ def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=6
 
 
 def kmeans(key, points_nd, mask_n, k, num_iters=20, *, mesh, metric="cosine", init="random",
-           chunk_size=65536):
+           chunk_size=0):
   """k-means of the points where `mask_n`: normalise (metric 'cosine'), seed, run Lloyd.
 
   metric 'l2' uses the points as given. Centroids are plain means in either case.
@@ -334,7 +342,7 @@ def _minibatch_on_mesh(state, points_nd, mask_n, mesh, chunk_size):
                        out_specs=(P(), P(), P()))(state, points_nd, mask_n)
 
 
-def minibatch_update(state, points_nd, mask_n, *, mesh, chunk_size=65536):
+def minibatch_update(state, points_nd, mask_n, *, mesh, chunk_size=0):
   """One online k-means update from a batch of points (the valid ones where `mask_n`).
 
   With n_k batch points nearest to centroid k: N_k += n_k, lr_k = n_k / N_k and
