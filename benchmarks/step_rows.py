@@ -18,7 +18,6 @@ from picie_jax import parallel
 from picie_jax import steps
 from picie_jax import train
 from picie_jax.core import kmeans
-from picie_jax.core import losses
 
 # Where these shapes come from: the COCO recipe (configs/coco_stuff27.py) at CPU batch sizes,
 # and the demo (configs/synthetic.py) as it runs.
@@ -90,23 +89,6 @@ def random_targets(run, targets, rng):
   return targets.replace(centroids=parallel.replicate(centroids, run.mesh))
 
 
-def loss_grads(model, state, targets, batch, labels, epoch, key, method):
-  """The part of steps.train_step between labels and optimizer, for PiCIE (2 views,
-  centroid classifier): both views' augmentation and features, the loss, its gradients."""
-
-  def loss_fn(params):
-    feats, batch_stats = steps.view_features(
-        model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        batch["index"], epoch, key, method, train=True)
-    z = [steps.with_bias_column(f) for f in feats]
-    w = [steps.classifier_from_centroids(c, method.metric) for c in targets.centroids]
-    out = losses.picie_loss(z[0], z[1], labels[0], labels[1], w[0], w[1], targets.weights[0],
-                            targets.weights[1], batch["mask"], use_cross=method.use_cross)
-    return out["total"], batch_stats
-
-  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-
-
 def adam_update(tx, params, opt_state, grads):
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
@@ -137,7 +119,7 @@ class JaxSteps:
                                               jax.numpy.ones(run.k, jax.numpy.float32))
     self._views = jax.jit(steps.view_images, static_argnames="method")
     self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "method"))
-    self._loss_grads = jax.jit(loss_grads, static_argnames=("model", "method"))
+    self._loss_grads = jax.jit(steps.loss_and_grads, static_argnames=("model", "method"))
     self._adam = jax.jit(adam_update, static_argnames="tx")
     # Set by label_recompute and views_forward_backward (called in that order, after a first
     # train_step): computed from the initial state they would compile once more for nothing.
@@ -163,7 +145,7 @@ class JaxSteps:
     r = self.run
     out = self._loss_grads(r.model, self.state, self.targets, self.batches["train"],
                            self.labels, 0, r.augment_key, r.method)
-    self.grads = out[1]
+    self.grads = out[1][0]  # the network's (the classifier's are zero: not parametric)
     return out
 
   def optimizer(self):

@@ -285,19 +285,10 @@ def init_variables(model, key, res):
   return model.init(key, jnp.zeros((1, res, res, 3)), train=False)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "tx"), donate_argnums=(1,))
-def train_step(model, state, targets, batch, epoch, key, *, method, tx):
-  """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
-
-  The labels come from the label cache (batch['labels'] (B, V, h, w)) when
-  method.cached_labels, else they are recomputed here by the label pass's own function.
-  Returns (new state, {'total', 'within', 'cross'} losses).
-  """
-  if method.cached_labels:
-    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(method.num_views)]
-  else:
-    labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
-
+def loss_and_grads(model, state, targets, batch, labels, epoch, key, method):
+  """The train phase's loss of a batch with its labels (both views' augmentation, train-mode
+  features, within + cross terms) and its gradients: ((total, (losses, batch_stats)),
+  (network grads, classifier grads)); the classifier's are zero unless method.parametric."""
   def loss_fn(params, classifier):
     feats, batch_stats = view_features(
         model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
@@ -318,8 +309,25 @@ def train_step(model, state, targets, batch, epoch, key, *, method, tx):
       out = {"within": within, "cross": jnp.zeros_like(within), "total": within}
     return out["total"], (out, batch_stats)
 
-  (_, (out, batch_stats)), (grads, cls_grads) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.classifier)
+  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params,
+                                                                   state.classifier)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "tx"), donate_argnums=(1,))
+def train_step(model, state, targets, batch, epoch, key, *, method, tx):
+  """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
+
+  The labels come from the label cache (batch['labels'] (B, V, h, w)) when
+  method.cached_labels, else they are recomputed here by the label pass's own function.
+  Returns (new state, {'total', 'within', 'cross'} losses).
+  """
+  if method.cached_labels:
+    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(method.num_views)]
+  else:
+    labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
+
+  (_, (out, batch_stats)), (grads, cls_grads) = loss_and_grads(
+      model, state, targets, batch, labels, epoch, key, method)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   classifier, cls_opt_state = state.classifier, state.classifier_opt_state
