@@ -74,23 +74,36 @@ def _write_pictures(prefix, vis, mapping, hist, source):
 
 
 def fresh_centroids(model, variables, source, config, mesh, method, k, key, progress=True):
-  """k-means with `k` clusters on un-augmented eval-mode features of `source` (fresh clusters)."""
+  """k-means with `k` clusters on un-augmented eval-mode features of `source` (fresh clusters).
+
+  Its init buffer is checked, subsampled and stored as the cluster phase's
+  (kmeans.init_pixels_per_image, kmeans.buffer_dtype), with one view.
+  """
   batch_size = config.kmeans.batch_size
   batches = pipeline.pass_batches(source, batch_size, config.res2,
                                   num_hosts=jax.process_count(), host_id=jax.process_index())
+  side = config.res1 // steps.FEATURE_STRIDE
+  clustering.check_init_buffer(
+      config, num_views=1, points_per_image=side * side,
+      channels=3 if method.pixels else config.model.fpn_channels, say=reporting.say)
   bar = reporting.Progress(f"fresh k-means (K={k})",
                            pipeline.num_batches(source.num_examples, batch_size), batch_size,
                            enabled=progress)
+  per_image = config.kmeans.init_pixels_per_image
 
   def features_fn(host_batch, for_init):
-    del for_init  # every pixel: the init buffer of one view at the evaluation's batch
     batch = parallel.shard_host_batch(host_batch, mesh)
-    return [steps.fresh_features(model, variables, batch, method=method)]
+    points, mask = steps.fresh_features(model, variables, batch, method=method)
+    if for_init and per_image:  # the init buffer's subset, as the cluster phase keeps it
+      points, mask = clustering.sample_pixels(points, mask, batch["index"],
+                                              jax.random.fold_in(key, 1), per_image)
+    return [(points, mask)]
 
   centroids, stats = clustering.minibatch_kmeans(
       batches, features_fn, k=k, num_init_batches=config.kmeans.num_init_batches,
       iters=config.kmeans.iters, init=config.kmeans.init, keys=[key],
-      mesh=mesh, chunk_size=config.kmeans.chunk_size, progress=bar)
+      mesh=mesh, chunk_size=config.kmeans.chunk_size, buffer_dtype=config.kmeans.buffer_dtype,
+      progress=bar)
   bar.close()
   return centroids[0], stats[0]
 

@@ -540,7 +540,10 @@ def restore_latest(run):
 # shown. Anything else would score another model than the run trained.
 EVAL_OVERRIDABLE = ("dataset.root", "dataset.data_dir", "dataset.manual_dir",
                     "dataset.scan_label_values", "dataset.on_bad_file", "eval.batch_size",
-                    "eval.k_test", "eval.overcluster_k", "eval.num_vis", "progress")
+                    "eval.k_test", "eval.overcluster_k", "eval.num_vis", "progress",
+                    # the fresh clusters' k-means and its init buffer's memory
+                    "kmeans.batch_size", "kmeans.num_init_batches",
+                    "kmeans.init_pixels_per_image", "kmeans.buffer_dtype")
 
 
 def apply_eval_overrides(config, overrides):

@@ -176,6 +176,35 @@ def test_init_buffer_too_large_fails_before_the_first_batch(phases, monkeypatch)
     assert field in str(e.value)
 
 
+def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
+  """The final evaluation's fresh k-means guards and subsamples its init buffer as the cluster
+  phase does (one view, un-augmented eval-mode features)."""
+  run, start, _, _ = phases
+  variables = {"params": start.params, "batch_stats": start.batch_stats}
+  key = jax.random.PRNGKey(0)
+
+  def fresh(config):
+    return evaluate.fresh_centroids(run.model, variables, run.train_source, config, run.mesh,
+                                    run.method, 4, key, progress=False)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(clustering, "device_memory_bytes", lambda: (10_000, "test limit"))
+    patch.setattr(steps, "fresh_features", lambda *a, **k: pytest.fail("a batch was read"))
+    with pytest.raises(MemoryError, match=r"config\.kmeans\.init_pixels_per_image"):
+      fresh(run.config)
+  config = copy.deepcopy(run.config)
+  config.kmeans.init_pixels_per_image = 5
+  side = config.res1 // steps.FEATURE_STRIDE
+  whole, subsampled = fresh(run.config)[1], fresh(config)[1]
+  bytes_at = functools.partial(
+      clustering.init_buffer_bytes, num_views=1, num_init_batches=config.kmeans.num_init_batches,
+      batch_size=config.kmeans.batch_size, channels=config.model.fpn_channels,
+      dtype=jnp.float32, num_devices=jax.device_count())
+  assert whole["init_buffer_bytes"] == bytes_at(points_per_image=side * side)
+  assert subsampled["init_buffer_bytes"] == bytes_at(points_per_image=5)
+  assert np.isfinite(subsampled["init_loss"]) and subsampled["init_loss"] != whole["init_loss"]
+
+
 def test_sample_pixels_keeps_a_fixed_subset_per_image():
   """Each image keeps `per_image` distinct rows of its own, drawn from its index alone."""
   hw, channels = 12, 2
