@@ -90,7 +90,7 @@ def test_blur_matches_scipy_gaussian_filter(size):
 
 
 @pytest.mark.parametrize("size, out_size", [(40, 20), (24, 24), (12, 5)])
-def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size):
+def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size, monkeypatch):
     """The views apply P's blur inside G's resampling (and the plain and antialiased resizes');
     the same as P's blurred image resized, for crops at both borders, flips, all blur sizes."""
     images = jnp.asarray(smooth_images_u8(4, size, seed=7), jnp.float32) / 255
@@ -106,16 +106,19 @@ def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size):
         for image, sigma in zip(np.asarray(coloured, np.float64), photo["blur_sigma"])]),
         jnp.float32)
     assert float(jnp.abs(blurred - coloured).max()) > 0.05  # the blur did something
-    pairs = {
-        "geometric": (apply_geometric(blurred, geo, out_size),
-                      jax.jit(T.apply_geometric, static_argnums=2)(coloured, geo, out_size, blur)),
-        "bilinear": (resize_bilinear(blurred, out_size),
-                     jax.jit(T.resize_bilinear, static_argnums=1)(coloured, out_size, blur)),
-        "antialiased": (T.resize_antialiased(blurred, out_size),
-                        T.resize_antialiased(coloured, out_size, blur)),
-    }
-    for name, (separate, folded) in pairs.items():
-        np.testing.assert_allclose(folded, separate, atol=2e-6, err_msg=name)
+    separate = {"geometric": apply_geometric(blurred, geo, out_size),
+                "bilinear": resize_bilinear(blurred, out_size),
+                "antialiased": T.resize_antialiased(blurred, out_size)}
+    for gathers in (True, False):  # CPU's banded gathers, and the GPU/TPU dense matrices
+        monkeypatch.setattr(T, "_gathers_win", lambda gathers=gathers: gathers)
+        folded = {  # fresh lambdas: no trace of the other strategy is reused
+            "geometric": jax.jit(lambda c, g, b: T.apply_geometric(c, g, out_size, b))(
+                coloured, geo, blur),
+            "bilinear": jax.jit(lambda c, b: T.resize_bilinear(c, out_size, b))(coloured, blur),
+            "antialiased": T.resize_antialiased(coloured, out_size, blur)}
+        for name, want in separate.items():
+            np.testing.assert_allclose(folded[name], want, atol=2e-6,
+                                       err_msg=f"{name} gathers={gathers}")
 
 
 def test_ops_applied_in_order_with_clamping():

@@ -227,10 +227,22 @@ def _crop_resize_taps(in_size: int, out_size: int, start, length, flip):
     return first, weights
 
 
-def _dense(first_bo, weights_bot, in_size: int):
-    """The (B, out, in) matrix of banded rows."""
-    return sum(weights_bot[..., t, None] * jax.nn.one_hot(first_bo + t, in_size)
+def _dense(sources_bot, weights_bot, in_size: int):
+    """The (B, out, in) matrix of rows given as taps: row o = sum_t weights[o, t] e_{sources[o,
+    t]}."""
+    return sum(weights_bot[..., t, None] * jax.nn.one_hot(sources_bot[..., t], in_size)
                for t in range(weights_bot.shape[-1]))
+
+
+def _consecutive(first_bo, weights_bot):
+    """Taps (sources, weights) of rows whose taps start at `first` and are consecutive."""
+    return first_bo[..., None] + jnp.arange(weights_bot.shape[-1]), weights_bot
+
+
+def _gathers_win():
+    """Whether the views resample by gathering rows (CPU) or by dense matmuls (GPU/TPU: the
+    matrix units do the extra work faster than gathers, which are slow on TPU)."""
+    return jax.default_backend() == "cpu"
 
 
 def _resample(x_bhwc, rows_boh, cols_bpw):
@@ -257,11 +269,14 @@ def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk):
     The blur folds into the resampling: each output row's taps are its resampling weights
     convolved with the blur's, read from the reflected rows, so a 640 -> 320 view reads 14
     rows per output row where a blur pass and then the resize would read 13 + 2 at 640 and the
-    dense contraction all 640 (about 5x faster on CPU). Images come here; differentiated
-    feature maps take the dense `_resample`, whose transpose is a matmul, not a scatter.
+    dense contraction all 640 (about 5x faster on CPU; on GPU/TPU the same taps make dense
+    matrices, `_gathers_win`). Images come here; differentiated feature maps take the dense
+    `_resample`, whose transpose is a matmul, not a scatter.
     """
+    _, height, width, _ = x_bhwc.shape
     if blur_kernels_bk is None:
-        return _resample(x_bhwc, _dense(*rows, x_bhwc.shape[1]), _dense(*cols, x_bhwc.shape[2]))
+        return _resample(x_bhwc, _dense(*_consecutive(*rows), height),
+                         _dense(*_consecutive(*cols), width))
     radius = blur_kernels_bk.shape[1] // 2
 
     def blurred(first_bo, weights_bot, size):
@@ -272,8 +287,9 @@ def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk):
         period = max(2 * (size - 1), 1)  # reflection, a triangle wave: .. c b | a b c d | c ..
         return (size - 1) - jnp.abs((size - 1) - jnp.mod(sources, period)), taps
 
-    rows = blurred(*rows, x_bhwc.shape[1])
-    cols = blurred(*cols, x_bhwc.shape[2])
+    rows, cols = blurred(*rows, height), blurred(*cols, width)
+    if not _gathers_win():
+        return jnp.clip(_resample(x_bhwc, _dense(*rows, height), _dense(*cols, width)), 0.0, 1.0)
     # The first pass is a loop over the batch: as one vmapped expression XLA-CPU fuses it into
     # every tap of the second pass and computes it 14 times over (15x slower).
     x = jax.lax.map(lambda a: _banded_resample(*a, axis=0), (x_bhwc, *rows))
