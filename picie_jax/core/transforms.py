@@ -6,9 +6,9 @@ follow torchvision on float tensors in [0, 1] (multiplicative brightness, contra
 blends with the grayscale image, hue rotation in HSV), not tf.image's additive ones.
 
 `apply_geometric` is the one crop-resize-flip used for images (640 -> 320) and feature maps
-(80 -> 80); `resize_bilinear` is the same code with the identity crop. Resampling is a pair of
-per-sample matrices, and P's blur (linear, last in P) is folded into them: a view costs one
-resize at the base resolution, not a blur pass plus a resize.
+(80 -> 80); `resize_bilinear` is the same code with the identity crop. Each output row of a
+resampling is a few taps (source rows and weights), and P's blur (linear, last in P) is folded
+into them: a view costs one resize at the base resolution, not a blur pass plus a resize.
 """
 import functools
 from typing import NamedTuple
@@ -280,9 +280,9 @@ def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk):
     radius = blur_kernels_bk.shape[1] // 2
 
     def blurred(first_bo, weights_bot, size):
-        width = weights_bot.shape[2]
+        num_taps = weights_bot.shape[2]
         taps = sum(jnp.pad(weights_bot[..., t, None] * blur_kernels_bk[:, None, :],
-                           ((0, 0), (0, 0), (t, width - 1 - t))) for t in range(width))
+                           ((0, 0), (0, 0), (t, num_taps - 1 - t))) for t in range(num_taps))
         sources = first_bo[..., None] + jnp.arange(taps.shape[2]) - radius
         period = max(2 * (size - 1), 1)  # reflection, a triangle wave: .. c b | a b c d | c ..
         return (size - 1) - jnp.abs((size - 1) - jnp.mod(sources, period)), taps
