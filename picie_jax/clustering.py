@@ -82,6 +82,14 @@ def sample_pixels(points_nd, mask_n, indices_b, key, per_image):
   return points_nd[rows], mask_n[rows]
 
 
+def init_subset(views, indices_b, key, per_image):
+  """The views' (points, mask) as the init buffer keeps them: `per_image` pixels of each image
+  (`sample_pixels`), or all of them when per_image is 0 (config.kmeans.init_pixels_per_image)."""
+  if not per_image:
+    return views
+  return [sample_pixels(points, mask, indices_b, key, per_image) for points, mask in views]
+
+
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _fill(buffer_bnd, buffer_mask_bn, points_nd, mask_n, batch_number):
   """Writes one batch's rows into slot `batch_number` of the buffer, in place (donated); the

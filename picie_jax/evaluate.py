@@ -89,15 +89,13 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
   bar = reporting.Progress(f"fresh k-means (K={k})",
                            pipeline.num_batches(source.num_examples, batch_size), batch_size,
                            enabled=progress)
-  per_image = config.kmeans.init_pixels_per_image
-
   def features_fn(host_batch, for_init):
     batch = parallel.shard_host_batch(host_batch, mesh)
-    points, mask = steps.fresh_features(model, variables, batch, method=method)
-    if for_init and per_image:  # the init buffer's subset, as the cluster phase keeps it
-      points, mask = clustering.sample_pixels(points, mask, batch["index"],
-                                              jax.random.fold_in(key, 1), per_image)
-    return [(points, mask)]
+    views = [steps.fresh_features(model, variables, batch, method=method)]
+    if for_init:  # the init buffer's subset, as the cluster phase keeps it
+      views = clustering.init_subset(views, batch["index"], jax.random.fold_in(key, 1),
+                                     config.kmeans.init_pixels_per_image)
+    return views
 
   centroids, stats = clustering.minibatch_kmeans(
       batches, features_fn, k=k, num_init_batches=config.kmeans.num_init_batches,

@@ -142,10 +142,9 @@ def cluster_phase(run, state, epoch):
     preemption.stop_if_requested("cluster", epoch)
     views, chains = steps.cluster_features(run.model, state.params, chains, batch, epoch,
                                            run.augment_key, method=run.method)
-    if for_init and cfg.kmeans.init_pixels_per_image:
-      views = [clustering.sample_pixels(points, mask, batch["index"], kmeans_key,
-                                        cfg.kmeans.init_pixels_per_image)
-               for points, mask in views]
+    if for_init:
+      views = clustering.init_subset(views, batch["index"], kmeans_key,
+                                     cfg.kmeans.init_pixels_per_image)
     return views
 
   centroids, view_stats = clustering.minibatch_kmeans(
