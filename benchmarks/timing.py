@@ -3,6 +3,7 @@
 Nothing here imports a framework at module level: `pin_threads` must run before jax, numpy,
 torch or faiss are imported, so their thread pools see the pinned count.
 """
+
 import importlib
 import importlib.metadata
 import os
@@ -12,8 +13,18 @@ import statistics
 import sys
 import time
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-cpu", "torch", "scikit-learn",
-            "faiss-cpu", "scikit-image")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "tensorflow-cpu",
+    "torch",
+    "scikit-learn",
+    "faiss-cpu",
+    "scikit-image",
+)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -29,17 +40,23 @@ def pin_threads(threads):
     raise RuntimeError(f"pin_threads must run before importing {', '.join(loaded)}")
   available = sorted(os.sched_getaffinity(0))
   if not 1 <= threads <= len(available):
-    raise SystemExit(f"--threads={threads}: this process may use {len(available)} CPUs "
-                     f"({available}); give 1..{len(available)}")
+    raise SystemExit(
+        f"--threads={threads}: this process may use {len(available)} CPUs "
+        f"({available}); give 1..{len(available)}"
+    )
   cpus = available[:threads]
   os.sched_setaffinity(0, cpus)
   for name in THREAD_ENV:
     os.environ[name] = str(threads)
   eigen = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + eigen).strip()
-  return {"threads": threads, "cpus": cpus, **{name: os.environ[name] for name in THREAD_ENV},
-          "XLA_FLAGS": os.environ["XLA_FLAGS"],
-          "xla": "CPU thread pool sized by the affinity set (os.sched_setaffinity)"}
+  return {
+      "threads": threads,
+      "cpus": cpus,
+      **{name: os.environ[name] for name in THREAD_ENV},
+      "XLA_FLAGS": os.environ["XLA_FLAGS"],
+      "xla": "CPU thread pool sized by the affinity set (os.sched_setaffinity)",
+  }
 
 
 def pin_peer_threads(threads):
@@ -47,21 +64,26 @@ def pin_peer_threads(threads):
   done = {}
   try:
     import torch  # pylint: disable=import-outside-toplevel
+
     torch.set_num_threads(threads)
     done["torch.set_num_threads"] = torch.get_num_threads()
   except ImportError:
     pass
   try:
     import faiss  # pylint: disable=import-outside-toplevel
+
     faiss.omp_set_num_threads(threads)
     done["faiss.omp_set_num_threads"] = threads
   except ImportError:
     pass
   try:
     import threadpoolctl  # pylint: disable=import-outside-toplevel
+
     threadpoolctl.threadpool_limits(threads)
-    done["threadpoolctl"] = [{"api": p["internal_api"], "threads": p["num_threads"]}
-                             for p in threadpoolctl.threadpool_info()]
+    done["threadpoolctl"] = [
+        {"api": p["internal_api"], "threads": p["num_threads"]}
+        for p in threadpoolctl.threadpool_info()
+    ]
   except ImportError:
     pass
   return done
@@ -72,8 +94,9 @@ def require(module, what):
   try:
     return importlib.import_module(module)
   except ImportError as e:
-    raise MissingPeer(f"{what} needs `{module}` ({e}); install the bench extra: "
-                      "pip install -e '.[bench]'") from None
+    raise MissingPeer(
+        f"{what} needs `{module}` ({e}); install the bench extra: " "pip install -e '.[bench]'"
+    ) from None
 
 
 class MissingPeer(Exception):
@@ -100,10 +123,15 @@ def machine():
         break
   with open("/proc/meminfo") as f:
     mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-  return {"cpu_model": model, "cores": os.cpu_count(),
-          "affinity": sorted(os.sched_getaffinity(0)), "memory_bytes": mem_kb * 1024,
-          "platform": platform.platform(), "python": platform.python_version(),
-          "loadavg_at_start": os.getloadavg()}
+  return {
+      "cpu_model": model,
+      "cores": os.cpu_count(),
+      "affinity": sorted(os.sched_getaffinity(0)),
+      "memory_bytes": mem_kb * 1024,
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "loadavg_at_start": os.getloadavg(),
+  }
 
 
 class CpuMeter:
@@ -154,8 +182,12 @@ def block(out):
 def summary(times_s):
   if not times_s:
     return {"min_s": None, "median_s": None, "max_s": None, "n": 0}
-  return {"min_s": min(times_s), "median_s": statistics.median(times_s), "max_s": max(times_s),
-          "n": len(times_s)}
+  return {
+      "min_s": min(times_s),
+      "median_s": statistics.median(times_s),
+      "max_s": max(times_s),
+      "n": len(times_s),
+  }
 
 
 def time_interleaved(fns, repeats, warmup=1, max_foreign_cores=None, max_extra_rounds=None):
@@ -186,8 +218,13 @@ def time_interleaved(fns, repeats, warmup=1, max_foreign_cores=None, max_extra_r
       block(fn())
       seconds[name] = time.perf_counter() - start
     foreign = meter.foreign_cores()
-    rounds.append({"seconds": seconds, "foreign_cores": foreign,
-                   "clean": max_foreign_cores is None or foreign <= max_foreign_cores})
+    rounds.append(
+        {
+            "seconds": seconds,
+            "foreign_cores": foreign,
+            "clean": max_foreign_cores is None or foreign <= max_foreign_cores,
+        }
+    )
   contaminated = sum(r["clean"] for r in rounds) < repeats
   used = rounds if contaminated else [r for r in rounds if r["clean"]]
   stats = {}
@@ -196,5 +233,9 @@ def time_interleaved(fns, repeats, warmup=1, max_foreign_cores=None, max_extra_r
     s["first_call_s"] = first_call_s[name]
     s["compile_s"] = first_call_s[name] - s["median_s"]
     stats[name] = s
-  return {"fns": stats, "rounds": rounds, "contaminated": contaminated,
-          "max_foreign_cores_threshold": max_foreign_cores}
+  return {
+      "fns": stats,
+      "rounds": rounds,
+      "contaminated": contaminated,
+      "max_foreign_cores_threshold": max_foreign_cores,
+  }

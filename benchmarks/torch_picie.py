@@ -5,6 +5,7 @@ The network classes are also the reference of the parity tests (tests/torch_mode
 them; tests/test_convert.py checks that picie_jax computes the same function), so the peer
 runs the same network as picie_jax. torchvision is not installable here, hence the restatement.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,8 +26,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(planes)
     self.downsample = None
     if stride != 1 or inplanes != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                      nn.BatchNorm2d(planes))
+      self.downsample = nn.Sequential(
+          nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+      )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -45,8 +47,11 @@ class ResNet18(nn.Module):
     inplanes = 64
     for stage, planes in enumerate(RESNET18_CHANNELS, start=1):
       stride = 1 if stage == 1 else 2
-      setattr(self, f"layer{stage}", nn.Sequential(BasicBlock(inplanes, planes, stride),
-                                                   BasicBlock(planes, planes, 1)))
+      setattr(
+          self,
+          f"layer{stage}",
+          nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1)),
+      )
       inplanes = planes
     self.fc = nn.Linear(512, 1000)
 
@@ -71,12 +76,15 @@ class FPNDecoder(nn.Module):
     out = self.layer1(feats["res5"])
     for name, level in (("layer2", "res4"), ("layer3", "res3"), ("layer4", "res2")):
       lateral = getattr(self, name)(feats[level])
-      out = F.interpolate(out, size=lateral.shape[-2:], mode="bilinear",
-                          align_corners=False) + lateral
+      out = (
+          F.interpolate(out, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+          + lateral
+      )
     return out
 
 
 class PanopticFPN(nn.Module):
+
   def __init__(self, backbone, in_channels, out_channels=128):
     super().__init__()
     self.backbone = backbone
@@ -116,7 +124,8 @@ class PiCIEPeer:
     torch.manual_seed(seed)
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
     self.net = PanopticFPN(ResNet18(), RESNET18_CHANNELS, fpn_channels).to(
-        memory_format=self.memory_format)
+        memory_format=self.memory_format
+    )
     self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
     centroids = F.normalize(torch.randn(2, k, fpn_channels), dim=-1)
     self.centroids = [centroids[0], centroids[1]]
@@ -136,8 +145,11 @@ class PiCIEPeer:
   def assign(self, z_bchw, view):
     """Nearest centroid (squared L2, as faiss) of every pixel feature: (B, H, W) int64."""
     mu = self.centroids[view]
-    sq = (z_bchw * z_bchw).sum(1, keepdim=True) - 2 * F.conv2d(z_bchw, mu[:, :, None, None]) \
+    sq = (
+        (z_bchw * z_bchw).sum(1, keepdim=True)
+        - 2 * F.conv2d(z_bchw, mu[:, :, None, None])
         + (mu * mu).sum(1)[None, :, None, None]
+    )
     return sq.argmin(1)
 
   def cluster_step(self, view1, view2):
@@ -155,16 +167,17 @@ class PiCIEPeer:
         self.running_counts[view] += counts
         lr = (counts / self.running_counts[view].clamp(min=1))[:, None]
         means = sums / counts.clamp(min=1)[:, None]
-        self.centroids[view] = torch.where(counts[:, None] > 0,
-                                           (1 - lr) * self.centroids[view] + lr * means,
-                                           self.centroids[view])
+        self.centroids[view] = torch.where(
+            counts[:, None] > 0, (1 - lr) * self.centroids[view] + lr * means, self.centroids[view]
+        )
 
   def label_step(self, view1, view2):
     """Label pass, one batch: both views' labels from eval-mode features (kept for training)."""
     self.net.eval()
     with torch.no_grad():
-      return [self.assign(self.features(images), view)
-              for view, images in enumerate((view1, view2))]
+      return [
+          self.assign(self.features(images), view) for view, images in enumerate((view1, view2))
+      ]
 
   def train_step(self, view1, view2, labels1, labels2):
     """One PiCIE update from given views and labels; view 2's features are flipped into view
@@ -172,8 +185,16 @@ class PiCIEPeer:
     self.net.train()
     z1 = self.features(view1)
     z2 = torch.flip(self.features(view2), dims=(3,))
-    out = picie_loss(z1, z2, labels1, labels2, self.centroids[0], self.centroids[1],
-                     self.weights[0], self.weights[1])
+    out = picie_loss(
+        z1,
+        z2,
+        labels1,
+        labels2,
+        self.centroids[0],
+        self.centroids[1],
+        self.weights[0],
+        self.weights[1],
+    )
     self.optimizer.zero_grad(set_to_none=True)
     out["total"].backward()
     self.optimizer.step()
@@ -184,5 +205,4 @@ class PiCIEPeer:
     self.net.eval()
     with torch.no_grad():
       logits = F.conv2d(self.features(images), self.centroids[0][:, :, None, None])
-      return F.interpolate(logits, size=label_hw, mode="bilinear",
-                           align_corners=False).argmax(1)
+      return F.interpolate(logits, size=label_hw, mode="bilinear", align_corners=False).argmax(1)

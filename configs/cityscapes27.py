@@ -1,4 +1,5 @@
 """PiCIE on Cityscapes-27: train on test+train_extra, evaluate on val+train (DESIGN §1)."""
+
 from configs import common
 
 

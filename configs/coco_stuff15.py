@@ -1,4 +1,5 @@
 """PiCIE on COCO-Stuff-15: the curated images, stuff classes only (things ignored), K = 15."""
+
 from configs import coco_stuff27
 
 

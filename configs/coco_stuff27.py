@@ -1,4 +1,5 @@
 """PiCIE on COCO-Stuff-27 (curated IIC split), the paper's main recipe (DESIGN §1)."""
+
 from configs import common
 
 

@@ -1,4 +1,5 @@
 """PiCIE on COCO-Thing-12: the curated images, thing classes only (stuff ignored), K = 12."""
+
 from configs import coco_stuff27
 
 

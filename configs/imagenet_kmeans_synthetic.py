@@ -2,6 +2,7 @@
 
 The row every trained method must beat: it measures what the ImageNet init alone gives.
 """
+
 from configs import synthetic
 
 

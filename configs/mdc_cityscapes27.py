@@ -1,4 +1,5 @@
 """MDC on Cityscapes-27 as the official train_mdc_cityscapes.sh (one view, learned classifier)."""
+
 from configs import cityscapes27
 
 

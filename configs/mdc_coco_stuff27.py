@@ -1,5 +1,6 @@
 """MDC on COCO-Stuff-27 as the official train_mdc.sh: one view, a learned 1x1 classifier
 re-initialised every epoch, otherwise the PiCIE recipe."""
+
 from configs import coco_stuff27
 
 

@@ -1,4 +1,5 @@
 """MDC baseline on the synthetic scenes: one view, no cross-view loss, same k-means and budget."""
+
 from configs import synthetic
 
 

@@ -1,4 +1,5 @@
 """Ablation: PiCIE's two views but within-view loss only (no invariance/equivariance coupling)."""
+
 from configs import synthetic
 
 

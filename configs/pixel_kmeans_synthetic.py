@@ -1,4 +1,5 @@
 """Raw-pixel k-means on the synthetic scenes: the floor any learned feature must clear."""
+
 from configs import synthetic
 
 

@@ -4,6 +4,7 @@ It starts, as the paper does, from ImageNet weights: the EfficientNet-Lite0 that
 dependency installs (no download), and fine-tunes it with the paper's learning rate for a
 pretrained backbone (1e-4, the COCO recipe).
 """
+
 from configs import common
 
 

@@ -1,4 +1,5 @@
 """Orbax checkpoints of the training state, with fallback past corrupt latest checkpoints."""
+
 import logging
 import os
 import time
@@ -36,15 +37,19 @@ class Checkpointer:
   def __init__(self, directory, max_to_keep=2):
     self._manager = _Manager(
         os.path.abspath(directory),  # orbax rejects relative paths
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False),
-        item_names=("tree", "meta"))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        ),
+        item_names=("tree", "meta"),
+    )
 
   def save(self, tree, meta):
     step = (self._manager.latest_step() or 0) + 1
     with reporting.writing(f"checkpoint {step} in {self._manager.directory}"):
-      self._manager.save(step, args=ocp.args.Composite(
-          tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+      )
       self._manager.wait_until_finished()
     return step
 
@@ -65,11 +70,20 @@ class Checkpointer:
     unreadable = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("checkpoint %s/%s is unreadable (%s: %s); trying the previous one",
-                        self._manager.directory, step, type(e).__name__, e)
+        logging.warning(
+            "checkpoint %s/%s is unreadable (%s: %s); trying the previous one",
+            self._manager.directory,
+            step,
+            type(e).__name__,
+            e,
+        )
         unreadable.append(step)
         continue
       if unreadable:
@@ -79,7 +93,8 @@ class Checkpointer:
       raise UnreadableCheckpoints(
           f"no checkpoint in {self._manager.directory} is readable (steps {unreadable}; the "
           "warnings above say why); the run cannot resume. Move them away to start it afresh, "
-          "or use a new --workdir")
+          "or use a new --workdir"
+      )
     return None
 
   def _move_aside(self, steps):

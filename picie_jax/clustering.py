@@ -6,13 +6,15 @@ every later batch moves the centroids online with lr_k = n_k / N_k. Running coun
 at the cluster sizes of the init's final assignment, as in the reference (it adds the init's
 counts before the first online batch).
 """
+
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from picie_jax import parallel
 from picie_jax.core import kmeans
@@ -20,8 +22,9 @@ from picie_jax.core import kmeans
 BUFFER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def init_buffer_bytes(*, num_views, num_init_batches, batch_size, points_per_image, channels,
-                      dtype, num_devices):
+def init_buffer_bytes(
+    *, num_views, num_init_batches, batch_size, points_per_image, channels, dtype, num_devices
+):
   """Bytes per device of the init buffers: every view's points of `num_init_batches` batches
   (C values of `dtype` and a 1-byte mask each), rows sharded evenly over `num_devices`."""
   points = num_views * num_init_batches * batch_size * points_per_image
@@ -48,22 +51,32 @@ def check_init_buffer(config, *, num_views, points_per_image, channels, say):
   exceeds what a device can hold, naming the config fields that shrink it."""
   k = config.kmeans
   if k.init_pixels_per_image > points_per_image:
-    raise ValueError(f"config.kmeans.init_pixels_per_image={k.init_pixels_per_image} exceeds "
-                     f"the {points_per_image} pixels of a feature map: lower it (0 = all)")
+    raise ValueError(
+        f"config.kmeans.init_pixels_per_image={k.init_pixels_per_image} exceeds "
+        f"the {points_per_image} pixels of a feature map: lower it (0 = all)"
+    )
   needed = init_buffer_bytes(
-      num_views=num_views, num_init_batches=k.num_init_batches, batch_size=k.batch_size,
-      points_per_image=k.init_pixels_per_image or points_per_image, channels=channels,
-      dtype=BUFFER_DTYPES[k.buffer_dtype], num_devices=jax.device_count())
+      num_views=num_views,
+      num_init_batches=k.num_init_batches,
+      batch_size=k.batch_size,
+      points_per_image=k.init_pixels_per_image or points_per_image,
+      channels=channels,
+      dtype=BUFFER_DTYPES[k.buffer_dtype],
+      num_devices=jax.device_count(),
+  )
   limit, source = device_memory_bytes()
-  say(f"k-means init buffer: {needed / 2**30:.2f} GiB per device ({num_views} view(s), "
-      f"{jax.device_count()} device(s); {source}: {limit / 2**30:.2f} GiB)")
+  say(
+      f"k-means init buffer: {needed / 2**30:.2f} GiB per device ({num_views} view(s), "
+      f"{jax.device_count()} device(s); {source}: {limit / 2**30:.2f} GiB)"
+  )
   if needed > limit:
     raise MemoryError(
         f"the k-means init buffer needs {needed / 2**30:.2f} GiB per device but {source} is "
         f"{limit / 2**30:.2f} GiB: lower config.kmeans.init_pixels_per_image (now "
         f"{k.init_pixels_per_image}; 0 = all {points_per_image}), config.kmeans.num_init_batches "
         f"(now {k.num_init_batches}) or config.kmeans.batch_size (now {k.batch_size}), set "
-        f"config.kmeans.buffer_dtype='bfloat16' (now {k.buffer_dtype!r}), or use more devices")
+        f"config.kmeans.buffer_dtype='bfloat16' (now {k.buffer_dtype!r}), or use more devices"
+    )
   return needed
 
 
@@ -74,10 +87,13 @@ def sample_pixels(points_nd, mask_n, indices_b, key, per_image):
   b = indices_b.shape[0]
   hw = points_nd.shape[0] // b
   if not 0 < per_image <= hw:
-    raise ValueError(f"config.kmeans.init_pixels_per_image={per_image} must be in 1..{hw} "
-                     "(the feature map's pixels), or 0 for all")
-  rows_bp = jax.vmap(
-      lambda i: jax.random.permutation(jax.random.fold_in(key, i), hw)[:per_image])(indices_b)
+    raise ValueError(
+        f"config.kmeans.init_pixels_per_image={per_image} must be in 1..{hw} "
+        "(the feature map's pixels), or 0 for all"
+    )
+  rows_bp = jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), hw)[:per_image])(
+      indices_b
+  )
   rows = (jnp.arange(b)[:, None] * hw + jnp.sort(rows_bp, axis=1)).reshape(-1)
   return points_nd[rows], mask_n[rows]
 
@@ -94,20 +110,38 @@ def init_subset(views, indices_b, key, per_image):
 def _fill(buffer_bnd, buffer_mask_bn, points_nd, mask_n, batch_number):
   """Writes one batch's rows into slot `batch_number` of the buffer, in place (donated); the
   buffer is sharded along its rows as the batch is, so every device writes its own rows."""
-  return (buffer_bnd.at[batch_number].set(points_nd.astype(buffer_bnd.dtype)),
-          buffer_mask_bn.at[batch_number].set(mask_n))
+  return (
+      buffer_bnd.at[batch_number].set(points_nd.astype(buffer_bnd.dtype)),
+      buffer_mask_bn.at[batch_number].set(mask_n),
+  )
 
 
 def _empty_buffer(num_batches, rows, channels, dtype, mesh):
   """Zero (num_batches, rows, channels) points and a False mask, sharded along the rows."""
   sharding = NamedSharding(mesh, P(None, kmeans.DATA_AXIS))
-  return jax.jit(lambda: (jnp.zeros((num_batches, rows, channels), dtype),
-                          jnp.zeros((num_batches, rows), bool)),
-                 out_shardings=(sharding, sharding))()
+  return jax.jit(
+      lambda: (
+          jnp.zeros((num_batches, rows, channels), dtype),
+          jnp.zeros((num_batches, rows), bool),
+      ),
+      out_shardings=(sharding, sharding),
+  )()
 
 
-def minibatch_kmeans(batches, features_fn, *, k, num_init_batches, iters, init, keys,
-                     mesh, chunk_size, buffer_dtype="float32", progress=None):
+def minibatch_kmeans(
+    batches,
+    features_fn,
+    *,
+    k,
+    num_init_batches,
+    iters,
+    init,
+    keys,
+    mesh,
+    chunk_size,
+    buffer_dtype="float32",
+    progress=None,
+):
   """Runs one mini-batch k-means per view over `batches`.
 
   `features_fn(batch, for_init) -> [(points (N, C), mask (N,)) per view]` on device, already
@@ -116,9 +150,16 @@ def minibatch_kmeans(batches, features_fn, *, k, num_init_batches, iters, init, 
   (centroids (V, K, C), [stats per view]): the init loss, the online loss (mean squared
   distance over the online batches, before each update) and the init buffer's bytes.
   """
-  initialise = functools.partial(_initialise_all, num_init_batches=num_init_batches, k=k,
-                                 iters=iters, init=init, keys=keys, mesh=mesh,
-                                 chunk_size=chunk_size)
+  initialise = functools.partial(
+      _initialise_all,
+      num_init_batches=num_init_batches,
+      k=k,
+      iters=iters,
+      init=init,
+      keys=keys,
+      mesh=mesh,
+      chunk_size=chunk_size,
+  )
   buffers, states = None, None
   filled = 0
   online = None
@@ -126,8 +167,12 @@ def minibatch_kmeans(batches, features_fn, *, k, num_init_batches, iters, init, 
     views = features_fn(batch, states is None)
     if states is None:
       if buffers is None:
-        buffers = [_empty_buffer(num_init_batches, p.shape[0], p.shape[1],
-                                 BUFFER_DTYPES[buffer_dtype], mesh) for p, _ in views]
+        buffers = [
+            _empty_buffer(
+                num_init_batches, p.shape[0], p.shape[1], BUFFER_DTYPES[buffer_dtype], mesh
+            )
+            for p, _ in views
+        ]
       buffers = [_fill(*buf, p, m, filled) for buf, (p, m) in zip(buffers, views)]
       filled += 1
       if filled == num_init_batches:
@@ -136,8 +181,9 @@ def minibatch_kmeans(batches, features_fn, *, k, num_init_batches, iters, init, 
         online = [[0.0, 0] for _ in views]
     else:
       for view, (points, mask) in enumerate(views):
-        states[view], sq_sum, count = kmeans.minibatch_update(states[view], points, mask,
-                                                              mesh=mesh, chunk_size=chunk_size)
+        states[view], sq_sum, count = kmeans.minibatch_update(
+            states[view], points, mask, mesh=mesh, chunk_size=chunk_size
+        )
         online[view][0] += float(sq_sum)
         online[view][1] += int(count)
     if progress is not None:
@@ -152,8 +198,7 @@ def minibatch_kmeans(batches, features_fn, *, k, num_init_batches, iters, init, 
   return jnp.stack([s.centroids for s in states]), stats
 
 
-def _initialise_all(buffers, filled, *, num_init_batches, k, iters, init, keys, mesh,
-                    chunk_size):
+def _initialise_all(buffers, filled, *, num_init_batches, k, iters, init, keys, mesh, chunk_size):
   """Lloyd init of every view from its buffer's first `filled` batches: (states, stats)."""
   states, stats = [], []
   for (points, mask), key in zip(buffers, keys):
@@ -169,14 +214,18 @@ def _initialise_all(buffers, filled, *, num_init_batches, k, iters, init, keys, 
 def _initialise(points, mask, k, iters, init, key, mesh, chunk_size):
   num_valid = int(parallel.to_host(jnp.sum(mask)))
   if num_valid < k:
-    raise ValueError(f"k-means init has {num_valid} valid points for k={k} clusters: "
-                     "raise kmeans.num_init_batches or lower the number of clusters")
+    raise ValueError(
+        f"k-means init has {num_valid} valid points for k={k} clusters: "
+        "raise kmeans.num_init_batches or lower the number of clusters"
+    )
   if init == "random":
     init_kd = kmeans.random_init_from_batches(key, points, mask, k, mesh=mesh)
   else:  # kmeans++ reads every row: it sees the batches concatenated (resharded on a mesh)
-    init_kd = kmeans.init_centroids(key, points.reshape(-1, points.shape[-1]), mask.reshape(-1),
-                                    k, method=init)
+    init_kd = kmeans.init_centroids(
+        key, points.reshape(-1, points.shape[-1]), mask.reshape(-1), k, method=init
+    )
   result = kmeans.lloyd(points, mask, init_kd, iters, mesh=mesh, chunk_size=chunk_size)
-  state = kmeans.MiniBatchState(centroids=result.centroids,
-                                running_counts=result.counts.astype(jnp.float32))
+  state = kmeans.MiniBatchState(
+      centroids=result.centroids, running_counts=result.counts.astype(jnp.float32)
+  )
   return state, float(np.asarray(result.loss))

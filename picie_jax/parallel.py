@@ -1,10 +1,12 @@
 """Device mesh, shardings and multi-host set-up: one data-parallel axis named 'data'."""
+
 import collections
 import os
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from picie_jax.core import kmeans
 from picie_jax.core.kmeans import DATA_AXIS
@@ -24,7 +26,8 @@ def maybe_initialize_distributed():
         coordinator,
         num_processes=int(os.environ["PICIE_NUM_PROCESSES"]),
         process_id=int(os.environ["PICIE_PROCESS_ID"]),
-        cluster_detection_method="deactivate")
+        cluster_detection_method="deactivate",
+    )
   elif os.environ.get("PICIE_DISTRIBUTED") == "1":
     jax.distributed.initialize()
 
@@ -46,7 +49,8 @@ def shard_host_batch(host_batch, mesh):
   """Assembles each host's numpy batch (local slice of the global batch) into global arrays."""
   sharding = batch_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
+  )
 
 
 def prefetch_to_device(host_batches, mesh, size=2):
@@ -69,6 +73,7 @@ def to_host(x):
   """Fetches a (possibly multi-host, sharded) array to numpy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 

@@ -12,6 +12,7 @@ same call); our SIGINT handler sends this process a SIGTERM to take that path. A
 is then ignored by JAX (a second SIGINT still exits at once). Without the sync manager,
 processes agree on their flags with an all-gather every `AGREE_EVERY` boundaries.
 """
+
 import contextlib
 import os
 import signal
@@ -56,8 +57,9 @@ def _handler(signum, frame):  # pylint: disable=unused-argument
       _status.on_hard_exit()
     os._exit(128 + signum)  # pylint: disable=protected-access
   _status.signum = signum
-  _write_stderr(f"picie-jax: {name}: stopping after the current step (send it again to exit "
-                "at once)")
+  _write_stderr(
+      f"picie-jax: {name}: stopping after the current step (send it again to exit " "at once)"
+  )
   if _status.mode == "sync" and signum != signal.SIGTERM:
     os.kill(os.getpid(), signal.SIGTERM)  # JAX's sync manager tells every process
 
@@ -120,5 +122,7 @@ def stop_if_requested(phase, epoch):
   """For phases with no resume point inside them (cluster, label): stops at a requested
   boundary without saving; a rerun restarts the phase from the last checkpoint."""
   if requested():
-    raise stopped(f"in the {phase} phase of epoch {epoch}, which has no resume point: a rerun "
-                  "restarts that phase from the last checkpoint")
+    raise stopped(
+        f"in the {phase} phase of epoch {epoch}, which has no resume point: a rerun "
+        "restarts that phase from the last checkpoint"
+    )

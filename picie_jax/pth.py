@@ -5,6 +5,7 @@ legacy stream (`_use_new_zipfile_serialization=False`, the default before 1.6). 
 pickle is read by a restricted unpickler that resolves only the globals state dicts and
 training checkpoints need, so no code from the file is imported or run.
 """
+
 import collections
 import os
 import pickle
@@ -15,21 +16,36 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 # torch dtype name (as a dtype pickles: the global `torch.<name>`) -> numpy dtype.
 _DTYPES = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16, "int64": np.int64, "int32": np.int32, "int16": np.int16,
-    "int8": np.int8, "uint64": np.uint64, "uint32": np.uint32, "uint16": np.uint16,
-    "uint8": np.uint8, "bool": np.bool_,
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint64": np.uint64,
+    "uint32": np.uint32,
+    "uint16": np.uint16,
+    "uint8": np.uint8,
+    "bool": np.bool_,
 }
 # Typed storage class (the global `torch.<name>` in a storage's persistent id) -> dtype name.
 _STORAGES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
     "BoolStorage": "bool",
 }
 
@@ -71,7 +87,7 @@ def _load_zip(f):
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise ValueError("zip archive without exactly one <name>/data.pkl: not a torch file")
-    prefix = pickles[0][:-len("data.pkl")]
+    prefix = pickles[0][: -len("data.pkl")]
     byteorder = "little"  # zip files from older torch have no byteorder record
     if prefix + "byteorder" in names:
       byteorder = archive.read(prefix + "byteorder").decode()
@@ -149,10 +165,13 @@ def _tensor(storage, offset, size, stride):
   if 0 in size:
     return np.empty(size, storage.dtype)
   if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size:
-    raise ValueError(f"tensor (offset {offset}, size {size}, stride {stride}) lies outside "
-                     f"its storage of {storage.size} elements")
+    raise ValueError(
+        f"tensor (offset {offset}, size {size}, stride {stride}) lies outside "
+        f"its storage of {storage.size} elements"
+    )
   return np.lib.stride_tricks.as_strided(
-      storage[offset:], size, [s * storage.itemsize for s in stride])
+      storage[offset:], size, [s * storage.itemsize for s in stride]
+  )
 
 
 def _tensor_from_bytes(storage, offset, size, stride, dtype):
@@ -181,11 +200,15 @@ class _Unpickler(pickle.Unpickler):
       ("argparse", "Namespace"): types.SimpleNamespace,
       ("torch.storage", "UntypedStorage"): np.dtype(np.uint8),
       ("torch._utils", "_rebuild_tensor"): _tensor,
-      ("torch._utils", "_rebuild_tensor_v2"):
-          lambda storage, offset, size, stride, *_: _tensor(storage, offset, size, stride),
-      ("torch._utils", "_rebuild_tensor_v3"):
-          lambda storage, offset, size, stride, _grad, _hooks, dtype, *_: _tensor_from_bytes(
-              storage, offset, size, stride, dtype),
+      ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: _tensor(
+          storage, offset, size, stride
+      ),
+      (
+          "torch._utils",
+          "_rebuild_tensor_v3",
+      ): lambda storage, offset, size, stride, _grad, _hooks, dtype, *_: _tensor_from_bytes(
+          storage, offset, size, stride, dtype
+      ),
       ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
       ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
       **{("torch", name): np.dtype(dtype) for name, dtype in _DTYPES.items()},
@@ -200,15 +223,23 @@ class _Unpickler(pickle.Unpickler):
     if (module, name) in self._GLOBALS:
       return self._GLOBALS[module, name]
     if module.startswith("torch.nn."):
-      raise ValueError(f"pickles torch.nn.Module objects (class {module}.{name}): "
-                       "save model.state_dict() instead")
-    raise ValueError(f"pickles class {module}.{name}, which cannot be read without torch (only "
-                     "tensors, containers, scalars and argparse.Namespace can; for a whole "
-                     "model, save model.state_dict() instead)")
+      raise ValueError(
+          f"pickles torch.nn.Module objects (class {module}.{name}): "
+          "save model.state_dict() instead"
+      )
+    raise ValueError(
+        f"pickles class {module}.{name}, which cannot be read without torch (only "
+        "tensors, containers, scalars and argparse.Namespace can; for a whole "
+        "model, save model.state_dict() instead)"
+    )
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-            and isinstance(pid[1], np.dtype)):
+    if not (
+        isinstance(pid, tuple)
+        and len(pid) in (5, 6)
+        and pid[0] == "storage"
+        and isinstance(pid[1], np.dtype)
+    ):
       raise ValueError(f"unknown persistent id {pid!r:.100}")
     _, dtype, key, _location, numel = pid[:5]
     if len(pid) == 6 and pid[5] is not None:

@@ -1,4 +1,5 @@
 """What a person reads during and after a run: progress bars, metrics.jsonl, TensorBoard, JSON."""
+
 import contextlib
 import errno
 import glob
@@ -29,8 +30,10 @@ class DiskFull(UserError):
   """No space left on the device while writing `what`; the run resumes once space is freed."""
 
   def __init__(self, what):
-    super().__init__(f"No space left on device while writing {what}; free space and rerun the "
-                     "same command to resume")
+    super().__init__(
+        f"No space left on device while writing {what}; free space and rerun the "
+        "same command to resume"
+    )
 
 
 def no_space_error(exc):
@@ -38,8 +41,9 @@ def no_space_error(exc):
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
-    if ((isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
-        or os.strerror(errno.ENOSPC) in str(exc)):
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(
+        exc
+    ):
       return exc
     exc = exc.__cause__ or exc.__context__
   return None
@@ -118,13 +122,16 @@ class MetricWriter:
     with writing(f"TensorBoard events in {self._tb_dir}"):
       if self._events is None:
         os.makedirs(self._tb_dir, exist_ok=True)
-        self._events = event_file_writer.EventsWriter(
-            os.path.join(self._tb_dir, "events"))
+        self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, "events"))
       for key, value in record.items():
         if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-          self._events.write_event(event_pb2.Event(
-              wall_time=time.time(), step=int(step),
-              summary=tb_summary.scalar(key, float(value))))
+          self._events.write_event(
+              event_pb2.Event(
+                  wall_time=time.time(),
+                  step=int(step),
+                  summary=tb_summary.scalar(key, float(value)),
+              )
+          )
       self._events.flush()
 
   def _close_events(self):
@@ -173,8 +180,15 @@ class Progress:
 
   def __init__(self, desc, total, batch_size, enabled=True, initial=0):
     """`initial` batches count as done (a resumed phase) but not towards images/s."""
-    self._bar = tqdm.tqdm(total=total, desc=desc, unit="batch", leave=False, initial=initial,
-                          disable=not (enabled and is_main_process()), dynamic_ncols=True)
+    self._bar = tqdm.tqdm(
+        total=total,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        initial=initial,
+        disable=not (enabled and is_main_process()),
+        dynamic_ncols=True,
+    )
     self._batch_size = batch_size
     self._start = time.perf_counter()
     self._done = 0
@@ -183,8 +197,9 @@ class Progress:
     self._done += n
     elapsed = max(time.perf_counter() - self._start, 1e-9)
     postfix["img/s"] = f"{self._done * self._batch_size / elapsed:.1f}"
-    self._bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v)
-                           for k, v in postfix.items()}, refresh=False)
+    self._bar.set_postfix(
+        {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False
+    )
     self._bar.update(n)
 
   def images_per_second(self):

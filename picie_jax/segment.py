@@ -5,14 +5,17 @@ cropped: the longer side is rounded to a multiple of 32 instead, so the whole ph
 run's classifier scores every feature pixel, and the logits are upsampled bilinearly to the
 original size before the argmax. Images of one network input shape are batched together.
 """
+
 import collections
 import json
 import os
 
 import jax
 import numpy as np
+from PIL import ExifTags
+from PIL import Image
+from PIL import ImageOps
 import tensorflow as tf
-from PIL import ExifTags, Image, ImageOps
 
 from picie_jax import config_check
 from picie_jax import parallel
@@ -32,8 +35,11 @@ def find_images(paths):
   found, seen = [], set()
   for path in paths:
     if os.path.isdir(path):
-      files = [os.path.join(path, name) for name in sorted(os.listdir(path))
-               if name.lower().endswith(IMAGE_SUFFIXES)]
+      files = [
+          os.path.join(path, name)
+          for name in sorted(os.listdir(path))
+          if name.lower().endswith(IMAGE_SUFFIXES)
+      ]
       if not files:
         raise FileNotFoundError(f"{path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
     elif os.path.isfile(path):
@@ -124,8 +130,10 @@ def cluster_names(k, matching, epoch):
   if matching is None or matching["epoch"] != epoch or matching["k"] != k:
     return names
   classes = matching["class_names"]
-  return [f"{classes[c]} ({name})" if c >= 0 else name
-          for name, c in zip(names, matching["cluster_to_class"])]
+  return [
+      f"{classes[c]} ({name})" if c >= 0 else name
+      for name, c in zip(names, matching["cluster_to_class"])
+  ]
 
 
 def _restore_classifier(workdir):
@@ -138,12 +146,18 @@ def _restore_classifier(workdir):
   epoch = train.centroids_epoch(meta)
   matching = load_matching(workdir)
   if matching is not None and matching["epoch"] != epoch:
-    reporting.say(f"{workdir}/{train.MATCHING_FILE} describes the clusters of epoch "
-                  f"{matching['epoch']}, the checkpoint holds epoch {epoch}'s: legends show "
-                  "cluster numbers only")
+    reporting.say(
+        f"{workdir}/{train.MATCHING_FILE} describes the clusters of epoch "
+        f"{matching['epoch']}, the checkpoint holds epoch {epoch}'s: legends show "
+        "cluster numbers only"
+    )
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return (run, variables, parallel.replicate(classifier, run.mesh),
-          cluster_names(classifier.shape[0], matching, epoch))
+  return (
+      run,
+      variables,
+      parallel.replicate(classifier, run.mesh),
+      cluster_names(classifier.shape[0], matching, epoch),
+  )
 
 
 def segment_images(workdir, out_dir, paths, progress=None):
@@ -154,8 +168,9 @@ def segment_images(workdir, out_dir, paths, progress=None):
   Returns the label PNG paths, in the order of the images.
   """
   if jax.process_count() > 1:
-    raise ValueError("picie-jax segment runs in one process: unset PICIE_COORDINATOR and "
-                     "PICIE_DISTRIBUTED")
+    raise ValueError(
+        "picie-jax segment runs in one process: unset PICIE_COORDINATOR and " "PICIE_DISTRIBUTED"
+    )
   images = find_images(paths)
   sizes = [image_size(path) for path in images]  # an unreadable file fails before any work
   run, variables, classifier, names = _restore_classifier(workdir)
@@ -165,26 +180,33 @@ def segment_images(workdir, out_dir, paths, progress=None):
   groups = collections.defaultdict(list)
   for i, (height, width) in enumerate(sizes):
     groups[network_input_size(height, width, run.config.eval.res)].append(i)
-  bar = reporting.Progress("segment", len(images), 1,
-                           enabled=run.config.progress if progress is None else progress)
+  bar = reporting.Progress(
+      "segment", len(images), 1, enabled=run.config.progress if progress is None else progress
+  )
   label_paths = [None] * len(images)
   for input_hw, members in groups.items():
     batch_size = group_batch_size(len(members), run.config.eval.batch_size, jax.device_count())
     for start in range(0, len(members), batch_size):
-      chunk = members[start:start + batch_size]
+      chunk = members[start : start + batch_size]
       originals = [load_rgb(images[i]) for i in chunk]
       batch = np.zeros((batch_size, *input_hw, 3), np.uint8)  # rows past the chunk: padding
       for row, image in enumerate(originals):
         batch[row] = network_input(image, input_hw)
-      logits = steps.whole_image_logits(run.model, variables, classifier,
-                                        parallel.shard_host_batch(batch, run.mesh),
-                                        method=run.method)
+      logits = steps.whole_image_logits(
+          run.model,
+          variables,
+          classifier,
+          parallel.shard_host_batch(batch, run.mesh),
+          method=run.method,
+      )
       for row, (i, image) in enumerate(zip(chunk, originals)):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))
         label_paths[i] = os.path.join(out_dir, f"{stems[i]}_labels.png")
         visualize.save_png(label_paths[i], labels.astype(label_dtype))
-        visualize.save_png(os.path.join(out_dir, f"{stems[i]}_overlay.png"),
-                           visualize.overlay_panel(image, labels, names))
+        visualize.save_png(
+            os.path.join(out_dir, f"{stems[i]}_overlay.png"),
+            visualize.overlay_panel(image, labels, names),
+        )
       bar.update(len(chunk))
   bar.close()
   return label_paths

@@ -4,6 +4,7 @@ Everything here is pure: variables, centroids and batches in, arrays out. `Metho
 static choices (views, classifier, metric, transform configs) so one code path serves PiCIE,
 its ablations, MDC and the raw-pixel baseline.
 """
+
 import functools
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ FEATURE_STRIDE = 4
 
 class Method(NamedTuple):
   """Static description of the method, hashable for jit."""
+
   num_views: int  # 2 for PiCIE, 1 for MDC
   use_cross: bool
   parametric: bool  # learned 1x1 classifier (MDC) instead of the centroids
@@ -52,20 +54,34 @@ def method_from_config(config):
       res1=config.res1,
       cached_labels=config.train.labels == "cached",
       photometric=T.PhotometricConfig(
-          brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
-          jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
-          blur_sigma=tuple(a.blur_sigma), blur_max_radius=a.blur_max_radius,
-          reference_quirks=a.reference_quirks, enabled=a.photometric),
-      geometric=T.GeometricConfig(min_scale=a.min_scale, max_scale=a.max_scale,
-                                  hflip_p=a.hflip_p, vflip_p=a.vflip_p,
-                                  enabled=a.geometric),
+          brightness=a.brightness,
+          contrast=a.contrast,
+          saturation=a.saturation,
+          hue=a.hue,
+          jitter_p=a.jitter_p,
+          grayscale_p=a.grayscale_p,
+          blur_p=a.blur_p,
+          blur_sigma=tuple(a.blur_sigma),
+          blur_max_radius=a.blur_max_radius,
+          reference_quirks=a.reference_quirks,
+          enabled=a.photometric,
+      ),
+      geometric=T.GeometricConfig(
+          min_scale=a.min_scale,
+          max_scale=a.max_scale,
+          hflip_p=a.hflip_p,
+          vflip_p=a.vflip_p,
+          enabled=a.geometric,
+      ),
       antialiased_view2=a.reference_quirks,
-      jitter_train_view1=not (a.reference_quirks and config.dataset.name == "cityscapes27"))
+      jitter_train_view1=not (a.reference_quirks and config.dataset.name == "cityscapes27"),
+  )
 
 
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during training. `classifier` is (V, K, C+1), used if parametric."""
+
   step: jax.Array
   params: dict
   batch_stats: dict
@@ -77,6 +93,7 @@ class TrainState:
 @flax.struct.dataclass
 class EpochTargets:
   """What the label phase fixes for an epoch: frozen variables, centroids and class weights."""
+
   frozen: dict  # {'params', 'batch_stats'} as after the cluster phase
   centroids: jax.Array  # (V, K, C)
   weights: jax.Array  # (V, K)
@@ -117,13 +134,13 @@ def view_images(images_uint8, indices, epoch, key, method, train_phase=False):
   `train_phase`: the inputs of the loss, where `method.jitter_train_view1=False` drops P1.
   """
   x = _to_float_images(images_uint8)
-  geo = T.batch_params(T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM,
-                       method.geometric)
-  streams = (T.VIEW1_PHOTOMETRIC_STREAM, T.VIEW2_PHOTOMETRIC_STREAM)[:method.num_views]
+  geo = T.batch_params(
+      T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM, method.geometric
+  )
+  streams = (T.VIEW1_PHOTOMETRIC_STREAM, T.VIEW2_PHOTOMETRIC_STREAM)[: method.num_views]
   views = []
   for view, stream in enumerate(streams):
-    photo = T.batch_params(T.photometric_params, key, epoch, indices, stream,
-                           method.photometric)
+    photo = T.batch_params(T.photometric_params, key, epoch, indices, stream, method.photometric)
     coloured = T.apply_colour(x, photo, method.photometric)  # P = blur(colour), blur in resize
     blur = T.blur_kernels(photo, method.photometric)
     if view == 0:
@@ -140,8 +157,9 @@ def view_images(images_uint8, indices, epoch, key, method, train_phase=False):
 
 def network_features(model, variables, images_01, train):
   """Raw f_theta features (B, h, w, C) and the batch statistics the pass leaves behind."""
-  out, updates = model.apply(variables, images_01, train=train,
-                             mutable=["batch_stats"] if train else [])
+  out, updates = model.apply(
+      variables, images_01, train=train, mutable=["batch_stats"] if train else []
+  )
   return out, (updates["batch_stats"] if train else variables["batch_stats"])
 
 
@@ -166,27 +184,31 @@ def _in_metric_space(z, method):
 
 def _one_view_features(model, params, batch_stats, images_by_view, geo, view, method, train):
   """View `view`'s features in view 1's frame (G after f for view 2), in the metric's space."""
-  z, batch_stats = _raw_features(model, {"params": params, "batch_stats": batch_stats},
-                                 images_by_view[view], method, train)
+  z, batch_stats = _raw_features(
+      model, {"params": params, "batch_stats": batch_stats}, images_by_view[view], method, train
+  )
   if view == 1:
     z = T.apply_geometric(z, geo, z.shape[1])
   return _in_metric_space(z, method), batch_stats
 
 
-def view_features(model, variables, images_uint8, indices, epoch, key, method, train,
-                  train_phase=False):
+def view_features(
+    model, variables, images_uint8, indices, epoch, key, method, train, train_phase=False
+):
   """Each view's features in the common frame of view 1, normalised for the cosine metric.
 
   `train_phase` as in view_images. Returns ([z_v (B, h, w, C) per view], batch_stats after the
   passes, view 1's first).
   """
-  images_by_view, geo = view_images(images_uint8, indices, epoch, key, method,
-                                    train_phase=train_phase)
+  images_by_view, geo = view_images(
+      images_uint8, indices, epoch, key, method, train_phase=train_phase
+  )
   batch_stats = variables.get("batch_stats")
   feats = []
   for view in range(method.num_views):
-    z, batch_stats = _one_view_features(model, variables.get("params"), batch_stats,
-                                        images_by_view, geo, view, method, train)
+    z, batch_stats = _one_view_features(
+        model, variables.get("params"), batch_stats, images_by_view, geo, view, method, train
+    )
     feats.append(z)
   return feats, batch_stats
 
@@ -208,8 +230,7 @@ def flatten_with_mask(z_bhwc, mask_b):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "method", "train"))
-def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, method,
-                     train=True):
+def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, method, train=True):
   """Cluster phase: every view's flattened features from one read of the batch (BN in
   batch-stats mode by default, as the reference runs these passes under model.train()).
 
@@ -220,8 +241,9 @@ def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, m
   images_by_view, geo = view_images(batch["image"], batch["index"], epoch, key, method)
   points, chains = [], []
   for view in range(method.num_views):
-    z, batch_stats = _one_view_features(model, params, batch_stats_by_view[view],
-                                        images_by_view, geo, view, method, train)
+    z, batch_stats = _one_view_features(
+        model, params, batch_stats_by_view[view], images_by_view, geo, view, method, train
+    )
     points.append(flatten_with_mask(z, batch["mask"]))
     chains.append(batch_stats)
   return points, chains
@@ -230,8 +252,7 @@ def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, m
 @functools.partial(jax.jit, static_argnames=("model", "method"))
 def fresh_features(model, variables, batch, *, method):
   """Fresh-cluster pass: un-augmented features in eval mode, flattened with their mask."""
-  return flatten_with_mask(plain_features(model, variables, batch["image"], method),
-                           batch["mask"])
+  return flatten_with_mask(plain_features(model, variables, batch["image"], method), batch["mask"])
 
 
 def labels_for_batch(model, targets, batch, epoch, key, method):
@@ -240,8 +261,9 @@ def labels_for_batch(model, targets, batch, epoch, key, method):
   The same function produces the counts of the label phase and the labels inside train_step,
   so stored labels and recomputed labels cannot disagree.
   """
-  feats, _ = view_features(model, targets.frozen, batch["image"], batch["index"], epoch, key,
-                           method, train=False)
+  feats, _ = view_features(
+      model, targets.frozen, batch["image"], batch["index"], epoch, key, method, train=False
+  )
   labels = []
   for view, z in enumerate(feats):
     b, h, w, c = z.shape
@@ -261,13 +283,18 @@ def label_counts(model, targets, batch, epoch, key, *, method, k):
   balance weights, and the labels (B, V, h, w) in label_dtype(k), for the label cache."""
   labels = labels_for_batch(model, targets, batch, epoch, key, method)
   valid = batch["mask"][:, None, None]
-  counts = jnp.stack([
-      jnp.zeros(k, jnp.int32).at[y.reshape(-1)].add(
-          jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32)) for y in labels])
+  counts = jnp.stack(
+      [
+          jnp.zeros(k, jnp.int32)
+          .at[y.reshape(-1)]
+          .add(jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32))
+          for y in labels
+      ]
+  )
   return counts, jnp.stack(labels, axis=1).astype(label_dtype(k))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_optimizer(lr, weight_decay):
   """Adam (AdamW when weight_decay > 0); the reference uses Adam without decay.
 
@@ -289,28 +316,48 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, method):
   """The train phase's loss of a batch with its labels (both views' augmentation, train-mode
   features, within + cross terms) and its gradients: ((total, (losses, batch_stats)),
   (network grads, classifier grads)); the classifier's are zero unless method.parametric."""
+
   def loss_fn(params, classifier):
     feats, batch_stats = view_features(
-        model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        batch["index"], epoch, key, method, train=True, train_phase=True)
+        model,
+        {"params": params, "batch_stats": state.batch_stats},
+        batch["image"],
+        batch["index"],
+        epoch,
+        key,
+        method,
+        train=True,
+        train_phase=True,
+    )
     if method.parametric:
       weights = classifier
     else:
       weights = jnp.stack([classifier_from_centroids(c, method.metric) for c in targets.centroids])
     z = [with_bias_column(f) for f in feats]
     if method.num_views == 2:
-      out = losses.picie_loss(z[0], z[1], labels[0], labels[1], weights[0], weights[1],
-                              targets.weights[0], targets.weights[1], batch["mask"],
-                              use_cross=method.use_cross)
+      out = losses.picie_loss(
+          z[0],
+          z[1],
+          labels[0],
+          labels[1],
+          weights[0],
+          weights[1],
+          targets.weights[0],
+          targets.weights[1],
+          batch["mask"],
+          use_cross=method.use_cross,
+      )
     else:
       within = losses.weighted_cross_entropy(
-          losses.prototype_logits(z[0], weights[0]), labels[0], targets.weights[0],
-          batch["mask"][:, None, None])
+          losses.prototype_logits(z[0], weights[0]),
+          labels[0],
+          targets.weights[0],
+          batch["mask"][:, None, None],
+      )
       out = {"within": within, "cross": jnp.zeros_like(within), "total": within}
     return out["total"], (out, batch_stats)
 
-  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params,
-                                                                   state.classifier)
+  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.classifier)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "method", "tx"), donate_argnums=(1,))
@@ -327,16 +374,22 @@ def train_step(model, state, targets, batch, epoch, key, *, method, tx):
     labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
 
   (_, (out, batch_stats)), (grads, cls_grads) = loss_and_grads(
-      model, state, targets, batch, labels, epoch, key, method)
+      model, state, targets, batch, labels, epoch, key, method
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   classifier, cls_opt_state = state.classifier, state.classifier_opt_state
   if method.parametric:
     cls_updates, cls_opt_state = tx.update(cls_grads, cls_opt_state, classifier)
     classifier = optax.apply_updates(classifier, cls_updates)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, classifier=classifier,
-                            classifier_opt_state=cls_opt_state)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      classifier=classifier,
+      classifier_opt_state=cls_opt_state,
+  )
   return new_state, out
 
 
@@ -351,8 +404,13 @@ def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
   _, h, w = batch["label"].shape
   logits = fpn.resize_bilinear(logits, (h, w))
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  hist = metrics.confusion_histogram(batch["label"], pred, num_true, classifier_kc1.shape[0],
-                                     mask=jnp.broadcast_to(batch["mask"][:, None, None], pred.shape))
+  hist = metrics.confusion_histogram(
+      batch["label"],
+      pred,
+      num_true,
+      classifier_kc1.shape[0],
+      mask=jnp.broadcast_to(batch["mask"][:, None, None], pred.shape),
+  )
   return pred, hist
 
 

@@ -6,6 +6,7 @@ On a cluster, start the runs as independent jobs with `--only INDEX` (`--list` p
 index with its command), then the same command without `--only` skips the finished runs and
 only aggregates.
 """
+
 import ast
 import copy
 import dataclasses
@@ -26,8 +27,12 @@ from picie_jax import train
 STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
 WALL_FILE = "study_wall_s.json"  # in each run directory: seconds of each train call the study made
 # (column title, metric key): the columns of study.md and the series of the plot.
-_SCORES = (("pixel acc (%)", "fresh.acc"), ("mIoU (%)", "fresh.miou"),
-           ("thing mIoU", "fresh.thing_miou"), ("stuff mIoU", "fresh.stuff_miou"))
+_SCORES = (
+    ("pixel acc (%)", "fresh.acc"),
+    ("mIoU (%)", "fresh.miou"),
+    ("thing mIoU", "fresh.thing_miou"),
+    ("stuff mIoU", "fresh.stuff_miou"),
+)
 _WALL = ("wall (s)", "wall_s")
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
@@ -35,6 +40,7 @@ _BRACKETS = {"(": ")", "[": "]", "{": "}"}
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One run of a study: its directory name, seed, sweep values ((key, value), ...), config."""
+
   name: str
   seed: int
   point: tuple
@@ -89,8 +95,10 @@ def plan(config, seeds, sweep_texts):
       runs.append(RunSpec(_run_name(point, seed), seed, point, run_config))
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
-    raise ValueError(f"two runs would share a directory name ({names}): sweep values that "
-                     "differ only in punctuation; give distinct values")
+    raise ValueError(
+        f"two runs would share a directory name ({names}): sweep values that "
+        "differ only in punctuation; give distinct values"
+    )
   return runs
 
 
@@ -105,19 +113,25 @@ def is_done(config, run_dir):
   A changed config in a run with checkpoints is then refused by train itself.
   """
   final, saved = (os.path.join(run_dir, n) for n in ("final.json", "config.json"))
-  return (os.path.isfile(final) and os.path.isfile(saved)
-          and os.path.getmtime(final) >= os.path.getmtime(saved)
-          and not train.config_changes(config, run_dir)
-          and train.saved_config(run_dir).num_epochs == config.num_epochs)
+  return (
+      os.path.isfile(final)
+      and os.path.isfile(saved)
+      and os.path.getmtime(final) >= os.path.getmtime(saved)
+      and not train.config_changes(config, run_dir)
+      and train.saved_config(run_dir).num_epochs == config.num_epochs
+  )
 
 
 def run_commands(runs, workdir, argv):
   """One line per run: index, directory, done/pending, and the command that runs only it
   (`argv` is the study's own command line, e.g. sys.argv)."""
   base = ["picie-jax"] + _without_flags(argv[1:], ("list", "only"))
-  return [f"{i}\t{os.path.join(workdir, r.name)}\t"
-          f"{'done' if is_done(r.config, os.path.join(workdir, r.name)) else 'pending'}\t"
-          + shlex.join(base + [f"--only={i}"]) for i, r in enumerate(runs)]
+  return [
+      f"{i}\t{os.path.join(workdir, r.name)}\t"
+      f"{'done' if is_done(r.config, os.path.join(workdir, r.name)) else 'pending'}\t"
+      + shlex.join(base + [f"--only={i}"])
+      for i, r in enumerate(runs)
+  ]
 
 
 def run_study(runs, workdir, only=None):
@@ -162,24 +176,37 @@ def aggregate(runs, workdir):
   for index, spec in enumerate(runs):
     run_dir = os.path.join(workdir, spec.name)
     if not is_done(spec.config, run_dir):
-      raise FileNotFoundError(f"{run_dir} is not finished: run the study without --only, or "
-                              f"its run {index} with --only={index}")
+      raise FileNotFoundError(
+          f"{run_dir} is not finished: run the study without --only, or "
+          f"its run {index} with --only={index}"
+      )
     metrics = _numbers(_read_json(os.path.join(run_dir, "final.json")))
     calls = _read_json(os.path.join(run_dir, WALL_FILE))
     metrics["wall_s"] = sum(calls["train_calls_s"]) if calls else None
-    records.append({"name": spec.name, "seed": spec.seed, "sweep": dict(spec.point),
-                    "config": json.loads(spec.config.to_json_best_effort()),
-                    "metrics": metrics})
+    records.append(
+        {
+            "name": spec.name,
+            "seed": spec.seed,
+            "sweep": dict(spec.point),
+            "config": json.loads(spec.config.to_json_best_effort()),
+            "metrics": metrics,
+        }
+    )
   points = []
   for point, group in itertools.groupby(zip(runs, records), key=lambda pair: pair[0].point):
     group = [record for _, record in group]
     keys = list(dict.fromkeys(k for record in group for k in record["metrics"]))
-    points.append({"sweep": dict(point), "label": _point_label(point), "n": len(group),
-                   "seeds": [r["seed"] for r in group], "runs": [r["name"] for r in group],
-                   "metrics": {k: mean_std([r["metrics"].get(k) for r in group])
-                               for k in keys}})
-  summary = {"sweep_keys": [key for key, _ in runs[0].point], "runs": records,
-             "points": points}
+    points.append(
+        {
+            "sweep": dict(point),
+            "label": _point_label(point),
+            "n": len(group),
+            "seeds": [r["seed"] for r in group],
+            "runs": [r["name"] for r in group],
+            "metrics": {k: mean_std([r["metrics"].get(k) for r in group]) for k in keys},
+        }
+    )
+  summary = {"sweep_keys": [key for key, _ in runs[0].point], "runs": records, "points": points}
   if reporting.is_main_process():
     reporting.write_json(os.path.join(workdir, STUDY_JSON), summary)
     with open(os.path.join(workdir, STUDY_MD), "w") as f:
@@ -209,29 +236,50 @@ def markdown(summary):
   """study.md: the per-point table (mean ± std over seeds), then one row per run."""
   columns = _SCORES + (_WALL,)
   seeds = sorted({r["seed"] for r in summary["runs"]})
-  lines = [f"# Study: {len(summary['runs'])} runs, seeds {seeds}, sweep "
-           f"{', '.join(summary['sweep_keys']) or '(none)'}", "",
-           "Final fresh-cluster evaluation (`final.json`, `fresh`): mean ± sample std (n − 1) "
-           "over the seeds of each sweep point; wall = seconds of the study's train calls.", ""]
-  lines += _table(["sweep point", "n"] + [title for title, _ in columns],
-                  [[p["label"], str(p["n"])]
-                   + [format_mean_std(p["metrics"].get(key), 0 if key == "wall_s" else 1)
-                      for _, key in columns] for p in summary["points"]])
+  lines = [
+      f"# Study: {len(summary['runs'])} runs, seeds {seeds}, sweep "
+      f"{', '.join(summary['sweep_keys']) or '(none)'}",
+      "",
+      "Final fresh-cluster evaluation (`final.json`, `fresh`): mean ± sample std (n − 1) "
+      "over the seeds of each sweep point; wall = seconds of the study's train calls.",
+      "",
+  ]
+  lines += _table(
+      ["sweep point", "n"] + [title for title, _ in columns],
+      [
+          [p["label"], str(p["n"])]
+          + [
+              format_mean_std(p["metrics"].get(key), 0 if key == "wall_s" else 1)
+              for _, key in columns
+          ]
+          for p in summary["points"]
+      ],
+  )
   lines += ["", "## Runs", ""]
-  lines += _table(["run", "seed"] + [title for title, _ in columns],
-                  [[f"`{r['name']}`", str(r["seed"])]
-                   + [_format_number(r["metrics"].get(key), 0 if key == "wall_s" else 1)
-                      for _, key in columns] for r in summary["runs"]])
+  lines += _table(
+      ["run", "seed"] + [title for title, _ in columns],
+      [
+          [f"`{r['name']}`", str(r["seed"])]
+          + [
+              _format_number(r["metrics"].get(key), 0 if key == "wall_s" else 1)
+              for _, key in columns
+          ]
+          for r in summary["runs"]
+      ],
+  )
   return "\n".join(lines) + "\n"
 
 
 def write_plot(summary, path):
   """Scores vs sweep point with ± std error bars; with no sweep, one bar per score."""
-  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+
   points = summary["points"]
-  series = [(title, key, [p["metrics"].get(key) or {"mean": None, "std": None}
-                          for p in points]) for title, key in _SCORES]
+  series = [
+      (title, key, [p["metrics"].get(key) or {"mean": None, "std": None} for p in points])
+      for title, key in _SCORES
+  ]
   series = [s for s in series if any(st["mean"] is not None for st in s[2])]
   fig = figure.Figure(figsize=(7, 4.5), layout="constrained")
   ax = fig.subplots()
@@ -241,18 +289,35 @@ def write_plot(summary, path):
     ax.text(0.5, 0.5, "no scores in final.json", ha="center", transform=ax.transAxes)
   elif len(points) == 1:
     stats = [s[2][0] for s in series]
-    ax.bar([s[0] for s in series], [st["mean"] for st in stats],
-           yerr=[st["std"] or 0.0 for st in stats], capsize=5, color="tab:blue")
+    ax.bar(
+        [s[0] for s in series],
+        [st["mean"] for st in stats],
+        yerr=[st["std"] or 0.0 for st in stats],
+        capsize=5,
+        color="tab:blue",
+    )
   else:
     x = np.arange(len(points))
     offsets = np.linspace(-0.1, 0.1, len(series))  # side by side, so error bars stay apart
     for (title, _, stats), offset in zip(series, offsets):
-      ax.errorbar(x + offset, [np.nan if st["mean"] is None else st["mean"] for st in stats],
-                  yerr=[st["std"] or 0.0 for st in stats], marker="o", capsize=4, label=title)
+      ax.errorbar(
+          x + offset,
+          [np.nan if st["mean"] is None else st["mean"] for st in stats],
+          yerr=[st["std"] or 0.0 for st in stats],
+          marker="o",
+          capsize=4,
+          label=title,
+      )
     one_key = len(summary["sweep_keys"]) == 1
-    ax.set_xticks(x, [", ".join(_value_text(v) for v in p["sweep"].values()) if one_key
-                      else p["label"] for p in points],
-                  rotation=0 if one_key else 20, ha="center" if one_key else "right")
+    ax.set_xticks(
+        x,
+        [
+            ", ".join(_value_text(v) for v in p["sweep"].values()) if one_key else p["label"]
+            for p in points
+        ],
+        rotation=0 if one_key else 20,
+        ha="center" if one_key else "right",
+    )
     ax.set_xlabel(", ".join(summary["sweep_keys"]))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
   backend_agg.FigureCanvasAgg(fig).print_png(path)
@@ -263,8 +328,10 @@ def _field(config, key):
   node = config
   for part in key.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ValueError(f"--sweep {key}=...: config.{key} is not a config field "
-                       "(configs/common.py lists them all)")
+      raise ValueError(
+          f"--sweep {key}=...: config.{key} is not a config field "
+          "(configs/common.py lists them all)"
+      )
     node = node[part]
   if isinstance(node, ml_collections.ConfigDict):
     raise ValueError(f"--sweep {key}=...: config.{key} is a group of fields; sweep one of them")
@@ -288,10 +355,14 @@ def _typed(text, current, key):
         raise ValueError(value)
       return tuple(value)
   except (ValueError, SyntaxError):
-    raise ValueError(f"--sweep {key}=...: {text!r} is not a valid {kind.__name__} "
-                     f"(config.{key} is {current!r})") from None
-  raise ValueError(f"--sweep {key}=...: config.{key} is a {kind.__name__} "
-                   f"({current!r}); a sweep sets bool, int, float, str and tuple fields")
+    raise ValueError(
+        f"--sweep {key}=...: {text!r} is not a valid {kind.__name__} "
+        f"(config.{key} is {current!r})"
+    ) from None
+  raise ValueError(
+      f"--sweep {key}=...: config.{key} is a {kind.__name__} "
+      f"({current!r}); a sweep sets bool, int, float, str and tuple fields"
+  )
 
 
 def _split_top_level(values_text, flag_text):
@@ -321,8 +392,9 @@ def _point_label(point):
 
 def _run_name(point, seed):
   """'train.lr=0.001_seed1': readable, and a single path component."""
-  parts = [f"{key}={re.sub(r'[^A-Za-z0-9.+-]+', '_', _value_text(v)).strip('_')}"
-           for key, v in point]
+  parts = [
+      f"{key}={re.sub(r'[^A-Za-z0-9.+-]+', '_', _value_text(v)).strip('_')}" for key, v in point
+  ]
   return "_".join(parts + [f"seed{seed}"])
 
 
@@ -347,8 +419,9 @@ def _format_number(value, digits):
 
 
 def _table(header, rows):
-  return (["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-          + ["| " + " | ".join(row) + " |" for row in rows])
+  return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"] + [
+      "| " + " | ".join(row) + " |" for row in rows
+  ]
 
 
 def _read_json(path):

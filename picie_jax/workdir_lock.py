@@ -4,6 +4,7 @@ Two runs writing one workdir crash one of them inside orbax and leave duplicate 
 metrics.jsonl. The lock is created atomically (a hard link of a complete file), so a reader
 never sees it half written; a lock left by a dead process of this host is taken over.
 """
+
 import contextlib
 import json
 import os
@@ -59,9 +60,12 @@ def acquire(workdir):
         raise WorkdirLocked(
             f"{path}: another picie-jax train (pid {holder.get('pid')} on host "
             f"{holder.get('host')}) is using {workdir}; wait for it to end or use another "
-            "--workdir (if that run is gone, delete the lock file)")
-      reporting.say(f"taking over the stale lock {path} of pid {holder.get('pid')} "
-                    f"(no such process on {me['host']})")
+            "--workdir (if that run is gone, delete the lock file)"
+        )
+      reporting.say(
+          f"taking over the stale lock {path} of pid {holder.get('pid')} "
+          f"(no such process on {me['host']})"
+      )
       with contextlib.suppress(FileNotFoundError):
         os.remove(path)
   finally:

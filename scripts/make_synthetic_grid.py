@@ -2,18 +2,30 @@
 
 Usage: python scripts/make_synthetic_grid.py [--out docs/synthetic_examples.png] [--seed 0] [--count 6]
 """
+
 import argparse
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 from picie_jax.data import synthetic
 
 # One distinct colour per class (stuff in muted tones, things in saturated ones).
-PALETTE_RGB = np.array([
-    (70, 110, 170), (110, 170, 90), (170, 130, 60), (140, 90, 150),
-    (230, 40, 40), (250, 200, 0), (0, 200, 220), (255, 110, 200)], np.uint8)
+PALETTE_RGB = np.array(
+    [
+        (70, 110, 170),
+        (110, 170, 90),
+        (170, 130, 60),
+        (140, 90, 150),
+        (230, 40, 40),
+        (250, 200, 0),
+        (0, 200, 220),
+        (255, 110, 200),
+    ],
+    np.uint8,
+)
 LEGEND_HEIGHT = 44
 
 
@@ -34,7 +46,7 @@ def make_grid(seed, count, size, columns):
   canvas = np.full((rows * cell_h + LEGEND_HEIGHT, columns * cell_w, 3), 255, np.uint8)
   for i, pair in enumerate(pairs):
     r, c = divmod(i, columns)
-    canvas[r * cell_h:r * cell_h + size, c * cell_w:c * cell_w + 2 * size] = pair
+    canvas[r * cell_h : r * cell_h + size, c * cell_w : c * cell_w + 2 * size] = pair
   grid = Image.fromarray(canvas)
   draw = ImageDraw.Draw(grid)
   x, y = 4, rows * cell_h + 4
@@ -50,7 +62,10 @@ def make_grid(seed, count, size, columns):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "synthetic_examples.png"))
+  parser.add_argument(
+      "--out",
+      default=os.path.join(os.path.dirname(__file__), "..", "docs", "synthetic_examples.png"),
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--count", type=int, default=6)
   parser.add_argument("--size", type=int, default=128)

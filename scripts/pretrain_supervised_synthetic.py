@@ -9,6 +9,7 @@ an initialisation that already carries some signal, as ImageNet features do.
 
   python scripts/pretrain_supervised_synthetic.py --out workdirs/pretrained.msgpack --epochs 2
 """
+
 import argparse
 import functools
 
@@ -35,12 +36,27 @@ def _step(run, params, opt_state, batch_stats, images, labels, indices, epoch):
   def loss_fn(p):
     model_params, head = p
     feats, new_stats = steps.view_features(
-        run.model, {"params": model_params, "batch_stats": batch_stats}, images, indices, epoch,
-        run.augment_key, run.method, True, views=(0,))
-    geo = T.batch_params(T.geometric_params, run.augment_key, epoch, indices,
-                         T.GEOMETRIC_STREAM, run.method.geometric)
-    target = T.apply_geometric(jax.nn.one_hot(labels, num_classes), geo,
-                               feats[0].shape[1]).argmax(-1)
+        run.model,
+        {"params": model_params, "batch_stats": batch_stats},
+        images,
+        indices,
+        epoch,
+        run.augment_key,
+        run.method,
+        True,
+        views=(0,),
+    )
+    geo = T.batch_params(
+        T.geometric_params,
+        run.augment_key,
+        epoch,
+        indices,
+        T.GEOMETRIC_STREAM,
+        run.method.geometric,
+    )
+    target = T.apply_geometric(jax.nn.one_hot(labels, num_classes), geo, feats[0].shape[1]).argmax(
+        -1
+    )
     logits = losses.prototype_logits(steps.with_bias_column(feats[0]), head) * _LOGIT_SCALE
     return losses.weighted_cross_entropy(logits, target, jnp.ones(num_classes)), new_stats
 
@@ -58,8 +74,7 @@ def main():
   config = synthetic_config.get_config()
   run = train.Run(config, "/unused")
   state, _ = train.initial_state(run)
-  images, labels = synthetic.generate_split(3000, 0, args.num_images,
-                                            config.dataset.synthetic_size)
+  images, labels = synthetic.generate_split(3000, 0, args.num_images, config.dataset.synthetic_size)
   head = jnp.zeros((synthetic.NUM_CLASSES, config.model.fpn_channels + 1))
   params = (state.params, head)
   opt_state, batch_stats = run.tx.init(params), state.batch_stats
@@ -67,14 +82,24 @@ def main():
   for epoch in range(args.epochs):
     order = np.random.default_rng(epoch).permutation(args.num_images)
     for start in range(0, args.num_images - batch + 1, batch):
-      idx = order[start:start + batch]
+      idx = order[start : start + batch]
       params, opt_state, batch_stats, loss = _step(
-          run, params, opt_state, batch_stats, jnp.asarray(images[idx]),
-          jnp.asarray(labels[idx].astype(np.int32)), jnp.asarray(idx), epoch)
+          run,
+          params,
+          opt_state,
+          batch_stats,
+          jnp.asarray(images[idx]),
+          jnp.asarray(labels[idx].astype(np.int32)),
+          jnp.asarray(idx),
+          epoch,
+      )
     print(f"epoch {epoch}: loss {float(loss):.3f}")
   with open(args.out, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(
-        {"params": jax.device_get(params[0]), "batch_stats": jax.device_get(batch_stats)}))
+    f.write(
+        flax.serialization.msgpack_serialize(
+            {"params": jax.device_get(params[0]), "batch_stats": jax.device_get(batch_stats)}
+        )
+    )
   print("wrote", args.out)
 
 

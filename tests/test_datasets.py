@@ -1,12 +1,13 @@
 """Prepared COCO-Stuff / Cityscapes (TFDS builders on fake trees in the real layouts), exact
 label reading, and training on an image folder without labels."""
+
 import json
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from configs import common
 from picie_jax import train
@@ -15,11 +16,17 @@ from picie_jax.data import datasets
 from picie_jax.data import pipeline
 from picie_jax.data import prepared
 
-_COCO_IDS = {"train2017": ["000000000009", "000000000025", "000000000030"],
-             "val2017": ["000000000285", "000000000139", "000000000632", "000000000724"]}
+_COCO_IDS = {
+    "train2017": ["000000000009", "000000000025", "000000000030"],
+    "val2017": ["000000000285", "000000000139", "000000000632", "000000000724"],
+}
 _COCO_FINE_VALUES = np.array([0, 1, 40, 90, 91, 95, 150, 181, 255], np.uint8)
-_CITYSCAPES = {"train": ["aachen"], "val": ["frankfurt", "lindau"], "test": ["berlin"],
-               "train_extra": ["augsburg", "bad-honnef"]}
+_CITYSCAPES = {
+    "train": ["aachen"],
+    "val": ["frankfurt", "lindau"],
+    "test": ["berlin"],
+    "train_extra": ["augsburg", "bad-honnef"],
+}
 _CITYSCAPES_IDS = np.array([0, 1, 6, 7, 8, 20, 26, 33, 34, 255], np.uint8)
 
 
@@ -49,8 +56,9 @@ def coco_tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def coco_prepared(coco_tree, tmp_path_factory):
-  config = _config("coco_stuff27", manual_dir=coco_tree,
-                   data_dir=tmp_path_factory.mktemp("coco_tfds"))
+  config = _config(
+      "coco_stuff27", manual_dir=coco_tree, data_dir=tmp_path_factory.mktemp("coco_tfds")
+  )
   datasets.prepare(config)
   return config
 
@@ -68,8 +76,11 @@ def _coarse_reference(setting):
   with open(os.path.join(os.path.dirname(datasets.__file__), "cocostuff27.json")) as f:
     coarse = np.array(json.load(f)["fine_to_coarse"])
   table = np.full(256, -1)
-  table[:182] = {"coco_stuff27": coarse, "coco_thing12": np.where(coarse < 12, coarse, -1),
-                 "coco_stuff15": np.where(coarse >= 12, coarse - 12, -1)}[setting]
+  table[:182] = {
+      "coco_stuff27": coarse,
+      "coco_thing12": np.where(coarse < 12, coarse, -1),
+      "coco_stuff15": np.where(coarse >= 12, coarse - 12, -1),
+  }[setting]
   return table
 
 
@@ -77,8 +88,9 @@ def _decoded(path):
   return tf.io.decode_image(tf.io.read_file(str(path)), channels=3).numpy()
 
 
-@pytest.mark.parametrize("setting,num_classes", [("coco_stuff27", 27), ("coco_stuff15", 15),
-                                                 ("coco_thing12", 12)])
+@pytest.mark.parametrize(
+    "setting,num_classes", [("coco_stuff27", 27), ("coco_stuff15", 15), ("coco_thing12", 12)]
+)
 def test_coco_settings_read_the_curated_lists(coco_prepared, coco_tree, setting, num_classes):
   config = _config(setting, data_dir=coco_prepared.dataset.data_dir)
   reference = _coarse_reference(setting)
@@ -88,8 +100,9 @@ def test_coco_settings_read_the_curated_lists(coco_prepared, coco_tree, setting,
     assert source.num_classes == len(source.class_names) == num_classes
     for index, image_id in enumerate(_COCO_IDS[sub]):
       example = source.load(index)
-      np.testing.assert_array_equal(example["image"],
-                                    _decoded(coco_tree / "images" / sub / f"{image_id}.jpg"))
+      np.testing.assert_array_equal(
+          example["image"], _decoded(coco_tree / "images" / sub / f"{image_id}.jpg")
+      )
       fine = np.asarray(Image.open(coco_tree / "annotations" / sub / f"{image_id}.png"))
       np.testing.assert_array_equal(example["label"], reference[fine])
   assert source.thing_classes == (tuple(range(12)) if setting == "coco_stuff27" else None)
@@ -97,8 +110,12 @@ def test_coco_settings_read_the_curated_lists(coco_prepared, coco_tree, setting,
 
 def test_prepared_records_keep_the_original_bytes(coco_prepared, coco_tree):
   """Also the up-front scan of a prepared split (first/last records, val label values)."""
-  datasets.scan_sources(datasets.build_source(coco_prepared, "train"),
-                        datasets.build_source(coco_prepared, "val"), True, progress=False)
+  datasets.scan_sources(
+      datasets.build_source(coco_prepared, "train"),
+      datasets.build_source(coco_prepared, "val"),
+      True,
+      progress=False,
+  )
   records = prepared.open_split(coco_stuff.PicieCocoStuff, coco_prepared.dataset.data_dir, "val")
   assert records[1]["image_file"].decode() == "images/val2017/000000000139.jpg"
   assert records[1]["image"] == (coco_tree / "images/val2017/000000000139.jpg").read_bytes()
@@ -109,8 +126,9 @@ def test_two_hosts_pass_visits_every_image_once(coco_prepared):
   source = datasets.build_source(coco_prepared, "val")
   seen = []
   for host_id in (0, 1):
-    for batch in pipeline.pass_batches(source, 2, 16, with_labels=True, num_hosts=2,
-                                       host_id=host_id):
+    for batch in pipeline.pass_batches(
+        source, 2, 16, with_labels=True, num_hosts=2, host_id=host_id
+    ):
       assert batch["image"].shape == (1, 16, 16, 3)
       seen += batch["index"][batch["mask"]].tolist()
   assert sorted(seen) == list(range(source.num_examples))
@@ -139,11 +157,15 @@ def _write_cityscapes(root):
       for frame in (19, 3):
         stem = f"{city}_000000_{frame:06d}"
         shape = (16, 24)
-        _save(_random_image(rng, shape), root / "leftImg8bit" / subset / city /
-              f"{stem}_leftImg8bit.png")
+        _save(
+            _random_image(rng, shape),
+            root / "leftImg8bit" / subset / city / f"{stem}_leftImg8bit.png",
+        )
         if subset in ("train", "val"):
-          _save(rng.choice(_CITYSCAPES_IDS, shape),
-                root / "gtFine" / subset / city / f"{stem}_gtFine_labelIds.png")
+          _save(
+              rng.choice(_CITYSCAPES_IDS, shape),
+              root / "gtFine" / subset / city / f"{stem}_gtFine_labelIds.png",
+          )
         files.setdefault(subset, []).append(f"{city}/{stem}")
   return {subset: sorted(stems) for subset, stems in files.items()}
 
@@ -158,7 +180,8 @@ def test_cityscapes_splits_and_label_ids(tmp_path):
   last = stems["train_extra"][-1]
   np.testing.assert_array_equal(
       train_source.load(train_source.num_examples - 1)["image"],
-      _decoded(tmp_path / "raw" / "leftImg8bit" / "train_extra" / f"{last}_leftImg8bit.png"))
+      _decoded(tmp_path / "raw" / "leftImg8bit" / "train_extra" / f"{last}_leftImg8bit.png"),
+  )
   val_source = datasets.build_source(config, "val")
   order = [("val", s) for s in stems["val"]] + [("train", s) for s in stems["train"]]
   assert val_source.num_examples == len(order) and val_source.num_classes == 27
@@ -167,10 +190,12 @@ def test_cityscapes_splits_and_label_ids(tmp_path):
   for index, (subset, stem) in enumerate(order):
     example = val_source.load(index)
     np.testing.assert_array_equal(
-        example["image"], _decoded(tmp_path / "raw" / "leftImg8bit" / subset /
-                                   f"{stem}_leftImg8bit.png"))
-    raw = np.asarray(Image.open(tmp_path / "raw" / "gtFine" / subset /
-                                f"{stem}_gtFine_labelIds.png"))
+        example["image"],
+        _decoded(tmp_path / "raw" / "leftImg8bit" / subset / f"{stem}_leftImg8bit.png"),
+    )
+    raw = np.asarray(
+        Image.open(tmp_path / "raw" / "gtFine" / subset / f"{stem}_gtFine_labelIds.png")
+    )
     np.testing.assert_array_equal(example["label"], np.vectorize(reference.get)(raw))
 
 
@@ -192,10 +217,13 @@ def test_16_bit_label_png_reads_exactly(tmp_path):
     np.testing.assert_array_equal(source.load(index)["label"][0], [0, 1, 2, -1])
 
 
-@pytest.mark.parametrize("bad_label,message", [
-    (np.array([[0, 300]], np.uint16), r"im1\.png has values the dataset does not define"),
-    (np.zeros((1, 2, 3), np.uint8), r"im1\.png is not a single-channel"),
-])
+@pytest.mark.parametrize(
+    "bad_label,message",
+    [
+        (np.array([[0, 300]], np.uint16), r"im1\.png has values the dataset does not define"),
+        (np.zeros((1, 2, 3), np.uint8), r"im1\.png is not a single-channel"),
+    ],
+)
 def test_bad_label_files_are_named(tmp_path, bad_label, message):
   config = _folder_with_labels(tmp_path, [np.zeros((1, 2), np.uint8), bad_label])
   config.dataset.num_classes = 3

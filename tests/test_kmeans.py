@@ -1,4 +1,5 @@
 """k-means against float64 numpy references written here (brute-force distances, loops)."""
+
 import os
 import subprocess
 import sys
@@ -110,12 +111,14 @@ def test_mask_excludes_points_from_centroids_counts_and_loss():
 
 def test_split_empty_clusters_hand_worked():
   e = 1 / 1024
-  centroids = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [0.5, 0.5, 0.5]],
-                       np.float32)
+  centroids = np.array(
+      [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [0.5, 0.5, 0.5]], np.float32
+  )
   # Clusters 1 and 2 are empty. 1 splits the largest (0, count 6): counts 3/3, and 0 is
   # perturbed; 2 then splits the first of the largest (0 again, count 3): counts 2/1.
-  new_c, new_counts = km._split_empty_clusters(jnp.asarray(centroids),
-                                               jnp.array([6, 0, 0, 3], jnp.int32))
+  new_c, new_counts = km._split_empty_clusters(
+      jnp.asarray(centroids), jnp.array([6, 0, 0, 3], jnp.int32)
+  )
   up, down = np.array([1 + e, 1 - e, 1 + e]), np.array([1 - e, 1 + e, 1 - e])
   c0_after_first = centroids[0] * down
   want = np.stack([c0_after_first * down, centroids[0] * up, c0_after_first * up, centroids[3]])
@@ -159,8 +162,9 @@ def test_minibatch_update_matches_numpy_loop():
     points = gaussian_points(11 + step, 50, 4)
     mask = rng.uniform(size=50) > 0.3
     state, sq_sum, count = km.minibatch_update(state, points, mask, mesh=MESH, chunk_size=16)
-    want_c, want_counts, want_sq, want_count = numpy_minibatch_update(want_c, want_counts,
-                                                                      points, mask)
+    want_c, want_counts, want_sq, want_count = numpy_minibatch_update(
+        want_c, want_counts, points, mask
+    )
     np.testing.assert_allclose(state.centroids, want_c, atol=1e-5)
     np.testing.assert_array_equal(state.running_counts, want_counts)
     np.testing.assert_allclose(sq_sum, want_sq, rtol=1e-5)
@@ -179,8 +183,16 @@ def test_kmeans_recovers_separated_blobs_euclidean():
   centers = rng.normal(size=(6, 8)) * 10
   truth = np.repeat(np.arange(6), 80)
   x = (centers[truth] + 0.3 * rng.normal(size=(480, 8))).astype(np.float32)
-  result = km.kmeans(jax.random.key(0), x, np.ones(480, bool), 6, num_iters=10, mesh=MESH,
-                     metric="l2", init="kmeans++")
+  result = km.kmeans(
+      jax.random.key(0),
+      x,
+      np.ones(480, bool),
+      6,
+      num_iters=10,
+      mesh=MESH,
+      metric="l2",
+      init="kmeans++",
+  )
   assert one_to_one(truth, np.asarray(result.assignments))
 
 
@@ -190,8 +202,9 @@ def test_kmeans_cosine_clusters_directions_with_plain_mean_centroids():
   truth = np.repeat(np.arange(4), 60)
   lengths = rng.uniform(0.1, 10.0, size=(240, 1))  # euclidean k-means would split by length
   x = (lengths * (directions[truth] + 0.05 * rng.normal(size=(240, 8)))).astype(np.float32)
-  result = km.kmeans(jax.random.key(1), x, np.ones(240, bool), 4, num_iters=10, mesh=MESH,
-                     init="kmeans++")
+  result = km.kmeans(
+      jax.random.key(1), x, np.ones(240, bool), 4, num_iters=10, mesh=MESH, init="kmeans++"
+  )
   labels = np.asarray(result.assignments)
   assert one_to_one(truth, labels)
   unit = x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
@@ -268,8 +281,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

@@ -1,4 +1,5 @@
 """ResNet + FPN against torch's shape formulas, numpy float64 references and torchvision's names."""
+
 import flax
 import flax.linen as nn
 import jax
@@ -9,11 +10,17 @@ import pytest
 
 from picie_jax.convert import torch_names
 from picie_jax.models import efficientnet
-from picie_jax.models import resnet
-from picie_jax.models.fpn import FPNDecoder, PiCIENet, model_from_config, resize_bilinear
-from picie_jax.models.layers import BatchNorm, DepthwiseConv, depthwise_conv_taps
 from picie_jax.models import layers
-from picie_jax.models.resnet import ResidualBlock, ResNet
+from picie_jax.models import resnet
+from picie_jax.models.fpn import FPNDecoder
+from picie_jax.models.fpn import PiCIENet
+from picie_jax.models.fpn import model_from_config
+from picie_jax.models.fpn import resize_bilinear
+from picie_jax.models.layers import BatchNorm
+from picie_jax.models.layers import DepthwiseConv
+from picie_jax.models.layers import depthwise_conv_taps
+from picie_jax.models.resnet import ResidualBlock
+from picie_jax.models.resnet import ResNet
 
 EPS = 1e-5
 
@@ -28,7 +35,9 @@ def conv2d_ref(x_bhwc, w_hwio, stride, pad):
   out = np.zeros((x.shape[0], out_h, out_w, w_hwio.shape[3]))
   for i in range(kh):
     for j in range(kw):
-      window = x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+      window = x[
+          :, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride
+      ]
       out += window @ w_hwio[i, j]
   return out
 
@@ -37,8 +46,14 @@ def max_pool_ref(x_bhwc):
   """torch MaxPool2d(3, stride=2, padding=1): implicit -inf padding."""
   x = np.pad(x_bhwc, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
   out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
-  return np.max([x[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2]
-                 for i in range(3) for j in range(3)], axis=0)
+  return np.max(
+      [
+          x[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
+          for i in range(3)
+          for j in range(3)
+      ],
+      axis=0,
+  )
 
 
 def bn_eval_ref(x, bn):
@@ -59,7 +74,9 @@ def interp_matrix_ref(in_size, out_size):
 
 
 def resize_ref(x_bhwc, size_hw):
-  mh, mw = interp_matrix_ref(x_bhwc.shape[1], size_hw[0]), interp_matrix_ref(x_bhwc.shape[2], size_hw[1])
+  mh, mw = interp_matrix_ref(x_bhwc.shape[1], size_hw[0]), interp_matrix_ref(
+      x_bhwc.shape[2], size_hw[1]
+  )
   return np.einsum("ph,bhwc,qw->bpqc", mh, x_bhwc, mw)
 
 
@@ -120,7 +137,11 @@ def test_stage_shapes_follow_torch_formulas(hw):
 def test_resnet50_shapes_and_stride_on_3x3():
   feats, _ = shapes_of(ResNet(depth=50, width=8), (1, 80, 80, 3), train=False)
   assert [feats[f"res{k}"].shape for k in range(2, 6)] == [
-      (1, 20, 20, 32), (1, 10, 10, 64), (1, 5, 5, 128), (1, 3, 3, 256)]
+      (1, 20, 20, 32),
+      (1, 10, 10, 64),
+      (1, 5, 5, 128),
+      (1, 3, 3, 256),
+  ]
   out, _ = shapes_of(PiCIENet("resnet50", width=8, out_channels=256), (1, 80, 80, 3), train=False)
   assert out.shape == (1, 20, 20, 256)
   # v1.5: layer2_0's 1x1 conv1 keeps 20x20, its 3x3 conv2 halves it.
@@ -128,7 +149,8 @@ def test_resnet50_shapes_and_stride_on_3x3():
   x = jax.ShapeDtypeStruct((1, 80, 80, 3), jnp.float32)
   _, variables = shapes_of(model, x.shape, train=False)
   _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True), variables, x)
+      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True), variables, x
+  )
   block = state["intermediates"]["layer2_0"]
   assert block["conv1"]["__call__"][0].shape == (1, 20, 20, 16)
   assert block["conv2"]["__call__"][0].shape == (1, 10, 10, 16)
@@ -167,7 +189,10 @@ def test_stem_matches_direct_convolution_with_torch_padding(hw):
 def block_ref(x, v, bottleneck, stride):
   """torchvision BasicBlock / Bottleneck (stride on the 3x3) in eval mode."""
   p, s = v["params"], v["batch_stats"]
-  bn = lambda y, name: bn_eval_ref(y, {**p[name], **s[name]})
+
+  def bn(y, name):
+    return bn_eval_ref(y, {**p[name], **s[name]})
+
   if bottleneck:
     layers = [("conv1", 1, 0), ("conv2", stride, 1), ("conv3", 1, 0)]
   else:
@@ -183,9 +208,16 @@ def block_ref(x, v, bottleneck, stride):
   return np.maximum(y + shortcut, 0)
 
 
-@pytest.mark.parametrize("bottleneck,stride,in_channels,has_downsample", [
-    (False, 1, 4, False), (False, 2, 4, True), (True, 1, 4, True), (True, 2, 16, True),
-    (True, 1, 16, False)])
+@pytest.mark.parametrize(
+    "bottleneck,stride,in_channels,has_downsample",
+    [
+        (False, 1, 4, False),
+        (False, 2, 4, True),
+        (True, 1, 4, True),
+        (True, 2, 16, True),
+        (True, 1, 16, False),
+    ],
+)
 def test_residual_block_matches_numpy(bottleneck, stride, in_channels, has_downsample):
   block = ResidualBlock(planes=4, stride=stride, bottleneck=bottleneck)
   x = np.random.default_rng(2).normal(size=(2, 9, 9, in_channels))
@@ -196,8 +228,9 @@ def test_residual_block_matches_numpy(bottleneck, stride, in_channels, has_downs
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((5, 5), (10, 10)), ((13, 13), (25, 25)),
-                                          ((7, 9), (13, 18)), ((2, 3), (3, 5))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw", [((5, 5), (10, 10)), ((13, 13), (25, 25)), ((7, 9), (13, 18)), ((2, 3), (3, 5))]
+)
 def test_resize_bilinear_matches_torch_half_pixel_formula(in_hw, out_hw):
   x = np.random.default_rng(4).normal(size=(2, *in_hw, 3))
   out = resize_bilinear(jnp.asarray(x, jnp.float32), out_hw)
@@ -209,12 +242,16 @@ def test_fpn_decoder_matches_numpy_top_down_sum():
   sizes = {"res2": (12, 11), "res3": (6, 6), "res4": (3, 3), "res5": (2, 2)}  # 45x41 input
   feats = {k: rng.normal(size=(2, *hw, 4 * 2**i)) for i, (k, hw) in enumerate(sizes.items())}
   decoder = FPNDecoder(out_channels=5)
-  _, variables = jax.eval_shape(decoder.init_with_output, jax.random.key(0),
-                                jax.tree.map(jnp.asarray, feats))
+  _, variables = jax.eval_shape(
+      decoder.init_with_output, jax.random.key(0), jax.tree.map(jnp.asarray, feats)
+  )
   variables = randomized(variables, 5)
   out = decoder.apply(variables, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), feats))
   p = as_numpy(variables)["params"]
-  lateral = lambda name, x: x @ p[name]["kernel"][0, 0] + p[name]["bias"]
+
+  def lateral(name, x):
+    return x @ p[name]["kernel"][0, 0] + p[name]["bias"]
+
   expected = lateral("layer1", feats["res5"])
   for name, level in (("layer2", "res4"), ("layer3", "res3"), ("layer4", "res2")):
     expected = resize_ref(expected, sizes[level]) + lateral(name, feats[level])
@@ -231,20 +268,24 @@ def test_batchnorm_train_eval_and_running_update_match_torch():
     np.testing.assert_array_equal(initial["batch_stats"][name], value)
   variables = randomized(initial, 7)
   v = as_numpy(variables)
-  out, updates = bn.apply(variables, jnp.asarray(x, jnp.float32), use_running_average=False,
-                          mutable=["batch_stats"])
+  out, updates = bn.apply(
+      variables, jnp.asarray(x, jnp.float32), use_running_average=False, mutable=["batch_stats"]
+  )
   n = x.size // 2
   mean, var_biased = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
   expected = (x - mean) / np.sqrt(var_biased + EPS) * v["params"]["scale"] + v["params"]["bias"]
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
   stats = updates["batch_stats"]
   np.testing.assert_allclose(stats["mean"], 0.9 * v["batch_stats"]["mean"] + 0.1 * mean, rtol=1e-5)
-  np.testing.assert_allclose(stats["var"], 0.9 * v["batch_stats"]["var"]
-                             + 0.1 * var_biased * n / (n - 1), rtol=1e-5)
-  eval_out = bn.apply({**variables, **updates}, jnp.asarray(x, jnp.float32),
-                      use_running_average=True)
-  np.testing.assert_allclose(eval_out, bn_eval_ref(x, {**v["params"], **as_numpy(stats)}),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      stats["var"], 0.9 * v["batch_stats"]["var"] + 0.1 * var_biased * n / (n - 1), rtol=1e-5
+  )
+  eval_out = bn.apply(
+      {**variables, **updates}, jnp.asarray(x, jnp.float32), use_running_average=True
+  )
+  np.testing.assert_allclose(
+      eval_out, bn_eval_ref(x, {**v["params"], **as_numpy(stats)}), rtol=1e-4, atol=1e-4
+  )
   assert np.abs(np.asarray(eval_out) - np.asarray(out)).max() > 0.1
 
 
@@ -260,12 +301,17 @@ def test_resnet_train_mode_uses_batch_stats_and_updates_running_averages():
   model = ResNet(depth=18, width=4)
   x = jnp.asarray(np.random.default_rng(8).normal(1.0, 1.0, size=(2, 64, 64, 3)), jnp.float32)
   variables = random_variables(model, x.shape, 9, train=False)
-  train_feats, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
-                                   capture_intermediates=lambda m, _: m.name == "bn1")
+  train_feats, state = model.apply(
+      variables,
+      x,
+      train=True,
+      mutable=["batch_stats", "intermediates"],
+      capture_intermediates=lambda m, _: m.name == "bn1",
+  )
   bn1_out = np.asarray(state["intermediates"]["bn1"]["__call__"][0], np.float64)
   bn1 = as_numpy(variables["params"]["bn1"])  # batch statistics: output mean = bias, var = scale^2
   np.testing.assert_allclose(bn1_out.mean(axis=(0, 1, 2)), bn1["bias"], atol=1e-4)
-  np.testing.assert_allclose(bn1_out.var(axis=(0, 1, 2)), bn1["scale"]**2, rtol=1e-3)
+  np.testing.assert_allclose(bn1_out.var(axis=(0, 1, 2)), bn1["scale"] ** 2, rtol=1e-3)
   old = flax.traverse_util.flatten_dict(variables["batch_stats"])
   new = flax.traverse_util.flatten_dict(state["batch_stats"])
   assert old.keys() == new.keys()
@@ -306,7 +352,7 @@ def torchvision_resnet18_shapes():
   conv_bn("conv1", "bn1", 64, 3, 7)
   in_ch = 64
   for stage in range(1, 5):
-    planes = 64 * 2**(stage - 1)
+    planes = 64 * 2 ** (stage - 1)
     for block in range(2):
       prefix = f"layer{stage}.{block}"
       conv_bn(f"{prefix}.conv1", f"{prefix}.bn1", planes, in_ch, 3)
@@ -345,16 +391,22 @@ def test_picie_net_names_match_panoptic_fpn_layout():
 
 # ---------------------------------------------------------------- config and jit
 def model_config(**overrides):
-  return ml_collections.ConfigDict({"backbone": "resnet50", "width": 8, "fpn_channels": 16,
-                                   "dtype": "float32", **overrides})
+  return ml_collections.ConfigDict(
+      {"backbone": "resnet50", "width": 8, "fpn_channels": 16, "dtype": "float32", **overrides}
+  )
 
 
 def test_model_from_config():
   model = model_from_config(model_config())
   assert (model.backbone_name, model.width, model.out_channels) == ("resnet50", 8, 16)
   assert model_from_config(model_config(dtype="bfloat16")).dtype == jnp.bfloat16
-  for key, value in (("backbone", "resnet19"), ("backbone", "vgg16"), ("width", 0),
-                     ("fpn_channels", 2.5), ("dtype", "float16")):
+  for key, value in (
+      ("backbone", "resnet19"),
+      ("backbone", "vgg16"),
+      ("width", 0),
+      ("fpn_channels", 2.5),
+      ("dtype", "float16"),
+  ):
     with pytest.raises(ValueError, match=f"model.{key}"):
       model_from_config(model_config(**{key: value}))
 
@@ -374,48 +426,77 @@ def test_input_normalisations():
   images = np.random.default_rng(7).uniform(0, 1, (2, 3, 3, 3)).astype(np.float32)
   want = (images - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
   np.testing.assert_allclose(resnet.normalize_input(jnp.asarray(images)), want, atol=1e-6)
-  np.testing.assert_allclose(efficientnet.normalize_input(jnp.asarray(images)),
-                             (images * 255 - 127) / 128, atol=1e-5)
+  np.testing.assert_allclose(
+      efficientnet.normalize_input(jnp.asarray(images)), (images * 255 - 127) / 128, atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("hw,k,stride", [((9, 9), 3, 1), ((9, 8), 3, 2), ((10, 7), 5, 2),
-                                         ((4, 4), 5, 1), ((2, 3), 3, 2)])
+@pytest.mark.parametrize(
+    "hw,k,stride", [((9, 9), 3, 1), ((9, 8), 3, 2), ((10, 7), 5, 2), ((4, 4), 5, 1), ((2, 3), 3, 2)]
+)
 def test_depthwise_taps_equal_grouped_convolution_and_its_gradient(hw, k, stride):
   """The CPU form (a sum over taps) against XLA's grouped convolution, values and gradients."""
   rng = np.random.default_rng(11)
   x = jnp.asarray(rng.normal(size=(2, *hw, 6)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, 1, 6)), jnp.float32)
-  grouped = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=6)
-  taps = lambda x, w: depthwise_conv_taps(x, w, stride)
+
+  def grouped(x, w):
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=6,
+    )
+
+  def taps(x, w):
+    return depthwise_conv_taps(x, w, stride)
+
   np.testing.assert_allclose(taps(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
   cot = jnp.asarray(rng.normal(size=grouped(x, w).shape), jnp.float32)
-  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
+
+  def grad(f):
+    return jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
+
   for got, want in zip(grad(taps), grad(grouped)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   module = DepthwiseConv(k, stride)
   variables = module.init(jax.random.key(0), x)
   assert variables["params"]["kernel"].shape == (k, k, 1, 6)
-  np.testing.assert_allclose(module.apply({"params": {"kernel": w}}, x), grouped(x, w),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      module.apply({"params": {"kernel": w}}, x), grouped(x, w), rtol=1e-5, atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("hw,stride,padding", [((9, 9), 1, "SAME"), ((9, 8), 2, "SAME"),
-                                               ((7, 10), 2, "VALID"), ((5, 5), 1, ((0, 0), (0, 0)))])
+@pytest.mark.parametrize(
+    "hw,stride,padding",
+    [
+        ((9, 9), 1, "SAME"),
+        ((9, 8), 2, "SAME"),
+        ((7, 10), 2, "VALID"),
+        ((5, 5), 1, ((0, 0), (0, 0))),
+    ],
+)
 def test_1x1_conv_as_matmul_equals_lax_convolution_and_its_gradient(hw, stride, padding):
   """The CPU form of a 1x1 convolution (strided slice + matmul) against XLA's convolution."""
   rng = np.random.default_rng(12)
   x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(1, 1, 5, 7)), jnp.float32)
   dims = ("NHWC", "HWIO", "NHWC")
-  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                                    dimension_numbers=dims)
-  ours = lambda x, w: layers.conv_general_dilated(x, w, (stride, stride), padding,
-                                                  dimension_numbers=dims)
+
+  def plain(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dims)
+
+  def ours(x, w):
+    return layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dims)
+
   np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
   cot = jnp.asarray(rng.normal(size=plain(x, w).shape), jnp.float32)
-  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
+
+  def grad(f):
+    return jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), argnums=(0, 1))(x, w)
+
   for got, want in zip(grad(ours), grad(plain)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   jaxpr = str(jax.make_jaxpr(ours)(x, w))
@@ -435,19 +516,24 @@ def test_stem_max_pool_backward_routes_to_the_first_maximum_as_torch(hw):
   out_torch.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
   out, vjp = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
   np.testing.assert_array_equal(out, out_torch.detach().numpy().transpose(0, 2, 3, 1))
-  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], x_torch.grad.numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      vjp(jnp.asarray(g))[0], x_torch.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6
+  )
   assert "custom_vjp" in str(jax.make_jaxpr(layers.max_pool_3x3_s2)(jnp.asarray(x)))
 
 
 def test_efficientnet_lite0_levels_and_parameter_count():
-  feats, variables = shapes_of(efficientnet.EfficientNetLite0(num_classes=1000),
-                               (1, 224, 224, 3), train=False)
+  feats, variables = shapes_of(
+      efficientnet.EfficientNetLite0(num_classes=1000), (1, 224, 224, 3), train=False
+  )
   assert {k: v.shape for k, v in feats.items()} == {
-      "res2": (1, 56, 56, 24), "res3": (1, 28, 28, 40), "res4": (1, 14, 14, 112),
-      "res5": (1, 7, 7, 320), "logits": (1, 1000)}
+      "res2": (1, 56, 56, 24),
+      "res3": (1, 28, 28, 40),
+      "res4": (1, 14, 14, 112),
+      "res5": (1, 7, 7, 320),
+      "logits": (1, 1000),
+  }
   # EfficientNet-Lite0 has 4,652,008 parameters (TF model card), head and fc included.
   assert sum(np.prod(p.shape) for p in jax.tree.leaves(variables["params"])) == 4_652_008
-  out, _ = shapes_of(PiCIENet("efficientnet_lite0", out_channels=128), (2, 45, 64, 3),
-                     train=False)
+  out, _ = shapes_of(PiCIENet("efficientnet_lite0", out_channels=128), (2, 45, 64, 3), train=False)
   assert out.shape == (2, 12, 16, 128)  # "SAME": ceil(45 / 4) = 12

@@ -6,6 +6,7 @@ processes x 2 devices joined by jax.distributed (gloo on loopback) against the 4
 killed and resumed; and k-means on 2 processes x 2 devices against a 1-device run in this
 process. Each run is a subprocess so XLA_FLAGS and jax.distributed are set before jax starts.
 """
+
 import json
 import os
 import signal
@@ -15,13 +16,13 @@ import sys
 import textwrap
 import time
 
+from conftest import TINY_OVERRIDES
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import TINY_OVERRIDES
 from picie_jax.core import kmeans as km
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +32,12 @@ _TIMEOUT_S = int(os.environ.get("PICIE_TEST_TIMEOUT_S", "600"))
 
 
 def _cpu_env(num_devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+  return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="2",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+  )
 
 
 def _run_together(commands, log_dir, kill_when=None):
@@ -43,16 +48,19 @@ def _run_together(commands, log_dir, kill_when=None):
   procs, logs = [], []
 
   def report(what):
-    tails = "".join(f"\n--- process {i} (exit {p.poll()}), {log}:\n{log.read_text()[-2000:]}"
-                    for i, (p, log) in enumerate(zip(procs, logs)))
+    tails = "".join(
+        f"\n--- process {i} (exit {p.poll()}), {log}:\n{log.read_text()[-2000:]}"
+        for i, (p, log) in enumerate(zip(procs, logs))
+    )
     return what + tails
 
   try:
     for i, (argv, env) in enumerate(commands):
       logs.append(log_dir / f"process{i}.log")
       with open(logs[-1], "a") as log:
-        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
     deadline = time.monotonic() + _TIMEOUT_S
     while any(p.poll() is None for p in procs):
       assert all(p.poll() in (None, 0) for p in procs), report("a process failed")
@@ -110,8 +118,16 @@ def one_process_runs(tmp_path_factory):
   """One epoch in one process on 4 devices (workdir d4) and on 1 device (d1), run at once."""
   out = tmp_path_factory.mktemp("one_process")
   overrides = json.dumps(_EPOCH_OVERRIDES)
-  _run_together([([sys.executable, "-c", _TRAIN_SCRIPT, str(n), overrides, str(out / f"d{n}")],
-                  _cpu_env(n)) for n in (4, 1)], out)
+  _run_together(
+      [
+          (
+              [sys.executable, "-c", _TRAIN_SCRIPT, str(n), overrides, str(out / f"d{n}")],
+              _cpu_env(n),
+          )
+          for n in (4, 1)
+      ],
+      out,
+  )
   return out
 
 
@@ -132,24 +148,36 @@ def _final_centroids(workdir):
   directory = workdir / "checkpoints"
   step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
   restored = ocp.PyTreeCheckpointer().restore(
-      directory / str(step) / "tree", args=ocp.args.PyTreeRestore(
-          item={"targets": {"centroids": 0}}, partial_restore=True,
-          restore_args={"targets": {"centroids": ocp.RestoreArgs(restore_type=np.ndarray)}}))
+      directory / str(step) / "tree",
+      args=ocp.args.PyTreeRestore(
+          item={"targets": {"centroids": 0}},
+          partial_restore=True,
+          restore_args={"targets": {"centroids": ocp.RestoreArgs(restore_type=np.ndarray)}},
+      ),
+  )
   return restored["targets"]["centroids"]
 
 
 def _two_process_commands(workdir, cache_dir, port):
   """The real CLI, twice, joined by PICIE_COORDINATOR; the XLA cache is shared across runs
   (restarts then skip compilation, the same programs are compiled the same way)."""
-  argv = [sys.executable, "-m", "picie_jax.main", "train", f"--workdir={workdir}",
-          *(f"--config.{k}={v}" for k, v in _EPOCH_OVERRIDES.items())]
-  env = dict(_cpu_env(2), PICIE_COORDINATOR=f"127.0.0.1:{port}", PICIE_NUM_PROCESSES="2",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  argv = [
+      sys.executable,
+      "-m",
+      "picie_jax.main",
+      "train",
+      f"--workdir={workdir}",
+      *(f"--config.{k}={v}" for k, v in _EPOCH_OVERRIDES.items()),
+  ]
+  env = dict(
+      _cpu_env(2),
+      PICIE_COORDINATOR=f"127.0.0.1:{port}",
+      PICIE_NUM_PROCESSES="2",
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
   return [(argv, dict(env, PICIE_PROCESS_ID=str(i))) for i in (0, 1)]
-
-
 
 
 def _without_speed(records):
@@ -196,8 +224,9 @@ def test_two_processes_train_like_one_process_and_resume(one_process_runs, tmp_p
   log0 = (logs / "process0.log").read_text()
   assert "resuming from" in log0 and "train batch" in log0, log0[-2000:]
   assert _without_speed(_records(killed)) == _without_speed(_records(whole))
-  assert (json.loads((killed / "final.json").read_text())
-          == json.loads((whole / "final.json").read_text()))
+  assert json.loads((killed / "final.json").read_text()) == json.loads(
+      (whole / "final.json").read_text()
+  )
   np.testing.assert_array_equal(_final_centroids(killed), _final_centroids(whole))
 
 
@@ -209,14 +238,25 @@ def kmeans_outputs(data, rows, whole, mesh):
   init = km.init_centroids(jax.random.key(0), x, mask, 8)
   result = km.lloyd(x, mask, init, 6, mesh=mesh, chunk_size=64)
   state = km.MiniBatchState(result.centroids, result.counts.astype(jnp.float32))
-  state, sq_sum, count = km.minibatch_update(state, rows(data["batch"]),
-                                             rows(data["batch_mask"]), mesh=mesh, chunk_size=16)
-  odd = km.lloyd(whole(data["x"][:1003]), whole(data["mask"][:1003]), init, 6, mesh=mesh,
-                 chunk_size=64)
-  return dict(init=init, centroids=result.centroids, assignments=result.assignments,
-              loss=result.loss, counts=result.counts, mb_centroids=state.centroids,
-              mb_counts=state.running_counts, mb_sq_sum=sq_sum, mb_count=count,
-              odd_centroids=odd.centroids, odd_assignments=odd.assignments)
+  state, sq_sum, count = km.minibatch_update(
+      state, rows(data["batch"]), rows(data["batch_mask"]), mesh=mesh, chunk_size=16
+  )
+  odd = km.lloyd(
+      whole(data["x"][:1003]), whole(data["mask"][:1003]), init, 6, mesh=mesh, chunk_size=64
+  )
+  return dict(
+      init=init,
+      centroids=result.centroids,
+      assignments=result.assignments,
+      loss=result.loss,
+      counts=result.counts,
+      mb_centroids=state.centroids,
+      mb_counts=state.running_counts,
+      mb_sq_sum=sq_sum,
+      mb_count=count,
+      odd_centroids=odd.centroids,
+      odd_assignments=odd.assignments,
+  )
 
 
 _MULTI_HOST_SCRIPT = textwrap.dedent("""
@@ -262,19 +302,37 @@ def _unchanged(a):
 def test_kmeans_on_two_processes_matches_one_device(tmp_path):
   """Lloyd and a mini-batch update on global arrays assembled from per-process halves."""
   rng = np.random.default_rng(0)
-  data = {"x": rng.normal(size=(1024, 16)).astype(np.float32),
-          "mask": rng.uniform(size=1024) > 0.1,
-          "batch": rng.normal(size=(200, 16)).astype(np.float32),
-          "batch_mask": rng.uniform(size=200) > 0.2}
+  data = {
+      "x": rng.normal(size=(1024, 16)).astype(np.float32),
+      "mask": rng.uniform(size=1024) > 0.1,
+      "batch": rng.normal(size=(200, 16)).astype(np.float32),
+      "batch_mask": rng.uniform(size=200) > 0.2,
+  }
   np.savez(tmp_path / "data.npz", **data)
   address = f"127.0.0.1:{_free_port()}"
   out_path = tmp_path / "out.npz"
-  _run_together([([sys.executable, "-c", _MULTI_HOST_SCRIPT, address, str(i),
-                   str(tmp_path / "data.npz"), str(out_path)], _cpu_env(2)) for i in (0, 1)],
-                tmp_path)
+  _run_together(
+      [
+          (
+              [
+                  sys.executable,
+                  "-c",
+                  _MULTI_HOST_SCRIPT,
+                  address,
+                  str(i),
+                  str(tmp_path / "data.npz"),
+                  str(out_path),
+              ],
+              _cpu_env(2),
+          )
+          for i in (0, 1)
+      ],
+      tmp_path,
+  )
   got = dict(np.load(out_path))
-  expect = jax.tree.map(np.asarray, kmeans_outputs(data, _unchanged, _unchanged,
-                                                   km.data_mesh(jax.devices()[:1])))
+  expect = jax.tree.map(
+      np.asarray, kmeans_outputs(data, _unchanged, _unchanged, km.data_mesh(jax.devices()[:1]))
+  )
   assert set(got) == set(expect)
   for key in ("init", "centroids", "mb_centroids", "odd_centroids"):
     np.testing.assert_allclose(got[key], expect[key], atol=1e-5, err_msg=key)

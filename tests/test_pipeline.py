@@ -1,9 +1,10 @@
 """The tf.data pipeline and the dataset sources, on small fixtures in the real file formats."""
+
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import common
 from picie_jax.data import datasets
@@ -25,7 +26,10 @@ def _write_folder(root, split, n, size=(20, 30), with_labels=True, label_values=
     os.makedirs(root / split / "labels", exist_ok=True)
   for i in range(n):
     Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(
-        root / split / "images" / f"im{i:02d}.jpg" if i % 2 else root / split / "images" / f"im{i:02d}.png")
+        root / split / "images" / f"im{i:02d}.jpg"
+        if i % 2
+        else root / split / "images" / f"im{i:02d}.png"
+    )
     if with_labels:
       label = rng.choice(np.array(label_values, np.uint8), size=size)
       Image.fromarray(label).save(root / split / "labels" / f"im{i:02d}.png")
@@ -75,8 +79,7 @@ def test_train_batches_resume_from_batch(tmp_path):
   _write_folder(tmp_path, "train", 7, with_labels=False)
   source = datasets.build_source(_folder_config(tmp_path), "train")
   full = [b["index"] for b in pipeline.train_batches(source, 2, 8, seed=3, epoch=1)]
-  tail = [b["index"] for b in pipeline.train_batches(source, 2, 8, seed=3, epoch=1,
-                                                      start_batch=2)]
+  tail = [b["index"] for b in pipeline.train_batches(source, 2, 8, seed=3, epoch=1, start_batch=2)]
   assert len(full) == 4
   for a, b in zip(full[2:], tail):
     np.testing.assert_array_equal(a, b)

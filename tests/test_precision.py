@@ -1,5 +1,6 @@
 """bfloat16 mixed precision (config.model.dtype): what runs in bf16, and that training in it is
 comparable to float32."""
+
 import json
 
 import jax
@@ -17,11 +18,13 @@ def _model(dtype):
 def test_bfloat16_convolutions_float32_params_features_and_batch_stats():
   images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
   variables = _model(jnp.float32).init(jax.random.key(1), images, train=False)
-  jaxpr = str(jax.make_jaxpr(lambda v, x: _model(jnp.bfloat16).apply(
-      v, x, train=True, mutable=["batch_stats"]))(variables, images))
+  jaxpr = str(
+      jax.make_jaxpr(
+          lambda v, x: _model(jnp.bfloat16).apply(v, x, train=True, mutable=["batch_stats"])
+      )(variables, images)
+  )
   assert "bf16[2,32,32,8]" in jaxpr  # the stem convolution's output
-  out, updates = _model(jnp.bfloat16).apply(variables, images, train=True,
-                                            mutable=["batch_stats"])
+  out, updates = _model(jnp.bfloat16).apply(variables, images, train=True, mutable=["batch_stats"])
   assert out.dtype == jnp.float32
   assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
   want, _ = _model(jnp.float32).apply(variables, images, train=True, mutable=["batch_stats"])

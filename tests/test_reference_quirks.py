@@ -8,6 +8,7 @@ Official (data/cityscapes_train_dataset.py, data/coco_train_dataset.py, TrainX.t
       COCO:       image1 = transform_tensor(image1)                              -> G(P1(x))
       view 2 as in 'compute'.
 """
+
 import functools
 
 import jax
@@ -37,31 +38,36 @@ def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
   indices, key = jnp.arange(2), jax.random.PRNGKey(3)
   mdc = {"method": "mdc", "train.cross_view_loss": False}
   method = _method(**mdc)
-  geo = T.batch_params(T.geometric_params, key, 0, indices, T.GEOMETRIC_STREAM,
-                       method.geometric)
-  photo = T.batch_params(T.photometric_params, key, 0, indices, T.VIEW1_PHOTOMETRIC_STREAM,
-                         method.photometric)
+  geo = T.batch_params(T.geometric_params, key, 0, indices, T.GEOMETRIC_STREAM, method.geometric)
+  photo = T.batch_params(
+      T.photometric_params, key, 0, indices, T.VIEW1_PHOTOMETRIC_STREAM, method.photometric
+  )
   x = images.astype(jnp.float32) / 255
-  official = {"jittered": T.apply_geometric(T.apply_photometric(x, photo, method.photometric),
-                                            geo, method.res1),
-              "unjittered": T.apply_geometric(x, geo, method.res1)}
+  official = {
+      "jittered": T.apply_geometric(
+          T.apply_photometric(x, photo, method.photometric), geo, method.res1
+      ),
+      "unjittered": T.apply_geometric(x, geo, method.res1),
+  }
   assert float(jnp.abs(official["jittered"] - official["unjittered"]).max()) > 0.05
-  cases = {("cityscapes27", True, "compute"): "jittered",
-           ("cityscapes27", True, "train"): "unjittered",
-           ("coco_stuff27", True, "train"): "jittered",
-           ("cityscapes27", False, "train"): "jittered"}
+  cases = {
+      ("cityscapes27", True, "compute"): "jittered",
+      ("cityscapes27", True, "train"): "unjittered",
+      ("coco_stuff27", True, "train"): "jittered",
+      ("cityscapes27", False, "train"): "jittered",
+  }
   for (dataset, quirks, mode), want in cases.items():
     method = _method(dataset, **mdc, **{"augment.reference_quirks": quirks})
     (v1,), _ = steps.view_images(images, indices, 0, key, method, train_phase=mode == "train")
-    np.testing.assert_allclose(v1, official[want], atol=1e-6,
-                               err_msg=f"{dataset} quirks={quirks} {mode}")
+    np.testing.assert_allclose(
+        v1, official[want], atol=1e-6, err_msg=f"{dataset} quirks={quirks} {mode}"
+    )
 
 
 def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
   """The loss's view_images call is the one marked train_phase (labels recomputed in the step
   keep P1)."""
-  method = _method(**{"method": "pixel_kmeans", "kmeans.metric": "l2",
-                      "train.labels": "recompute"})
+  method = _method(**{"method": "pixel_kmeans", "kmeans.metric": "l2", "train.labels": "recompute"})
   calls = []
   real = steps.view_images
 
@@ -72,12 +78,24 @@ def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
   monkeypatch.setattr(steps, "view_images", recording)
   tx = optax.adam(1e-3)
   classifier = jnp.zeros((2, 3, 4))
-  state = steps.TrainState(step=jnp.int32(0), params={}, batch_stats={}, opt_state=tx.init({}),
-                           classifier=classifier, classifier_opt_state=tx.init(classifier))
-  targets = steps.EpochTargets(frozen={"params": {}, "batch_stats": {}},
-                               centroids=jnp.zeros((2, 3, 3)), weights=jnp.ones((2, 3)))
-  batch = {"image": jnp.zeros((2, 64, 64, 3), jnp.uint8), "index": jnp.arange(2),
-           "mask": jnp.ones(2, bool)}
+  state = steps.TrainState(
+      step=jnp.int32(0),
+      params={},
+      batch_stats={},
+      opt_state=tx.init({}),
+      classifier=classifier,
+      classifier_opt_state=tx.init(classifier),
+  )
+  targets = steps.EpochTargets(
+      frozen={"params": {}, "batch_stats": {}},
+      centroids=jnp.zeros((2, 3, 3)),
+      weights=jnp.ones((2, 3)),
+  )
+  batch = {
+      "image": jnp.zeros((2, 64, 64, 3), jnp.uint8),
+      "index": jnp.arange(2),
+      "mask": jnp.ones(2, bool),
+  }
   step = functools.partial(steps.train_step.__wrapped__, None, method=method, tx=tx)
   jax.make_jaxpr(step)(state, targets, batch, 0, jax.random.PRNGKey(0))
   assert calls.count(True) == 1 and calls.count(False) == 1  # the loss, the labels
@@ -90,8 +108,9 @@ def test_quirk_view2_is_resized_as_pil_does():
   image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
   pil = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR), np.float32)
   method = _method(**{"augment.photometric": False})
-  (_, v2), _ = steps.view_images(jnp.asarray(image)[None], jnp.arange(1), 0,
-                                 jax.random.PRNGKey(0), method)
+  (_, v2), _ = steps.view_images(
+      jnp.asarray(image)[None], jnp.arange(1), 0, jax.random.PRNGKey(0), method
+  )
   ours = np.asarray(v2[0]) * 255
   assert np.abs(ours - pil).max() <= 1.0 + 1e-3 and np.abs(ours - pil).mean() < 0.3
   plain = np.asarray(T.resize_bilinear(jnp.asarray(image, jnp.float32)[None], 32)[0])

@@ -1,5 +1,6 @@
 """Failures a cluster or a user throws at a run: full disk, locked workdir, strict JSON,
 TensorBoard on disk, one-line errors (the signal and resume tests are in test_train.py)."""
+
 import errno
 import json
 import os
@@ -42,8 +43,10 @@ def test_full_disk_while_checkpointing_is_one_line(tmp_path, monkeypatch):
     ckpt.save({"x": jnp.zeros(2)}, {"epoch": 0})
   line, code = main._one_line(e.value)  # pylint: disable=protected-access
   assert code == 1
-  assert line == (f"error: No space left on device while writing checkpoint 1 in "
-                  f"{tmp_path}/checkpoints; free space and rerun the same command to resume")
+  assert line == (
+      f"error: No space left on device while writing checkpoint 1 in "
+      f"{tmp_path}/checkpoints; free space and rerun the same command to resume"
+  )
 
 
 def test_a_failing_run_releases_its_workdir_lock(tiny_config, tmp_path, monkeypatch):
@@ -58,7 +61,8 @@ def test_full_disk_is_found_through_wrapping_and_messages():
     _disk_full()
   assert reporting.no_space_error(e.value).filename == "/ckpt/tree/d/0.tmp"
   assert main._one_line(e.value)[0].startswith(  # pylint: disable=protected-access
-      "error: No space left on device while writing /ckpt/tree/d/0.tmp;")
+      "error: No space left on device while writing /ckpt/tree/d/0.tmp;"
+  )
   tensorstore_like = ValueError("Error writing local file: [OS error: No space left on device]")
   assert reporting.no_space_error(RuntimeError("commit failed")) is None
   assert reporting.no_space_error(tensorstore_like) is tensorstore_like
@@ -66,8 +70,14 @@ def test_full_disk_is_found_through_wrapping_and_messages():
 
 def test_json_outputs_are_strict(tmp_path):
   path = tmp_path / "final.json"
-  reporting.write_json(str(path), {"miou": float("nan"), "per_class": [1.5, np.float32(np.inf)],
-                                   "nested": {"acc": np.float64(-np.inf), "k": np.int64(3)}})
+  reporting.write_json(
+      str(path),
+      {
+          "miou": float("nan"),
+          "per_class": [1.5, np.float32(np.inf)],
+          "nested": {"acc": np.float64(-np.inf), "k": np.int64(3)},
+      },
+  )
 
   def refuse(constant):
     raise ValueError(f"non-standard JSON constant {constant}")
@@ -89,11 +99,13 @@ def _event_scalars(tb_dir):
 def test_tensorboard_is_on_disk_at_each_record_and_rewritten_on_resume(tmp_path):
   writer = reporting.MetricWriter(str(tmp_path), enabled=True)
   for epoch in range(3):
-    writer.write({"epoch": epoch, "step": 10 * epoch, "acc": epoch + 0.5, "miou": float("nan")},
-                 10 * epoch)
+    writer.write(
+        {"epoch": epoch, "step": 10 * epoch, "acc": epoch + 0.5, "miou": float("nan")}, 10 * epoch
+    )
     # Read while the writer is open, as after a kill right after the record.
     assert _event_scalars(tmp_path / "tensorboard") == {
-        ("acc", 10 * e): e + 0.5 for e in range(epoch + 1)}
+        ("acc", 10 * e): e + 0.5 for e in range(epoch + 1)
+    }
   writer.close()
   resumed = reporting.MetricWriter(str(tmp_path), enabled=True)
   resumed.drop_from_epoch(1)
@@ -102,8 +114,10 @@ def test_tensorboard_is_on_disk_at_each_record_and_rewritten_on_resume(tmp_path)
   resumed.close()
   assert _event_scalars(tmp_path / "tensorboard") == {("acc", 0): 0.5, ("acc", 10): 7.0}
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert rows == [{"epoch": 0, "step": 0, "acc": 0.5, "miou": None},
-                  {"epoch": 1, "step": 10, "acc": 7.0}]
+  assert rows == [
+      {"epoch": 0, "step": 0, "acc": 0.5, "miou": None},
+      {"epoch": 1, "step": 10, "acc": 7.0},
+  ]
 
 
 def _write_lock(workdir, host, pid):
@@ -137,7 +151,8 @@ def test_train_refuses_a_locked_workdir_at_once(tiny_config, tmp_path):
   with pytest.raises(workdir_lock.WorkdirLocked) as e:
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert main._one_line(e.value)[0].startswith(  # pylint: disable=protected-access
-      f"error: {tmp_path}/train.lock: another picie-jax train (pid {os.getppid()}")
+      f"error: {tmp_path}/train.lock: another picie-jax train (pid {os.getppid()}"
+  )
   assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_FILE]  # nothing written
 
 
@@ -146,7 +161,9 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tiny_config):
   with pytest.raises(ValueError) as ours:
     config_check.validate(tiny_config)
   assert main._one_line(ours.value) == (  # pylint: disable=protected-access
-      f"error: {ours.value}", 1)
+      f"error: {ours.value}",
+      1,
+  )
   with pytest.raises(ValueError) as library:
     np.zeros(-1)
   assert main._one_line(library.value) is None  # pylint: disable=protected-access
@@ -165,7 +182,8 @@ def test_cli_prints_a_user_error_in_one_line_and_its_traceback_under_verbose(tmp
       stderr = capsys.readouterr().err
       assert stderr.strip().splitlines()[-1] == (
           f"picie-jax: error: {tmp_path}/config.json is missing: is {tmp_path} a picie-jax "
-          "run directory?")
+          "run directory?"
+      )
       assert ("Traceback" in stderr) == bool(verbose)
   finally:
     flags.FLAGS.unparse_flags()

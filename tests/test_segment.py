@@ -1,18 +1,19 @@
 """`segment` on a tiny trained run: outputs, sizes, labels against an independent computation,
 padding, errors, the CLI; and the run's matching.json."""
+
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+from conftest import TINY_OVERRIDES
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
-from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from picie_jax import evaluate
 from picie_jax import segment
 from picie_jax import steps
@@ -27,9 +28,11 @@ K = 8
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+
   config = synthetic_config.get_config()
-  config.update_from_flattened_dict({**TINY_OVERRIDES, "num_epochs": 1, "dataset.num_train": 32,
-                                     "kmeans.num_init_batches": 1})
+  config.update_from_flattened_dict(
+      {**TINY_OVERRIDES, "num_epochs": 1, "dataset.num_train": 32, "kmeans.num_init_batches": 1}
+  )
   workdir = tmp_path_factory.mktemp("run")
   train.train_and_evaluate(config, str(workdir))
   return workdir
@@ -71,10 +74,12 @@ def photos(tmp_path_factory):
 def _bilinear_upsample(x_hwk, height, width):
   """float64 bilinear resize with half-pixel centres and edge clamping (torch's
   align_corners=False), written out independently of the package."""
+
   def taps(out_size, in_size):
     src = np.clip((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0, in_size - 1)
     low = np.floor(src).astype(int)
     return low, np.minimum(low + 1, in_size - 1), src - low
+
   r0, r1, fr = taps(height, x_hwk.shape[0])
   c0, c1, fc = taps(width, x_hwk.shape[1])
   rows = x_hwk[r0] * (1 - fr)[:, None, None] + x_hwk[r1] * fr[:, None, None]
@@ -89,18 +94,21 @@ def _expected_labels(restored, path, input_hw):
   original = np.asarray(Image.open(path).convert("RGB"))
   resized = tf.image.resize(original, input_hw, method="bilinear", antialias=True)
   x = jnp.asarray(np.clip(np.round(resized.numpy()), 0, 255)[None] / 255.0, jnp.float32)
-  z, _ = steps.network_features(run.model, {"params": state.params,
-                                            "batch_stats": state.batch_stats}, x, train=False)
+  z, _ = steps.network_features(
+      run.model, {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+  )
   z = np.asarray(z[0], np.float64)
   z /= np.linalg.norm(z, axis=-1, keepdims=True)
-  logits = _bilinear_upsample(z @ np.asarray(targets.centroids[0], np.float64).T,
-                              *original.shape[:2])
+  logits = _bilinear_upsample(
+      z @ np.asarray(targets.centroids[0], np.float64).T, *original.shape[:2]
+  )
   top2 = np.sort(logits, axis=-1)[..., -2:]
   return np.argmax(logits, axis=-1), top2[..., 1] - top2[..., 0]
 
 
 def test_segment_writes_labels_at_original_size_equal_to_a_direct_computation(
-    run_dir, restored, photos, tmp_path, monkeypatch):
+    run_dir, restored, photos, tmp_path, monkeypatch
+):
   """Batches of 2 (monkeypatched), so wide_c shares no batch and is padded with a blank row."""
   monkeypatch.setattr(segment, "group_batch_size", lambda *_: 2)
   out = tmp_path / "out"
@@ -108,8 +116,9 @@ def test_segment_writes_labels_at_original_size_equal_to_a_direct_computation(
   label_paths = segment.segment_images(str(run_dir), str(out), [str(photos[n]) for n in names])
   stems = ["wide", "wide_b", "wide_c", "tall", "gray", "other", "wide_2"]  # more/ is sorted
   assert label_paths == [str(out / f"{s}_labels.png") for s in stems]
-  assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in stems
-                                           for kind in ("labels", "overlay"))
+  assert sorted(os.listdir(out)) == sorted(
+      f"{s}_{kind}.png" for s in stems for kind in ("labels", "overlay")
+  )
   sources = [photos[n] for n in ("wide", "wide_b", "wide_c", "tall", "gray", "other", "dup")]
   for stem, source in zip(stems, sources):
     with Image.open(out / f"{stem}_labels.png") as labels, Image.open(source) as original:
@@ -148,13 +157,20 @@ def test_segment_errors_name_the_file(run_dir, photos, tmp_path):
 
 def test_output_names_batches_and_legend_names():
   assert segment.output_stems(["a/x.png", "b/x.jpg", "c/x_2.png", "y.png"]) == [
-      "x", "x_3", "x_2", "y"]
+      "x",
+      "x_3",
+      "x_2",
+      "y",
+  ]
   assert segment.group_batch_size(3, 16, 1) == 3
   assert segment.group_batch_size(3, 16, 8) == 8
   assert segment.group_batch_size(40, 16, 8) == 16
   matching = {"epoch": 2, "k": 3, "cluster_to_class": [1, -1, 0], "class_names": ["sky", "road"]}
   assert segment.cluster_names(3, matching, epoch=2) == [
-      "road (cluster 0)", "cluster 1", "sky (cluster 2)"]
+      "road (cluster 0)",
+      "cluster 1",
+      "sky (cluster 2)",
+  ]
   assert segment.cluster_names(3, matching, epoch=3) == ["cluster 0", "cluster 1", "cluster 2"]
   assert segment.cluster_names(3, None, epoch=2) == ["cluster 0", "cluster 1", "cluster 2"]
 
@@ -166,10 +182,16 @@ def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, 
   assert matching["class_names"] == list(synthetic.CLASS_NAMES)
   run, state, targets, meta = restored
   assert train.centroids_epoch(meta) == 0
-  _, hist = evaluate.evaluate(run.model, {"params": state.params,
-                                          "batch_stats": state.batch_stats},
-                              train.eval_classifier(run, state, targets), run.val_source,
-                              run.config, run.mesh, run.method, progress=False)
+  _, hist = evaluate.evaluate(
+      run.model,
+      {"params": state.params, "batch_stats": state.batch_stats},
+      train.eval_classifier(run, state, targets),
+      run.val_source,
+      run.config,
+      run.mesh,
+      run.method,
+      progress=False,
+  )
   assert matching["cluster_to_class"] == metrics.hungarian_match(hist).tolist()
   assert sorted(matching["cluster_to_class"]) == list(range(K))  # one-to-one, K = classes
 
@@ -177,14 +199,38 @@ def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, 
 def test_cli_segment(run_dir, photos, tmp_path):
   out = tmp_path / "cli_out"
   result = subprocess.run(
-      [sys.executable, "-m", "picie_jax.main", "segment", f"--workdir={run_dir}",
-       f"--out={out}", str(photos["tall"]), str(photos["dir"])],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "picie_jax.main",
+          "segment",
+          f"--workdir={run_dir}",
+          f"--out={out}",
+          str(photos["tall"]),
+          str(photos["dir"]),
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"wrote 3 label maps and overlays to {out}" in result.stdout
-  assert sorted(os.listdir(out)) == sorted(f"{s}_{kind}.png" for s in ("tall", "other", "wide")
-                                           for kind in ("labels", "overlay"))
-  usage = subprocess.run([sys.executable, "-m", "picie_jax.main", "segment",
-                          f"--workdir={run_dir}", str(photos["tall"])],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert sorted(os.listdir(out)) == sorted(
+      f"{s}_{kind}.png" for s in ("tall", "other", "wide") for kind in ("labels", "overlay")
+  )
+  usage = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "picie_jax.main",
+          "segment",
+          f"--workdir={run_dir}",
+          str(photos["tall"]),
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert usage.returncode != 0 and "--out" in usage.stderr

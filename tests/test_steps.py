@@ -1,4 +1,5 @@
 """The per-batch functions: view alignment (G wiring), labels, classifier and eval step."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,20 +26,24 @@ def _images(n=4, size=128):
 def test_views_are_aligned_pixel_for_pixel():
   """With P off, z2 = G(f(view2)) must equal z1 = f(G(x)) for f = stride-4 pooling, up to
   interpolation error; a wrong G wiring (wrong view, flip or offset) breaks this badly."""
-  method = _method(**{"augment.photometric": False, "method": "pixel_kmeans",
-                      "kmeans.metric": "l2"})
+  method = _method(
+      **{"augment.photometric": False, "method": "pixel_kmeans", "kmeans.metric": "l2"}
+  )
   noise = np.random.default_rng(0).random((4, 128, 128, 3))
   smooth = scipy.ndimage.gaussian_filter(noise, sigma=(0, 16, 16, 0), mode="wrap")
   smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
   images = jnp.asarray(np.round(smooth * 255).astype(np.uint8))
-  feats, _ = steps.view_features(None, {}, images, jnp.arange(4), 0, jax.random.PRNGKey(0),
-                                 method, train=False)
+  feats, _ = steps.view_features(
+      None, {}, images, jnp.arange(4), 0, jax.random.PRNGKey(0), method, train=False
+  )
   z1, z2 = (np.asarray(f) for f in feats)
   assert z1.shape == z2.shape == (4, 16, 16, 3)
   aligned = np.abs(z1 - z2).mean()
-  shifted_by_one_cell = min(np.abs(z1[:, 1:] - z2[:, :-1]).mean(),
-                            np.abs(z1[:, :, 1:] - z2[:, :, :-1]).mean(),
-                            np.abs(z1[:, :, :-1] - z2[:, :, 1:]).mean())
+  shifted_by_one_cell = min(
+      np.abs(z1[:, 1:] - z2[:, :-1]).mean(),
+      np.abs(z1[:, :, 1:] - z2[:, :, :-1]).mean(),
+      np.abs(z1[:, :, :-1] - z2[:, :, 1:]).mean(),
+  )
   assert aligned < 0.025, aligned
   assert shifted_by_one_cell > 1.4 * aligned, (aligned, shifted_by_one_cell)
 
@@ -49,8 +54,9 @@ def test_view1_is_crop_of_the_image():
   images, _ = _images(2)
   key = jax.random.PRNGKey(3)
   (v1, v2), geo = steps.view_images(images, jnp.arange(2), 5, key, method)
-  expect_geo = T.batch_params(T.geometric_params, key, 5, jnp.arange(2), T.GEOMETRIC_STREAM,
-                              method.geometric)
+  expect_geo = T.batch_params(
+      T.geometric_params, key, 5, jnp.arange(2), T.GEOMETRIC_STREAM, method.geometric
+  )
   x = images.astype(jnp.float32) / 255
   np.testing.assert_allclose(v1, T.apply_geometric(x, expect_geo, 64), atol=1e-6)
   np.testing.assert_allclose(v2, T.resize_bilinear(x, 64), atol=1e-6)
@@ -66,8 +72,9 @@ def test_classifier_from_centroids_argmax_is_nearest_centroid_for_l2():
   nearest = np.argmin(((z[:, None] - mu[None]) ** 2).sum(-1), axis=1)
   np.testing.assert_array_equal(logits.argmax(1), nearest)
   w_cos = steps.classifier_from_centroids(jnp.asarray(mu), "cosine")
-  np.testing.assert_allclose(np.asarray(steps.with_bias_column(jnp.asarray(z)) @ w_cos.T),
-                             z @ mu.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(steps.with_bias_column(jnp.asarray(z)) @ w_cos.T), z @ mu.T, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_pixel_features_average_stride_cells():

@@ -1,5 +1,6 @@
 """`picie-jax study` end to end (2 seeds x 2 sweep values of a very small run, through the CLI),
 its aggregate against numpy on the runs' own final.json, and a second call that trains nothing."""
+
 import json
 import os
 import shutil
@@ -7,20 +8,29 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-from PIL import Image
-
 from conftest import TINY_OVERRIDES
+import numpy as np
+from PIL import Image
+import pytest
+
 from picie_jax import study
 from picie_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TINY_OVERRIDES made smaller still: one batch per phase, one epoch, 32 px, K = 4.
 STUDY_OVERRIDES = {
-    **TINY_OVERRIDES, "num_epochs": 1, "dataset.num_train": 16, "dataset.num_val": 8,
-    "dataset.synthetic_size": 32, "res2": 32, "kmeans.num_init_batches": 1, "kmeans.iters": 2,
-    "kmeans.k_train": 4, "eval.k_test": 4, "eval.batch_size": 8, "eval.num_vis": 1,
+    **TINY_OVERRIDES,
+    "num_epochs": 1,
+    "dataset.num_train": 16,
+    "dataset.num_val": 8,
+    "dataset.synthetic_size": 32,
+    "res2": 32,
+    "kmeans.num_init_batches": 1,
+    "kmeans.iters": 2,
+    "kmeans.k_train": 4,
+    "eval.k_test": 4,
+    "eval.batch_size": 8,
+    "eval.num_vis": 1,
     "model.fpn_channels": 8,
 }
 SEEDS, LRS = ("1", "2"), ("0.0001", "0.01")
@@ -29,6 +39,7 @@ SCORES = ("acc", "miou", "thing_miou", "stuff_miou")
 
 def _config():
   from configs import synthetic  # pylint: disable=g-import-not-at-top
+
   config = synthetic.get_config()
   config.update_from_flattened_dict(STUDY_OVERRIDES)
   config.lock()
@@ -50,10 +61,17 @@ def _strict_json(path):
 def finished_study(tmp_path_factory):
   """The study run once through the CLI; (workdir, the runs as planned in this process)."""
   workdir = tmp_path_factory.mktemp("study")
-  cmd = [sys.executable, "-m", "picie_jax.main", "study",
-         f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}",
-         *[f"--config.{k}={v}" for k, v in STUDY_OVERRIDES.items()],
-         f"--seeds={','.join(SEEDS)}", f"--sweep=train.lr={','.join(LRS)}", f"--workdir={workdir}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "picie_jax.main",
+      "study",
+      f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}",
+      *[f"--config.{k}={v}" for k, v in STUDY_OVERRIDES.items()],
+      f"--seeds={','.join(SEEDS)}",
+      f"--sweep=train.lr={','.join(LRS)}",
+      f"--workdir={workdir}",
+  ]
   # The seed-2 runs reuse the seed-1 runs' compiled programs (init, train step) from JAX's
   # persistent cache: each run builds its own jit wrappers, so the in-memory cache misses them.
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache")}
@@ -65,9 +83,16 @@ def finished_study(tmp_path_factory):
 def test_study_aggregates_every_run_as_numpy_does(finished_study):
   workdir, runs = finished_study
   summary = _strict_json(workdir / study.STUDY_JSON)
-  assert [r["name"] for r in summary["runs"]] == [
-      "train.lr=0.0001_seed1", "train.lr=0.0001_seed2", "train.lr=0.01_seed1",
-      "train.lr=0.01_seed2"] == [r.name for r in runs]
+  assert (
+      [r["name"] for r in summary["runs"]]
+      == [
+          "train.lr=0.0001_seed1",
+          "train.lr=0.0001_seed2",
+          "train.lr=0.01_seed1",
+          "train.lr=0.01_seed2",
+      ]
+      == [r.name for r in runs]
+  )
   for record in summary["runs"]:  # the resolved config: seed, sweep value, shared overrides
     assert record["config"]["seed"] == record["seed"]
     assert record["config"]["train"]["lr"] == record["sweep"]["train.lr"]
@@ -101,8 +126,9 @@ def test_study_aggregates_every_run_as_numpy_does(finished_study):
 def test_second_call_trains_nothing_and_writes_the_same(finished_study, monkeypatch):
   workdir, runs = finished_study
   before = (workdir / study.STUDY_JSON).read_text()
-  monkeypatch.setattr(train, "train_and_evaluate",
-                      lambda *_: pytest.fail("a finished run was trained again"))
+  monkeypatch.setattr(
+      train, "train_and_evaluate", lambda *_: pytest.fail("a finished run was trained again")
+  )
   start = time.perf_counter()
   study.run_study(runs, str(workdir))
   assert time.perf_counter() - start < 20
@@ -131,19 +157,34 @@ def test_a_run_is_done_only_with_its_config_and_a_later_final_json(finished_stud
 
 def test_sweep_values_take_the_field_type_and_bad_keys_name_it():
   config = _config()
-  runs = study.plan(config, ["3"], ["augment.photometric=false,True", "kmeans.k_train=4,6",
-                                    "augment.blur_sigma=(0.1,2.0),(0.5,1.0)"])
+  runs = study.plan(
+      config,
+      ["3"],
+      [
+          "augment.photometric=false,True",
+          "kmeans.k_train=4,6",
+          "augment.blur_sigma=(0.1,2.0),(0.5,1.0)",
+      ],
+  )
   assert len(runs) == 8 and runs[0].name == (
-      "augment.photometric=False_kmeans.k_train=4_augment.blur_sigma=0.1_2.0_seed3")
+      "augment.photometric=False_kmeans.k_train=4_augment.blur_sigma=0.1_2.0_seed3"
+  )
   last = runs[-1].config
-  assert (last.augment.photometric, last.kmeans.k_train, last.augment.blur_sigma,
-          last.seed) == (True, 6, (0.5, 1.0), 3)
+  assert (last.augment.photometric, last.kmeans.k_train, last.augment.blur_sigma, last.seed) == (
+      True,
+      6,
+      (0.5, 1.0),
+      3,
+  )
   assert config.seed == 1 and config.kmeans.k_train == 4  # the base config is untouched
-  for sweep, message in (("train.lrr=0.1", "config.train.lrr is not a config field"),
-                         ("train.lr=fast", "'fast' is not a valid float"),
-                         ("kmeans.k_train=2.5", "'2.5' is not a valid int"),
-                         ("augment.photometric=maybe", "not a valid bool"),
-                         ("train=1", "config.train is a group of fields"),
-                         ("seed=1,2", "--seeds"), ("train.lr=1,1.0", "repeated")):
+  for sweep, message in (
+      ("train.lrr=0.1", "config.train.lrr is not a config field"),
+      ("train.lr=fast", "'fast' is not a valid float"),
+      ("kmeans.k_train=2.5", "'2.5' is not a valid int"),
+      ("augment.photometric=maybe", "not a valid bool"),
+      ("train=1", "config.train is a group of fields"),
+      ("seed=1,2", "--seeds"),
+      ("train.lr=1,1.0", "repeated"),
+  ):
     with pytest.raises(ValueError, match=message):
       study.plan(config, ["1"], [sweep])

@@ -1,9 +1,10 @@
 """Tests of the synthetic scenes: determinism, labels, scales, and that texture (not colour) names the class."""
+
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from scipy import ndimage
 from scipy.cluster.vq import kmeans2
 from scipy.optimize import linear_sum_assignment
@@ -48,7 +49,10 @@ def texture_features(image_hw3):
   d2/dxdy in the Hessian energy (high for a checker, lower for blobs).
   """
   gray = image_hw3.astype(np.float64) @ LUMA / 255
-  smooth = lambda a: ndimage.uniform_filter(a, 7)
+
+  def smooth(a):
+    return ndimage.uniform_filter(a, 7)
+
   gy, gx = np.gradient(gray)
   gyy, _ = np.gradient(gy)
   gxy, gxx = np.gradient(gx)
@@ -126,12 +130,15 @@ def test_thing_scales_vary_at_least_3x(split_128):
     assert max(side_of_area) / min(side_of_area) >= 3, (thing, min(side_of_area), max(side_of_area))
 
 
-@pytest.mark.parametrize("thing, points_uv, expected", [
-    (4, [(0, 0), (10, 0), (0, 13)], [-10, 0, 3]),  # disc of radius 10
-    (5, [(0, 0), (8, 3), (8, 8)], [-8, 0, 0]),  # square of half-side 8
-    (6, [(0, 0), (0, 6), (0, -12)], [-6, 0, 0]),  # triangle: apothem 6, a vertex 12 below
-    (7, [(5.5, 0), (0, 10), (7.75, 0), (0, 0)], [0, 0, -2.25, 5.5]),  # ring 5.5..10
-])
+@pytest.mark.parametrize(
+    "thing, points_uv, expected",
+    [
+        (4, [(0, 0), (10, 0), (0, 13)], [-10, 0, 3]),  # disc of radius 10
+        (5, [(0, 0), (8, 3), (8, 8)], [-8, 0, 0]),  # square of half-side 8
+        (6, [(0, 0), (0, 6), (0, -12)], [-6, 0, 0]),  # triangle: apothem 6, a vertex 12 below
+        (7, [(5.5, 0), (0, 10), (7.75, 0), (0, 0)], [0, 0, -2.25, 5.5]),  # ring 5.5..10
+    ],
+)
 def test_thing_signed_distance_hand_worked(thing, points_uv, expected):
   u, v = np.array(points_uv, np.float32).T
   sd = synthetic._thing_signed_distance(thing, v, u, np.float32(10), 0.0)

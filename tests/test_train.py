@@ -1,4 +1,5 @@
 """The epoch loop end to end on a tiny synthetic config: outputs, labels, resume, NaN, CLI."""
+
 import copy
 import functools
 import json
@@ -9,13 +10,13 @@ import subprocess
 import sys
 import time
 
+from conftest import TINY_OVERRIDES
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_OVERRIDES
 from picie_jax import checkpoint
 from picie_jax import clustering
 from picie_jax import config_check
@@ -38,6 +39,7 @@ def _read_jsonl(path):
 def finished_run(tmp_path_factory):
   """An uninterrupted tiny 2-epoch run: (workdir, final); its outputs are references."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
+
   config = synthetic.get_config()
   config.update_from_flattened_dict(TINY_OVERRIDES)
   workdir = tmp_path_factory.mktemp("finished")
@@ -48,8 +50,16 @@ def test_loop_writes_every_output(finished_run):
   tmp_path, final = finished_run
   records = _read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["epoch"] for r in records] == [0, 1]
-  for key in ("kmeans_online_loss_view1", "kmeans_init_loss_view2", "train_loss_within",
-              "train_loss_cross", "train_loss_total", "acc", "miou", "thing_miou"):
+  for key in (
+      "kmeans_online_loss_view1",
+      "kmeans_init_loss_view2",
+      "train_loss_within",
+      "train_loss_cross",
+      "train_loss_total",
+      "acc",
+      "miou",
+      "thing_miou",
+  ):
     assert np.isfinite(records[-1][key]), key
   assert records[-1]["step"] == 2 * 3  # 48 images / batch 16, two epochs
   assert set(final) == {"fresh"} and 0 <= final["fresh"]["acc"] <= 100
@@ -60,8 +70,12 @@ def test_loop_writes_every_output(finished_run):
   with open(tmp_path / "matching.json") as f:
     matching = json.load(f)
   assert matching["epoch"] == 1 and sorted(matching["cluster_to_class"]) == list(range(8))
-  for name in ("vis/epoch001_segmentation.png", "vis/epoch001_confusion.png",
-               "final_fresh_segmentation.png", "final_fresh_confusion.png"):
+  for name in (
+      "vis/epoch001_segmentation.png",
+      "vis/epoch001_confusion.png",
+      "final_fresh_segmentation.png",
+      "final_fresh_confusion.png",
+  ):
     assert (tmp_path / name).stat().st_size > 0, name
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
@@ -81,6 +95,7 @@ def phases():
   """One tiny run's epoch 0 phases, shared: (run, initial state, cluster phase output, label
   phase output)."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
+
   config = synthetic.get_config()
   config.update_from_flattened_dict(TINY_OVERRIDES)
   run = train.Run(config, "/tmp/unused")
@@ -98,28 +113,38 @@ def _two_pass_cluster_reference(run, state, epoch):
 
   @functools.partial(jax.jit, static_argnames="view")
   def view_pass(batch_stats, batch, view):
-    images, geo = steps.view_images(batch["image"], batch["index"], epoch, run.augment_key,
-                                    run.method)
-    z, updates = run.model.apply({"params": state.params, "batch_stats": batch_stats},
-                                 images[view], train=True, mutable=["batch_stats"])
+    images, geo = steps.view_images(
+        batch["image"], batch["index"], epoch, run.augment_key, run.method
+    )
+    z, updates = run.model.apply(
+        {"params": state.params, "batch_stats": batch_stats},
+        images[view],
+        train=True,
+        mutable=["batch_stats"],
+    )
     if view == 1:
       z = T.apply_geometric(z, geo, z.shape[1])
-    return steps.flatten_with_mask(km.normalize_features(z), batch["mask"]), updates[
-        "batch_stats"]
+    return steps.flatten_with_mask(km.normalize_features(z), batch["mask"]), updates["batch_stats"]
 
   batch_stats, centroids, losses = state.batch_stats, [], []
   for view in range(2):
+
     def features_fn(host_batch, for_init, view=view):
       nonlocal batch_stats
       points, batch_stats = view_pass(batch_stats, run.shard(host_batch), view=view)
       return [points]
 
     mu, stats = clustering.minibatch_kmeans(
-        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2), features_fn,
-        k=run.k, num_init_batches=cfg.kmeans.num_init_batches, iters=cfg.kmeans.iters,
-        init=cfg.kmeans.init, keys=[jax.random.fold_in(jax.random.fold_in(
-            run.keys[train._KMEANS_STREAM], epoch), view)], mesh=run.mesh,
-        chunk_size=cfg.kmeans.chunk_size)
+        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2),
+        features_fn,
+        k=run.k,
+        num_init_batches=cfg.kmeans.num_init_batches,
+        iters=cfg.kmeans.iters,
+        init=cfg.kmeans.init,
+        keys=[jax.random.fold_in(jax.random.fold_in(run.keys[train._KMEANS_STREAM], epoch), view)],
+        mesh=run.mesh,
+        chunk_size=cfg.kmeans.chunk_size,
+    )
     centroids.append(mu[0])
     losses.append((stats[0]["init_loss"], stats[0]["online_loss"]))
   return batch_stats, np.stack(centroids), losses
@@ -132,19 +157,26 @@ def test_one_cluster_pass_equals_the_reference_two_passes(phases):
   np.testing.assert_allclose(centroids, expect_centroids, rtol=1e-5, atol=1e-6)
   for view, (init_loss, online_loss) in enumerate(expect_losses):
     np.testing.assert_allclose(stats[f"kmeans_init_loss_view{view + 1}"], init_loss, rtol=1e-5)
-    np.testing.assert_allclose(stats[f"kmeans_online_loss_view{view + 1}"], online_loss,
-                               rtol=1e-5)
+    np.testing.assert_allclose(stats[f"kmeans_online_loss_view{view + 1}"], online_loss, rtol=1e-5)
   moved = 0
-  for got, want, before in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(batch_stats),
-                               jax.tree.leaves(start.batch_stats)):
+  for got, want, before in zip(
+      jax.tree.leaves(state.batch_stats),
+      jax.tree.leaves(batch_stats),
+      jax.tree.leaves(start.batch_stats),
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     moved += not np.allclose(want, before)
   assert moved == len(jax.tree.leaves(batch_stats))  # every running average moved
   c = run.config
   assert stats["kmeans_init_buffer_bytes"] == clustering.init_buffer_bytes(
-      num_views=2, num_init_batches=c.kmeans.num_init_batches, batch_size=c.kmeans.batch_size,
-      points_per_image=(c.res1 // 4) ** 2, channels=c.model.fpn_channels, dtype=jnp.float32,
-      num_devices=1)  # all devices together
+      num_views=2,
+      num_init_batches=c.kmeans.num_init_batches,
+      batch_size=c.kmeans.batch_size,
+      points_per_image=(c.res1 // 4) ** 2,
+      channels=c.model.fpn_channels,
+      dtype=jnp.float32,
+      num_devices=1,
+  )  # all devices together
 
 
 def test_cached_labels_train_as_recomputed_labels(phases):
@@ -154,9 +186,12 @@ def test_cached_labels_train_as_recomputed_labels(phases):
   np.testing.assert_array_equal(train.resumed_labels(run, targets, 0), cache)
   recompute = copy.copy(run)
   recompute.method = run.method._replace(cached_labels=False)
-  results = [train.train_phase(r, jax.tree.map(jnp.copy, state), targets, labels, 0, 0, {},
-                               _NoCheckpoints(), {})
-             for r, labels in ((run, cache), (recompute, None))]
+  results = [
+      train.train_phase(
+          r, jax.tree.map(jnp.copy, state), targets, labels, 0, 0, {}, _NoCheckpoints(), {}
+      )
+      for r, labels in ((run, cache), (recompute, None))
+  ]
   (cached_state, cached_sums, _), (recomputed_state, recomputed_sums, _) = results
   assert cached_sums["batches"] == recomputed_sums["batches"] == 3
   for key in ("total", "within", "cross"):
@@ -171,8 +206,12 @@ def test_init_buffer_too_large_fails_before_the_first_batch(phases, monkeypatch)
   monkeypatch.setattr(steps, "cluster_features", lambda *a, **k: pytest.fail("a batch was read"))
   with pytest.raises(MemoryError) as e:
     train.cluster_phase(run, start, epoch=0)
-  for field in ("config.kmeans.init_pixels_per_image", "config.kmeans.buffer_dtype",
-                "config.kmeans.num_init_batches", "config.kmeans.batch_size"):
+  for field in (
+      "config.kmeans.init_pixels_per_image",
+      "config.kmeans.buffer_dtype",
+      "config.kmeans.num_init_batches",
+      "config.kmeans.batch_size",
+  ):
     assert field in str(e.value)
 
 
@@ -184,8 +223,9 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
   key = jax.random.PRNGKey(0)
 
   def fresh(config):
-    return evaluate.fresh_centroids(run.model, variables, run.train_source, config, run.mesh,
-                                    run.method, 4, key, progress=False)
+    return evaluate.fresh_centroids(
+        run.model, variables, run.train_source, config, run.mesh, run.method, 4, key, progress=False
+    )
 
   with monkeypatch.context() as patch:
     patch.setattr(clustering, "device_memory_bytes", lambda: (10_000, "test limit"))
@@ -197,9 +237,14 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
   side = config.res1 // steps.FEATURE_STRIDE
   whole, subsampled = fresh(run.config)[1], fresh(config)[1]
   bytes_at = functools.partial(
-      clustering.init_buffer_bytes, num_views=1, num_init_batches=config.kmeans.num_init_batches,
-      batch_size=config.kmeans.batch_size, channels=config.model.fpn_channels,
-      dtype=jnp.float32, num_devices=jax.device_count())
+      clustering.init_buffer_bytes,
+      num_views=1,
+      num_init_batches=config.kmeans.num_init_batches,
+      batch_size=config.kmeans.batch_size,
+      channels=config.model.fpn_channels,
+      dtype=jnp.float32,
+      num_devices=jax.device_count(),
+  )
   assert whole["init_buffer_bytes"] == bytes_at(points_per_image=side * side)
   assert subsampled["init_buffer_bytes"] == bytes_at(points_per_image=5)
   assert np.isfinite(subsampled["init_loss"]) and subsampled["init_loss"] != whole["init_loss"]
@@ -218,10 +263,11 @@ def test_sample_pixels_keeps_a_fixed_subset_per_image():
   np.testing.assert_array_equal(sampled[:, 0], np.repeat(indices, 4))
   np.testing.assert_array_equal(sampled_mask, np.repeat([True, True, False], 4))
   for image in range(3):
-    assert len(set(np.asarray(sampled[4 * image:4 * image + 4, 1]).tolist())) == 4
-  first_two_swapped = jnp.concatenate([points[hw:2 * hw], points[:hw], points[2 * hw:]])
-  swapped, _ = clustering.sample_pixels(first_two_swapped, mask, indices[jnp.array([1, 0, 2])],
-                                        key, 4)
+    assert len(set(np.asarray(sampled[4 * image : 4 * image + 4, 1]).tolist())) == 4
+  first_two_swapped = jnp.concatenate([points[hw : 2 * hw], points[:hw], points[2 * hw :]])
+  swapped, _ = clustering.sample_pixels(
+      first_two_swapped, mask, indices[jnp.array([1, 0, 2])], key, 4
+  )
   np.testing.assert_array_equal(swapped[:4], sampled[4:8])  # image 3's subset, wherever it is
 
 
@@ -233,9 +279,13 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
   tiny_config = run.config
   expect = np.zeros_like(counts)
   for host_batch in pipeline.pass_batches(run.train_source, 16, tiny_config.res2):
-    (v1, v2), geo = steps.view_images(jnp.asarray(host_batch["image"]),
-                                      jnp.asarray(host_batch["index"]), 0, run.augment_key,
-                                      run.method)
+    (v1, v2), geo = steps.view_images(
+        jnp.asarray(host_batch["image"]),
+        jnp.asarray(host_batch["index"]),
+        0,
+        run.augment_key,
+        run.method,
+    )
     variables = targets.frozen
     z1 = run.model.apply(variables, v1, train=False)
     z2 = run.model.apply(variables, v2, train=False)
@@ -275,14 +325,27 @@ def test_config_errors_name_the_key(tiny_config):
 
 def _cli(*args, workdir):
   overrides = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
-  return [sys.executable, "-m", "picie_jax.main", *args,
-          f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}", *overrides,
-          f"--workdir={workdir}"]
+  return [
+      sys.executable,
+      "-m",
+      "picie_jax.main",
+      *args,
+      f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}",
+      *overrides,
+      f"--workdir={workdir}",
+  ]
 
 
 def test_cli_rejects_a_mistyped_field(tmp_path):
-  cmd = [sys.executable, "-m", "picie_jax.main", "train", "--config=configs/synthetic.py",
-         "--config.train.lrr=0.1", f"--workdir={tmp_path}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "picie_jax.main",
+      "train",
+      "--config=configs/synthetic.py",
+      "--config.train.lrr=0.1",
+      f"--workdir={tmp_path}",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "lrr" in out.stderr
@@ -290,8 +353,9 @@ def test_cli_rejects_a_mistyped_field(tmp_path):
 
 def _latest_meta(workdir):
   ckpts = os.path.join(workdir, "checkpoints")
-  steps_done = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if os.path.isdir(
-      ckpts) else []
+  steps_done = (
+      sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if os.path.isdir(ckpts) else []
+  )
   for step in reversed(steps_done):
     meta = os.path.join(ckpts, str(step), "meta", "metadata")
     if os.path.exists(meta):
@@ -309,16 +373,19 @@ def _wait_for_checkpoint(proc, workdir, epoch, min_next_batch):
   deadline = time.time() + 600
   while time.time() < deadline:
     meta = _latest_meta(workdir)
-    if meta and meta["epoch"] == epoch and meta.get("next_batch") is not None and (
-        meta["next_batch"] >= min_next_batch):
+    if (
+        meta
+        and meta["epoch"] == epoch
+        and meta.get("next_batch") is not None
+        and (meta["next_batch"] >= min_next_batch)
+    ):
       return
     assert proc.poll() is None, "the run ended before it could be stopped"
     time.sleep(0.05)
   raise AssertionError(f"no checkpoint of epoch {epoch} in {workdir}")
 
 
-def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finished_run,
-                                                                         tmp_path):
+def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finished_run, tmp_path):
   """Also the CLI test: train, stop, train again (resumes), then `eval` the finished run.
 
   SIGTERM as epoch 0's train phase starts (its first step compiles for seconds) must stop after
@@ -357,17 +424,29 @@ def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finish
   assert "second SIGINT: exiting now" in stderr
   assert not (killed / "final.json").exists()
 
-  out = subprocess.run(_cli("train", workdir="killed"), cwd=tmp_path, check=True, timeout=600,
-                       capture_output=True, text=True)
+  out = subprocess.run(
+      _cli("train", workdir="killed"),
+      cwd=tmp_path,
+      check=True,
+      timeout=600,
+      capture_output=True,
+      text=True,
+  )
   assert "resuming from" in out.stdout + out.stderr
   assert _strip_timing(_read_jsonl(killed / "metrics.jsonl")) == _strip_timing(
-      _read_jsonl(clean / "metrics.jsonl"))
+      _read_jsonl(clean / "metrics.jsonl")
+  )
   with open(clean / "final.json") as a, open(killed / "final.json") as b:
     assert json.load(a) == json.load(b)
 
-  out = subprocess.run([sys.executable, "-m", "picie_jax.main", "eval", f"--workdir={killed}",
-                        "--overcluster_k=12"], cwd=ROOT, check=True, timeout=600,
-                       capture_output=True, text=True)
+  out = subprocess.run(
+      [sys.executable, "-m", "picie_jax.main", "eval", f"--workdir={killed}", "--overcluster_k=12"],
+      cwd=ROOT,
+      check=True,
+      timeout=600,
+      capture_output=True,
+      text=True,
+  )
   with open(killed / "eval.json") as f:
     evaluated = json.load(f)
   assert set(evaluated) == {"epoch_clusters", "fresh", "overcluster"}
@@ -399,7 +478,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
   run = train.Run(tiny_config, str(tmp_path))
   state, targets = train.initial_state(run)
   restored = checkpoint.Checkpointer(str(ckpts)).restore_latest(
-      {"state": state, "targets": targets})
+      {"state": state, "targets": targets}
+  )
   assert restored is not None
   assert restored[1]["epoch"] == 0  # the save before the end of epoch 0
   epoch_start_classifier = train._new_classifier(run, state, epoch=0).classifier
@@ -419,8 +499,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
   kept = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
   assert kept == [latest - 1, latest]  # the good one survived the save's garbage collection
   caplog.clear()
-  assert checkpoint.Checkpointer(str(ckpts)).restore_latest(
-      {"state": state, "targets": targets})[1]["epoch"] == 1
+  assert (
+      checkpoint.Checkpointer(str(ckpts)).restore_latest({"state": state, "targets": targets})[1][
+          "epoch"
+      ]
+      == 1
+  )
   assert "unreadable" not in caplog.text
   assert _strip_timing(_read_jsonl(tmp_path / "metrics.jsonl")) == _strip_timing(rows)
 
@@ -434,8 +518,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
 def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_path):
   run = train.Run(tiny_config, str(tmp_path))
   state, _ = train.initial_state(run)
-  variables = {"params": jax.tree.map(lambda x: x + 1.0, state.params),
-               "batch_stats": state.batch_stats}
+  variables = {
+      "params": jax.tree.map(lambda x: x + 1.0, state.params),
+      "batch_stats": state.batch_stats,
+  }
   path = tmp_path / "init.msgpack"
   path.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(variables)))
   tiny_config.model.init = "checkpoint"
@@ -462,7 +548,8 @@ def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
 
 
 def test_failed_evaluation_keeps_the_epoch_and_raising_num_epochs_continues(
-    finished_run, tiny_config, tmp_path, monkeypatch):
+    finished_run, tiny_config, tmp_path, monkeypatch
+):
   """1 epoch; then num_epochs=2 with epoch 1's evaluation failing; then a plain rerun: the
   outputs must equal the uninterrupted 2-epoch run's. Lowering num_epochs is refused."""
   reference = finished_run[0]
@@ -484,7 +571,8 @@ def test_failed_evaluation_keeps_the_epoch_and_raising_num_epochs_continues(
   monkeypatch.setattr(evaluate, "evaluate", real_evaluate)
   final = train.train_and_evaluate(tiny_config, str(tmp_path))  # evaluates epoch 1, then final
   assert _strip_timing(_read_jsonl(tmp_path / "metrics.jsonl")) == _strip_timing(
-      _read_jsonl(reference / "metrics.jsonl"))
+      _read_jsonl(reference / "metrics.jsonl")
+  )
   assert final == finished_run[1]
   with open(reference / "matching.json") as a, open(tmp_path / "matching.json") as b:
     assert json.load(a) == json.load(b)

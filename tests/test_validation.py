@@ -1,5 +1,6 @@
 """Everything a run checks before its first epoch (config values, batch sizes vs devices, the
 data scan), bad files named one by one or skipped, EXIF orientation, and `eval` overrides."""
+
 import json
 import logging
 import os
@@ -8,9 +9,9 @@ import sys
 import types
 
 import numpy as np
-import pytest
 from PIL import Image
 from PIL import ImageOps
+import pytest
 
 from configs import common
 from picie_jax import config_check
@@ -29,11 +30,13 @@ def _folder(root, n=3, size=(12, 16), label_values=(0, 1, 2, 255), num_classes=3
     os.makedirs(root / split / "images", exist_ok=True)
     for i in range(n):
       Image.fromarray(rng.integers(0, 256, size + (3,), np.uint8)).save(
-          root / split / "images" / f"im{i}.png")
+          root / split / "images" / f"im{i}.png"
+      )
   os.makedirs(root / "val" / "labels", exist_ok=True)
   for i in range(n):
     Image.fromarray(rng.choice(np.array(label_values, np.uint8), size)).save(
-        root / "val" / "labels" / f"im{i}.png")
+        root / "val" / "labels" / f"im{i}.png"
+    )
   c = common.get_config()
   c.dataset.name = "image_folder"
   c.dataset.root = str(root)
@@ -45,15 +48,14 @@ def _folder(root, n=3, size=(12, 16), label_values=(0, 1, 2, 255), num_classes=3
 def _scan(config):
   train_source = datasets.build_source(config, "train")
   val_source, _ = datasets.evaluation_source(config)
-  datasets.scan_sources(train_source, val_source, config.dataset.scan_label_values,
-                        progress=False)
+  datasets.scan_sources(train_source, val_source, config.dataset.scan_label_values, progress=False)
   return train_source, val_source
 
 
 def _truncate(path):
   """Keeps the header (the scan reads it) but cuts the pixel data: decoding fails."""
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def test_config_values_are_checked_up_front():
@@ -64,8 +66,12 @@ def test_config_values_are_checked_up_front():
   c.dataset.name = "image_folder"
   with pytest.raises(ValueError) as e:
     config_check.validate(c)
-  for key in ("config.res2=256 must be >= config.res1=320", "config.dataset.num_classes=300",
-              "config.dataset.on_bad_file='ignore'", "config.dataset.root is empty"):
+  for key in (
+      "config.res2=256 must be >= config.res1=320",
+      "config.dataset.num_classes=300",
+      "config.dataset.on_bad_file='ignore'",
+      "config.dataset.root is empty",
+  ):
     assert key in str(e.value), key
 
 
@@ -79,18 +85,31 @@ def test_batch_sizes_must_split_over_devices_and_hosts():
   assert "kmeans" not in str(e.value) and "eval.batch_size" not in str(e.value)
 
 
-@pytest.mark.parametrize("break_it,message", [
-    (lambda root: Image.fromarray(np.zeros((12, 15), np.uint8)).save(
-        root / "val" / "labels" / "im1.png"),
-     r"labels/im1\.png is 15x12 but its image .*im1\.png is 16x12"),
-    (lambda root: Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(
-        root / "val" / "labels" / "im2.png"),
-     r"labels/im2\.png is not a single-channel"),
-    (lambda root: (root / "val" / "labels" / "im0.png").write_bytes(b"\x89PNG garbage"),
-     r"cannot decode .*labels/im0\.png: not a PNG"),
-    (lambda root: (root / "train" / "images" / "im2.png").write_bytes(b"not an image"),
-     r"cannot decode .*train/images/im2\.png"),
-])
+@pytest.mark.parametrize(
+    "break_it,message",
+    [
+        (
+            lambda root: Image.fromarray(np.zeros((12, 15), np.uint8)).save(
+                root / "val" / "labels" / "im1.png"
+            ),
+            r"labels/im1\.png is 15x12 but its image .*im1\.png is 16x12",
+        ),
+        (
+            lambda root: Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(
+                root / "val" / "labels" / "im2.png"
+            ),
+            r"labels/im2\.png is not a single-channel",
+        ),
+        (
+            lambda root: (root / "val" / "labels" / "im0.png").write_bytes(b"\x89PNG garbage"),
+            r"cannot decode .*labels/im0\.png: not a PNG",
+        ),
+        (
+            lambda root: (root / "train" / "images" / "im2.png").write_bytes(b"not an image"),
+            r"cannot decode .*train/images/im2\.png",
+        ),
+    ],
+)
 def test_data_scan_names_the_file_before_training(tmp_path, break_it, message):
   config = _folder(tmp_path)
   break_it(tmp_path)
@@ -150,8 +169,7 @@ def test_exif_orientation_is_honoured_for_image_folders(tmp_path):
   stored[:, :8] = 255  # bright left third of the stored array: the top of the shown picture
   config = _folder(tmp_path, n=0)
   _rotated_jpeg(tmp_path / "val" / "images" / "phone.jpg", stored, 6)
-  shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "val" / "images" /
-                                                        "phone.jpg")))
+  shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "val" / "images" / "phone.jpg")))
   label = (shown.mean(-1) > 128).astype(np.uint8)  # 24x16 as shown
   Image.fromarray(label).save(tmp_path / "val" / "labels" / "phone.png")
   val_source = datasets.build_source(config, "val")
@@ -177,10 +195,13 @@ def pixel_run(tmp_path_factory):
   """A run directory's saved config (the pixel baseline on tiny synthetic data): overrides are
   applied and checked before any checkpoint is read."""
   from conftest import TINY_OVERRIDES  # pylint: disable=g-import-not-at-top
+
   from configs import pixel_kmeans_synthetic  # pylint: disable=g-import-not-at-top
+
   config = pixel_kmeans_synthetic.get_config()
-  config.update_from_flattened_dict({**TINY_OVERRIDES, "num_epochs": 0, "dataset.num_train": 16,
-                                     "dataset.num_val": 8})
+  config.update_from_flattened_dict(
+      {**TINY_OVERRIDES, "num_epochs": 0, "dataset.num_train": 16, "dataset.num_val": 8}
+  )
   workdir = str(tmp_path_factory.mktemp("pixel_run"))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -190,18 +211,28 @@ def pixel_run(tmp_path_factory):
 def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
   """The overridden config is the one evaluation gets (the scoring itself is the CLI test of
   test_train.py; here it is replaced by a stub that reports what it was given)."""
-  with pytest.raises(ValueError, match=r"config.model.width cannot be changed at eval "
-                                       r"\(8 -> 16\): it changes the model"):
+  with pytest.raises(
+      ValueError,
+      match=r"config.model.width cannot be changed at eval " r"\(8 -> 16\): it changes the model",
+  ):
     train.evaluate_workdir(pixel_run, {"model.width": 16, "eval.k_test": 4})
   checkpoint_state = types.SimpleNamespace(params={}, batch_stats={})
-  monkeypatch.setattr(train, "restore_latest", lambda run: (checkpoint_state, None,
-                                                             {"epoch": 0}))
-  monkeypatch.setattr(evaluate, "final_evaluation", lambda *args, **kwargs: {
-      "fresh": {"k": args[4].eval.k_test, "batch_size": args[4].eval.batch_size,
-                "root": args[4].dataset.root}})
+  monkeypatch.setattr(train, "restore_latest", lambda run: (checkpoint_state, None, {"epoch": 0}))
+  monkeypatch.setattr(
+      evaluate,
+      "final_evaluation",
+      lambda *args, **kwargs: {
+          "fresh": {
+              "k": args[4].eval.k_test,
+              "batch_size": args[4].eval.batch_size,
+              "root": args[4].dataset.root,
+          }
+      },
+  )
   saved_k = train.saved_config(pixel_run).eval.k_test
-  results = train.evaluate_workdir(pixel_run, {"eval.k_test": 4, "model.width": 8,
-                                               "eval.batch_size": 8})
+  results = train.evaluate_workdir(
+      pixel_run, {"eval.k_test": 4, "model.width": 8, "eval.batch_size": 8}
+  )
   assert results == {"fresh": {"k": 4, "batch_size": 8, "root": ""}}
   with open(os.path.join(pixel_run, "eval.json")) as f:
     assert json.load(f) == results
@@ -226,8 +257,19 @@ def test_eval_fails_before_computing_when_it_cannot_write(pixel_run, monkeypatch
 
 def test_cli_eval_passes_its_overrides(pixel_run):
   out = subprocess.run(
-      [sys.executable, "-m", "picie_jax.main", "eval", f"--workdir={pixel_run}",
-       "--config.eval.k_test=5", "--config.model.fpn_channels=32"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "picie_jax.main",
+          "eval",
+          f"--workdir={pixel_run}",
+          "--config.eval.k_test=5",
+          "--config.model.fpn_channels=32",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode != 0
   assert "config.model.fpn_channels cannot be changed at eval (16 -> 32)" in out.stderr

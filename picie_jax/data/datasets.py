@@ -22,6 +22,7 @@ header (scan.py) and, when config.dataset.scan_label_values, every evaluation la
 a prepared split's first and last records (that the split is complete and readable; `prepare`
 wrote it from the checked archives) and, likewise, its label values.
 """
+
 import os
 
 import numpy as np
@@ -38,10 +39,12 @@ _INVALID = -2  # table entry for a label value the dataset does not define
 _LABEL_TABLE_SIZE = 1 << 16  # every value a 16-bit PNG can hold
 _PNG_SIGNATURE = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_BUILDERS = {"coco_stuff27": coco_stuff.PicieCocoStuff,
-             "coco_stuff15": coco_stuff.PicieCocoStuff,
-             "coco_thing12": coco_stuff.PicieCocoStuff,
-             "cityscapes27": cityscapes.PicieCityscapes}
+_BUILDERS = {
+    "coco_stuff27": coco_stuff.PicieCocoStuff,
+    "coco_stuff15": coco_stuff.PicieCocoStuff,
+    "coco_thing12": coco_stuff.PicieCocoStuff,
+    "cityscapes27": cityscapes.PicieCityscapes,
+}
 
 
 def build_source(config, split):
@@ -70,11 +73,14 @@ def evaluation_source(config):
     for sub in ("images", "labels"):
       path = os.path.join(config.dataset.root, "val", sub)
       if not os.path.isdir(path):
-        why = (f"{path} does not exist (config.dataset.root={config.dataset.root!r}); "
-               "add val/images and val/labels/<stem>.png to evaluate")
+        why = (
+            f"{path} does not exist (config.dataset.root={config.dataset.root!r}); "
+            "add val/images and val/labels/<stem>.png to evaluate"
+        )
         if config.dataset.num_classes:
-          raise FileNotFoundError(f"{why}, or set config.dataset.num_classes=0 to train "
-                                  "without evaluation")
+          raise FileNotFoundError(
+              f"{why}, or set config.dataset.num_classes=0 to train " "without evaluation"
+          )
         return None, why
   return build_source(config, "val"), None
 
@@ -92,8 +98,10 @@ def prepare(config):
   config.dataset.data_dir (TFDS's default if empty); returns the dataset's directory."""
   name = config.dataset.name
   if name not in _BUILDERS:
-    raise ValueError(f"config.dataset.name={name!r} needs no prepare step (it is read "
-                     f"directly); prepare is for {sorted(_BUILDERS)}")
+    raise ValueError(
+        f"config.dataset.name={name!r} needs no prepare step (it is read "
+        f"directly); prepare is for {sorted(_BUILDERS)}"
+    )
   manual_dir = _require_dir(config.dataset.manual_dir, "config.dataset.manual_dir")
   return prepared.prepare(_BUILDERS[name], config.dataset.data_dir, manual_dir).data_dir
 
@@ -116,9 +124,15 @@ def _synthetic(dcfg, split):
     return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index)}
 
   return pipeline.Source(
-      name=f"synthetic/{split}", num_examples=count, load=load, has_labels=True,
-      num_classes=synthetic.NUM_CLASSES, class_names=synthetic.CLASS_NAMES,
-      thing_classes=synthetic.THING_CLASSES, describe=lambda i: f"synthetic[{split}][{i}]")
+      name=f"synthetic/{split}",
+      num_examples=count,
+      load=load,
+      has_labels=True,
+      num_classes=synthetic.NUM_CLASSES,
+      class_names=synthetic.CLASS_NAMES,
+      thing_classes=synthetic.THING_CLASSES,
+      describe=lambda i: f"synthetic[{split}][{i}]",
+  )
 
 
 def label_table(mapping):
@@ -140,26 +154,59 @@ def decode_label_png(png_bytes, file_name, table):
   header = tf.io.decode_raw(tf.strings.substr(png_bytes + b"\0" * 26, 0, 26), tf.uint8)
   bit_depth, colour_type = tf.cast(header[24], tf.int32), header[25]
   is_gray_png = tf.logical_and(tf.reduce_all(header[:8] == _PNG_SIGNATURE), colour_type == 0)
-  check_format = tf.debugging.Assert(is_gray_png, [tf.strings.join([
-      "label file ", file_name, " is not a single-channel (grayscale) PNG (PNG colour type ",
-      tf.strings.as_string(colour_type), "; 2 = RGB, 3 = palette, 4/6 = with alpha): save "
-      "class ids as an 8- or 16-bit grayscale PNG"])])
+  check_format = tf.debugging.Assert(
+      is_gray_png,
+      [
+          tf.strings.join(
+              [
+                  "label file ",
+                  file_name,
+                  " is not a single-channel (grayscale) PNG (PNG colour type ",
+                  tf.strings.as_string(colour_type),
+                  "; 2 = RGB, 3 = palette, 4/6 = with alpha): save "
+                  "class ids as an 8- or 16-bit grayscale PNG",
+              ]
+          )
+      ],
+  )
   with tf.control_dependencies([check_format]):
     raw_scaled = tf.io.decode_png(png_bytes, channels=1, dtype=tf.uint16)[..., 0]
-    scale = (2 ** 16 - 1) // (tf.bitwise.left_shift(1, bit_depth) - 1)
+    scale = (2**16 - 1) // (tf.bitwise.left_shift(1, bit_depth) - 1)
   raw = tf.cast(raw_scaled, tf.int32) // scale
   label = tf.gather(table, raw)
   bad = label == _INVALID
   bad_values = tf.unique(tf.boolean_mask(tf.reshape(raw, [-1]), tf.reshape(bad, [-1])))[0]
-  check_values = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.join([
-      "label file ", file_name, " has values the dataset does not define: ",
-      tf.strings.reduce_join(tf.strings.as_string(bad_values), separator=", ")])])
+  check_values = tf.debugging.Assert(
+      tf.logical_not(tf.reduce_any(bad)),
+      [
+          tf.strings.join(
+              [
+                  "label file ",
+                  file_name,
+                  " has values the dataset does not define: ",
+                  tf.strings.reduce_join(tf.strings.as_string(bad_values), separator=", "),
+              ]
+          )
+      ],
+  )
   with tf.control_dependencies([check_values]):
     return tf.identity(label)
 
 
-def _encoded_source(dcfg, name, num_examples, fetch, table, has_labels, num_classes, describe,
-                    scan_fn, honour_exif=False, class_names=(), thing_classes=None):
+def _encoded_source(
+    dcfg,
+    name,
+    num_examples,
+    fetch,
+    table,
+    has_labels,
+    num_classes,
+    describe,
+    scan_fn,
+    honour_exif=False,
+    class_names=(),
+    thing_classes=None,
+):
   """A Source whose `fetch(index)` gives (image bytes, label PNG bytes, label file name).
 
   `scan_fn(source, labels, progress)` checks the headers of the split; `honour_exif` turns
@@ -172,8 +219,9 @@ def _encoded_source(dcfg, name, num_examples, fetch, table, has_labels, num_clas
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     if not honour_exif:
       return image
-    orientation = tf.numpy_function(scan.orientation_of_bytes, [image_bytes], tf.int64,
-                                    stateful=False)
+    orientation = tf.numpy_function(
+        scan.orientation_of_bytes, [image_bytes], tf.int64, stateful=False
+    )
     return apply_orientation(image, orientation)
 
   def load(index):
@@ -183,8 +231,10 @@ def _encoded_source(dcfg, name, num_examples, fetch, table, has_labels, num_clas
       return {"image": image, "label": tf.fill(tf.shape(image)[:2], pipeline.IGNORE_LABEL)}
     label = decode_label_png(label_bytes, label_file, table)
     same_size = tf.reduce_all(tf.shape(label) == tf.shape(image)[:2])
-    check_size = tf.debugging.Assert(same_size, [tf.strings.join([
-        "label file ", label_file, " has a different size from its image"])])
+    check_size = tf.debugging.Assert(
+        same_size,
+        [tf.strings.join(["label file ", label_file, " has a different size from its image"])],
+    )
     with tf.control_dependencies([check_size]):
       return {"image": image, "label": tf.identity(label)}
 
@@ -200,8 +250,9 @@ def _encoded_source(dcfg, name, num_examples, fetch, table, has_labels, num_clas
       return describe(index), e.message
     parts = [(describe(index), lambda: tf.io.decode_image(image_bytes, expand_animations=False))]
     if has_labels:
-      parts.append((label_file.numpy().decode(),
-                    lambda: tf.io.decode_png(label_bytes, dtype=tf.uint16)))
+      parts.append(
+          (label_file.numpy().decode(), lambda: tf.io.decode_png(label_bytes, dtype=tf.uint16))
+      )
     for file, decode in parts:
       try:
         decode()
@@ -215,10 +266,18 @@ def _encoded_source(dcfg, name, num_examples, fetch, table, has_labels, num_clas
       scan.check_label_values(source, load_label, progress)
 
   source = pipeline.Source(
-      name=name, num_examples=num_examples, load=load, has_labels=has_labels,
-      num_classes=num_classes, class_names=tuple(class_names), thing_classes=thing_classes,
-      describe=describe, unreadable_file=unreadable_file, scan=scan_split,
-      bad_files=pipeline.BadFiles(dcfg.on_bad_file))
+      name=name,
+      num_examples=num_examples,
+      load=load,
+      has_labels=has_labels,
+      num_classes=num_classes,
+      class_names=tuple(class_names),
+      thing_classes=thing_classes,
+      describe=describe,
+      unreadable_file=unreadable_file,
+      scan=scan_split,
+      bad_files=pipeline.BadFiles(dcfg.on_bad_file),
+  )
   return source
 
 
@@ -227,14 +286,14 @@ def apply_orientation(image_hwc, orientation):
   5..8 transpose first; then (flip rows, flip columns) cycle (no, no), (no, yes), (yes, yes),
   (yes, no) over 1..4 and again over 5..8."""
   step = (orientation - 1) % 4
-  image = tf.cond(orientation >= 5, lambda: tf.transpose(image_hwc, [1, 0, 2]),
-                  lambda: image_hwc)
+  image = tf.cond(orientation >= 5, lambda: tf.transpose(image_hwc, [1, 0, 2]), lambda: image_hwc)
   image = tf.cond(tf.logical_or(step == 2, step == 3), lambda: image[::-1], lambda: image)
   return tf.cond(tf.logical_or(step == 1, step == 2), lambda: image[:, ::-1], lambda: image)
 
 
-def _prepared_source(dcfg, split, table, has_labels, num_classes, class_names=(),
-                     thing_classes=None):
+def _prepared_source(
+    dcfg, split, table, has_labels, num_classes, class_names=(), thing_classes=None
+):
   """A Source over a prepared split of config.dataset.name, read by index."""
   records = prepared.open_split(_BUILDERS[dcfg.name], dcfg.data_dir, split)
   count = _limit(len(records), dcfg.num_train if split == "train" else dcfg.num_val)
@@ -245,26 +304,43 @@ def _prepared_source(dcfg, split, table, has_labels, num_classes, class_names=()
     examples = []
     for index in sorted({0, count - 1}):
       record = records[index]
-      examples.append((record["image"], record["label"] if labels else None,
-                       record["image_file"].decode(), record["label_file"].decode(), False))
+      examples.append(
+          (
+              record["image"],
+              record["label"] if labels else None,
+              record["image_file"].decode(),
+              record["label_file"].decode(),
+              False,
+          )
+      )
     scan.check_headers(source, examples, progress=False)
 
-  return _encoded_source(dcfg, f"{dcfg.name}/{split}", count, prepared.fetch_fn(records), table,
-                         has_labels, num_classes,
-                         describe=lambda i: records[i]["image_file"].decode(),
-                         scan_fn=scan_records, class_names=class_names,
-                         thing_classes=thing_classes)
+  return _encoded_source(
+      dcfg,
+      f"{dcfg.name}/{split}",
+      count,
+      prepared.fetch_fn(records),
+      table,
+      has_labels,
+      num_classes,
+      describe=lambda i: records[i]["image_file"].decode(),
+      scan_fn=scan_records,
+      class_names=class_names,
+      thing_classes=thing_classes,
+  )
 
 
 def _coco_stuff(dcfg, split):
   mapping, class_names, things = coco_stuff.label_setting(dcfg.name)
-  return _prepared_source(dcfg, split, label_table(mapping), True, len(class_names),
-                          class_names, things)
+  return _prepared_source(
+      dcfg, split, label_table(mapping), True, len(class_names), class_names, things
+  )
 
 
 def _cityscapes27(dcfg, split):
-  return _prepared_source(dcfg, split, label_table(cityscapes.LABEL_MAP), split == "val",
-                          cityscapes.NUM_CLASSES)
+  return _prepared_source(
+      dcfg, split, label_table(cityscapes.LABEL_MAP), split == "val", cityscapes.NUM_CLASSES
+  )
 
 
 def _require_dir(path, key):
@@ -280,7 +356,7 @@ def _image_folder(dcfg, split):
   root = _require_dir(os.path.join(dcfg.root, split), "config.dataset.root")
   image_dir = _require_dir(os.path.join(root, "images"), "config.dataset.root")
   names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(_IMAGE_EXTENSIONS))
-  names = names[:_limit(len(names), dcfg.num_train if split == "train" else dcfg.num_val)]
+  names = names[: _limit(len(names), dcfg.num_train if split == "train" else dcfg.num_val)]
   images = [os.path.join(image_dir, f) for f in names]
   label_dir = os.path.join(root, "labels")
   has_labels = os.path.isdir(label_dir)
@@ -300,10 +376,25 @@ def _image_folder(dcfg, split):
     return tf.io.read_file(tf.gather(images_t, index)), label_bytes, label_file
 
   def scan_files(source, with_labels, progress):
-    scan.check_headers(source, [(image, label if with_labels else None, image, label, True)
-                                for image, label in zip(images, labels)], progress)
+    scan.check_headers(
+        source,
+        [
+            (image, label if with_labels else None, image, label, True)
+            for image, label in zip(images, labels)
+        ],
+        progress,
+    )
 
   mapping = {**{v: v for v in range(dcfg.num_classes)}, 255: pipeline.IGNORE_LABEL}
-  return _encoded_source(dcfg, f"image_folder/{split}", len(images), fetch, label_table(mapping),
-                         has_labels, dcfg.num_classes, describe=lambda i: images[i],
-                         scan_fn=scan_files, honour_exif=True)
+  return _encoded_source(
+      dcfg,
+      f"image_folder/{split}",
+      len(images),
+      fetch,
+      label_table(mapping),
+      has_labels,
+      dcfg.num_classes,
+      describe=lambda i: images[i],
+      scan_fn=scan_files,
+      honour_exif=True,
+  )

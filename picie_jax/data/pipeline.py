@@ -10,8 +10,10 @@ A batch that fails to load is re-read one example at a time (only then, so it co
 otherwise) to name the one bad file; with config.dataset.on_bad_file='skip' an undecodable
 file's example is masked out of its batch (like padding, so every count stays exact).
 """
+
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
-from typing import Callable, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -33,8 +35,10 @@ class BadFiles:
 
   def report(self, source_name, file, message):
     if self.policy == "error":
-      raise ValueError(f"{source_name}: cannot decode {file}: {message}. Replace or remove the "
-                       "file, or set config.dataset.on_bad_file='skip' to leave it out.")
+      raise ValueError(
+          f"{source_name}: cannot decode {file}: {message}. Replace or remove the "
+          "file, or set config.dataset.on_bad_file='skip' to leave it out."
+      )
     if file not in self.files:
       self.files[file] = message
       logging.warning("%s: skipping %s (cannot decode it: %s)", source_name, file, message)
@@ -48,16 +52,17 @@ class Source:
   cannot be decoded, else None; `scan(values, progress)` is the up-front check of the split
   (see datasets.py). Both are optional (generated data cannot be unreadable).
   """
+
   name: str
   num_examples: int
   load: Callable[[tf.Tensor], dict]
   has_labels: bool
   num_classes: int = 0
   class_names: Sequence[str] = ()
-  thing_classes: Optional[Sequence[int]] = None
+  thing_classes: Sequence[int] | None = None
   describe: Callable[[int], str] = str  # index -> file name (for error messages)
-  unreadable_file: Optional[Callable[[int], Optional[tuple]]] = None
-  scan: Optional[Callable[..., None]] = None
+  unreadable_file: Callable[[int], tuple | None] | None = None
+  scan: Callable[..., None] | None = None
   bad_files: BadFiles = dataclasses.field(default_factory=BadFiles)
 
 
@@ -68,11 +73,12 @@ def resize_shorter_and_center_crop(image_hwc, side, method):
   scale = tf.cast(side, tf.float32) / tf.minimum(h, w)
   new_h = tf.maximum(side, tf.cast(tf.round(h * scale), tf.int32))
   new_w = tf.maximum(side, tf.cast(tf.round(w * scale), tf.int32))
-  resized = tf.image.resize(image_hwc, (new_h, new_w), method=method,
-                            antialias=method == "bilinear")
+  resized = tf.image.resize(
+      image_hwc, (new_h, new_w), method=method, antialias=method == "bilinear"
+  )
   top = (new_h - side) // 2
   left = (new_w - side) // 2
-  return resized[top:top + side, left:left + side]
+  return resized[top : top + side, left : left + side]
 
 
 def _prepare(source, side, with_labels):
@@ -102,7 +108,7 @@ def batch_indices(indices, global_batch, num_hosts, host_id):
   local = global_batch // num_hosts
   num_batches = -(-len(indices) // global_batch)
   padded = np.full(num_batches * global_batch, -1, np.int64)
-  padded[:len(indices)] = indices
+  padded[: len(indices)] = indices
   return padded.reshape(num_batches, num_hosts, local)[:, host_id]
 
 
@@ -120,10 +126,13 @@ def make_batches(source, host_indices, side, with_labels=False):
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(host_indices.shape[1], drop_remainder=True).prefetch(2).as_numpy_iterator()
 
-  return recovering(batches_from, len(host_indices),
-                    lambda position, error: _reread_batch(
-                        source, prepare, host_indices[position], position, error, side,
-                        with_labels))
+  return recovering(
+      batches_from,
+      len(host_indices),
+      lambda position, error: _reread_batch(
+          source, prepare, host_indices[position], position, error, side, with_labels
+      ),
+  )
 
 
 def recovering(items_from, count, on_error):
@@ -146,8 +155,9 @@ def check_example(source, index, error):
   format or size) raises naming the example."""
   bad = source.unreadable_file(index) if source.unreadable_file else None
   if bad is None:
-    raise ValueError(f"{source.name}: cannot use {source.describe(index)}: "
-                     f"{error.message}") from None
+    raise ValueError(
+        f"{source.name}: cannot use {source.describe(index)}: " f"{error.message}"
+    ) from None
   source.bad_files.report(source.name, *bad)
 
 
@@ -163,32 +173,35 @@ def _reread_batch(source, prepare, indices, batch_number, error, side, with_labe
       skipped = True
   if not skipped:
     names = ", ".join(source.describe(int(i)) for i in indices if i >= 0)
-    raise ValueError(f"{source.name}: could not read batch {batch_number} (one of: {names}): "
-                     f"{error.message}") from None
+    raise ValueError(
+        f"{source.name}: could not read batch {batch_number} (one of: {names}): " f"{error.message}"
+    ) from None
   return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
 def _masked_example(side, with_labels):
   """What a skipped example becomes: as padding, masked out of every count."""
-  example = {"image": np.zeros((side, side, 3), np.uint8), "index": np.int64(0),
-             "mask": np.False_}
+  example = {"image": np.zeros((side, side, 3), np.uint8), "index": np.int64(0), "mask": np.False_}
   if with_labels:
     example["label"] = np.full((side, side), IGNORE_LABEL, np.int32)
   return example
 
 
-def pass_batches(source, global_batch, side, *, with_labels=False, num_hosts=1, host_id=0,
-                 start_batch=0):
+def pass_batches(
+    source, global_batch, side, *, with_labels=False, num_hosts=1, host_id=0, start_batch=0
+):
   """All examples once in index order; last batch padded and masked."""
   idx = batch_indices(np.arange(source.num_examples), global_batch, num_hosts, host_id)
   return make_batches(source, idx[start_batch:], side, with_labels)
 
 
-def train_batches(source, global_batch, side, *, seed, epoch, num_hosts=1, host_id=0,
-                  start_batch=0):
+def train_batches(
+    source, global_batch, side, *, seed, epoch, num_hosts=1, host_id=0, start_batch=0
+):
   """All examples once in the seeded order of `epoch`, from batch `start_batch` on (resume)."""
-  idx = batch_indices(epoch_order(source.num_examples, seed, epoch), global_batch,
-                      num_hosts, host_id)
+  idx = batch_indices(
+      epoch_order(source.num_examples, seed, epoch), global_batch, num_hosts, host_id
+  )
   return make_batches(source, idx[start_batch:], side)
 
 

@@ -7,6 +7,7 @@ directory (for error messages). Splits are written in a fixed order (`disable_sh
 ArrayRecord files, so example i of a split is line i of its image list and any index can be
 read directly: batches are built from index lists (pipeline.py), each host reading its own.
 """
+
 import abc
 
 import numpy as np
@@ -31,20 +32,29 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder):
     """{split: [(image path, label path or None)]} relative to `root`, checked to exist."""
 
   def _info(self):
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # JPEG/PNG file bytes
-        "label": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG bytes; b"" = none
-        "image_file": tfds.features.Text(),
-        "label_file": tfds.features.Text(),
-    })
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features,
-                                 homepage=self.HOMEPAGE, citation=self.CITATION,
-                                 disable_shuffling=True)
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # JPEG/PNG file bytes
+            "label": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG bytes; b"" = none
+            "image_file": tfds.features.Text(),
+            "label_file": tfds.features.Text(),
+        }
+    )
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=features,
+        homepage=self.HOMEPAGE,
+        citation=self.CITATION,
+        disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     root = dl_manager.manual_dir
-    return {split: self._generate_examples(root, pairs)
-            for split, pairs in self.file_pairs(root).items()}
+    return {
+        split: self._generate_examples(root, pairs)
+        for split, pairs in self.file_pairs(root).items()
+    }
 
   def _generate_examples(self, root, pairs):
     """(position, record) in list order."""
@@ -63,7 +73,8 @@ def require_dir(root, relative, archive):
   if not path.is_dir():
     raise FileNotFoundError(
         f"{path} is missing: extract {archive} into {root} (see the builder's "
-        "MANUAL_DOWNLOAD_INSTRUCTIONS, or README 'Real datasets').")
+        "MANUAL_DOWNLOAD_INSTRUCTIONS, or README 'Real datasets')."
+    )
   return path
 
 
@@ -73,7 +84,8 @@ def require_files(root, relative_paths, archive):
   if missing:
     raise FileNotFoundError(
         f"{len(missing)} of {len(relative_paths)} files are missing under {root}, e.g. "
-        f"{missing[0]}: extract {archive} there (see MANUAL_DOWNLOAD_INSTRUCTIONS).")
+        f"{missing[0]}: extract {archive} there (see MANUAL_DOWNLOAD_INSTRUCTIONS)."
+    )
 
 
 def _builder(builder_cls, data_dir):
@@ -81,15 +93,15 @@ def _builder(builder_cls, data_dir):
     raise ValueError(
         f"config.dataset.data_dir={data_dir!r}: ArrayRecord files open only local paths "
         "(github.com/google/array_record/issues/120); mount the bucket (e.g. gcsfuse) and "
-        "give its local path.")
+        "give its local path."
+    )
   return builder_cls(data_dir=data_dir or None, file_format=FILE_FORMAT)
 
 
 def prepare(builder_cls, data_dir, manual_dir):
   """Writes the prepared splits under `data_dir` (TFDS's default if empty) from `manual_dir`."""
   builder = _builder(builder_cls, data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
 
@@ -100,7 +112,8 @@ def open_split(builder_cls, data_dir, split):
     raise FileNotFoundError(
         f"{builder.name} is not prepared in {builder.data_dir} (config.dataset.data_dir="
         f"{data_dir!r}): run `picie-jax prepare --config <this config> "
-        "--config.dataset.manual_dir=<raw files> --config.dataset.data_dir=<same data_dir>`.")
+        "--config.dataset.manual_dir=<raw files> --config.dataset.data_dir=<same data_dir>`."
+    )
   return builder.as_data_source(split)
 
 

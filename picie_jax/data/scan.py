@@ -7,13 +7,14 @@ and a label's size, bit depth and colour type are the 26 bytes of its PNG IHDR c
 label value scan decodes every label of an evaluation split (the tf.data map of `datasets`,
 in parallel); config.dataset.scan_label_values=False skips it on huge sets.
 """
+
 import concurrent.futures
 import io
 
 import numpy as np
+from PIL import Image
 import tensorflow as tf
 import tqdm
-from PIL import Image
 
 from picie_jax.data import pipeline
 
@@ -47,8 +48,9 @@ def orientation_of_bytes(image_bytes):
 
 
 def _open(file_or_bytes):
-  return Image.open(io.BytesIO(file_or_bytes) if isinstance(file_or_bytes, bytes)
-                    else file_or_bytes)
+  return Image.open(
+      io.BytesIO(file_or_bytes) if isinstance(file_or_bytes, bytes) else file_or_bytes
+  )
 
 
 def _head(file_or_bytes, size):
@@ -78,17 +80,26 @@ def check_header(image, label, image_name, label_name, honour_exif):
   if len(head) < 26 or head[:8] != _PNG_SIGNATURE:
     return True, label_name, "not a PNG file"
   if head[25] != 0:
-    return False, label_name, (
-        f"label file {label_name} is not a single-channel (grayscale) PNG (PNG colour type "
-        f"{head[25]}; 2 = RGB, 3 = palette, 4/6 = with alpha): save class ids as an 8- or "
-        "16-bit grayscale PNG")
-  label_width, label_height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24],
-                                                                                "big")
+    return (
+        False,
+        label_name,
+        (
+            f"label file {label_name} is not a single-channel (grayscale) PNG (PNG colour type "
+            f"{head[25]}; 2 = RGB, 3 = palette, 4/6 = with alpha): save class ids as an 8- or "
+            "16-bit grayscale PNG"
+        ),
+    )
+  label_width, label_height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
   if (label_height, label_width) != (height, width):
     shown = " as displayed (EXIF orientation applied)" if honour_exif else ""
-    return False, label_name, (
-        f"label file {label_name} is {label_width}x{label_height} but its image {image_name} "
-        f"is {width}x{height}{shown}: labels must have their image's size")
+    return (
+        False,
+        label_name,
+        (
+            f"label file {label_name} is {label_width}x{label_height} but its image {image_name} "
+            f"is {width}x{height}{shown}: labels must have their image's size"
+        ),
+    )
   return None
 
 
@@ -98,8 +109,14 @@ def check_headers(source, examples, progress):
   raises ValueError naming its file."""
   with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
     results = pool.map(lambda example: check_header(*example), examples)
-    for problem in tqdm.tqdm(results, total=len(examples), desc=f"checking {source.name}",
-                             unit="file", leave=False, disable=not progress):
+    for problem in tqdm.tqdm(
+        results,
+        total=len(examples),
+        desc=f"checking {source.name}",
+        unit="file",
+        leave=False,
+        disable=not progress,
+    ):
       if problem is None:
         continue
       unreadable, file, message = problem
@@ -115,13 +132,21 @@ def check_label_values(source, load_label, progress):
 
   def checked_from(start):
     ds = tf.data.Dataset.range(start, count).map(
-        lambda index: tf.size(load_label(index)), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
+        lambda index: tf.size(load_label(index)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return ds.prefetch(8).as_numpy_iterator()
 
   checked = pipeline.recovering(
-      checked_from, count, lambda position, error: pipeline.check_example(source, position,
-                                                                          error))
-  for _ in tqdm.tqdm(checked, total=count, desc=f"checking {source.name} label values",
-                     unit="label", leave=False, disable=not progress):
+      checked_from, count, lambda position, error: pipeline.check_example(source, position, error)
+  )
+  for _ in tqdm.tqdm(
+      checked,
+      total=count,
+      desc=f"checking {source.name} label values",
+      unit="label",
+      leave=False,
+      disable=not progress,
+  ):
     pass

@@ -10,12 +10,21 @@ being untextured and by their shape. See docs/synthetic.md.
 All lengths are in "base pixels" of a 128-px image; other sizes render the same scene at another
 resolution. Splits are disjoint index ranges (or different seeds) chosen by the caller.
 """
+
 import functools
 
 import numpy as np
 
-CLASS_NAMES = ("stripes_horizontal", "stripes_vertical", "checker", "blobs",
-               "disc", "square", "triangle", "ring")
+CLASS_NAMES = (
+    "stripes_horizontal",
+    "stripes_vertical",
+    "checker",
+    "blobs",
+    "disc",
+    "square",
+    "triangle",
+    "ring",
+)
 STUFF_CLASSES = (0, 1, 2, 3)
 THING_CLASSES = (4, 5, 6, 7)
 NUM_CLASSES = len(CLASS_NAMES)
@@ -30,7 +39,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 @functools.lru_cache(maxsize=8)
 def _base_grid_yx(size):
   """Pixel-centre coordinates (y, x) of a size x size image, in base pixels; read-only."""
-  coords = ((np.arange(size, dtype=np.float32) + 0.5) * (BASE_SIZE / size))
+  coords = (np.arange(size, dtype=np.float32) + 0.5) * (BASE_SIZE / size)
   y, x = np.meshgrid(coords, coords, indexing="ij")
   y.flags.writeable = False
   x.flags.writeable = False
@@ -40,7 +49,9 @@ def _base_grid_yx(size):
 def _wave(y, x, period, angle, phase):
   """cos of a plane wave with the given period (base px), direction angle (rad) and phase."""
   k = np.float32(2 * np.pi / period)
-  return np.cos(k * (np.float32(np.cos(angle)) * x + np.float32(np.sin(angle)) * y) + np.float32(phase))
+  return np.cos(
+      k * (np.float32(np.cos(angle)) * x + np.float32(np.sin(angle)) * y) + np.float32(phase)
+  )
 
 
 def _stuff_pattern(rng, stuff_class, y, x):
@@ -52,11 +63,16 @@ def _stuff_pattern(rng, stuff_class, y, x):
     return 0.5 + 0.5 * _wave(y, x, rng.uniform(6, 11), angle, phase[0])
   if stuff_class == 2:  # checker: product of two orthogonal waves
     period = rng.uniform(9, 14)
-    return 0.5 + 0.5 * _wave(y, x, period, jitter, phase[0]) * _wave(y, x, period, jitter + np.pi / 2, phase[1])
+    return 0.5 + 0.5 * _wave(y, x, period, jitter, phase[0]) * _wave(
+        y, x, period, jitter + np.pi / 2, phase[1]
+    )
   if stuff_class == 3:  # blobs: three waves 60 degrees apart, a quasi-hexagonal field of spots
     period = rng.uniform(8, 13)
     angle0 = rng.uniform(0, np.pi)
-    total = sum(_wave(y, x, period, angle0 + i * np.pi / 3 + rng.uniform(-0.15, 0.15), phase[i]) for i in range(3))
+    total = sum(
+        _wave(y, x, period, angle0 + i * np.pi / 3 + rng.uniform(-0.15, 0.15), phase[i])
+        for i in range(3)
+    )
     return np.clip(0.5 + total * np.float32(0.3), 0, 1)
   raise ValueError(f"stuff_class={stuff_class} is not one of STUFF_CLASSES={STUFF_CLASSES}")
 
@@ -77,7 +93,9 @@ def _stuff_layer(rng, y, x):
   warp_phase = rng.uniform(0, 2 * np.pi, 2)
   yw = y + np.float32(amp) * _wave(y, x, wavelength, 0.0, warp_phase[0])  # shifts y along x
   xw = x + np.float32(amp) * _wave(y, x, wavelength, np.pi / 2, warp_phase[1])  # shifts x along y
-  dist2 = (yw[None] - seeds_yx[:, 0, None, None]) ** 2 + (xw[None] - seeds_yx[:, 1, None, None]) ** 2
+  dist2 = (yw[None] - seeds_yx[:, 0, None, None]) ** 2 + (
+      xw[None] - seeds_yx[:, 1, None, None]
+  ) ** 2
   region_hw = np.argmin(dist2, axis=0)
   region_class = rng.integers(0, len(STUFF_CLASSES), n_regions)
   patterns = np.stack([_stuff_pattern(rng, STUFF_CLASSES[c], y, x) for c in region_class])
@@ -98,8 +116,10 @@ def _thing_signed_distance(thing_class, dy, dx, radius, angle):
   if thing_class == 5:  # square, half-side = 0.8 radius
     return np.maximum(np.abs(u), np.abs(v)) - np.float32(0.8 * radius)
   if thing_class == 6:  # equilateral triangle, circumradius 1.2 radius (area near the others')
-    edges = [np.float32(np.cos(a)) * u + np.float32(np.sin(a)) * v
-             for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)]
+    edges = [
+        np.float32(np.cos(a)) * u + np.float32(np.sin(a)) * v
+        for a in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)
+    ]
     return np.maximum(np.maximum(edges[0], edges[1]), edges[2]) - np.float32(0.6 * radius)
   if thing_class == 7:  # ring, inner radius 0.55 radius
     return np.abs(np.sqrt(u * u + v * v) - np.float32(0.775 * radius)) - np.float32(0.225 * radius)
@@ -117,8 +137,10 @@ def _place_things(rng):
     thing_class = THING_CLASSES[int(rng.integers(len(THING_CLASSES)))]
     radius = float(np.exp(rng.uniform(*np.log(THING_RADIUS_RANGE))))
     centres = rng.uniform(0.6 * radius, BASE_SIZE - 0.6 * radius, (10, 2))
-    free = [all(np.hypot(cy - t[2], cx - t[3]) > THING_REACH * (radius + t[1]) for t in things)
-            for cy, cx in centres]
+    free = [
+        all(np.hypot(cy - t[2], cx - t[3]) > THING_REACH * (radius + t[1]) for t in things)
+        for cy, cx in centres
+    ]
     angle, colour = rng.uniform(0, 2 * np.pi), rng.uniform(0, 1, 3).astype(np.float32)
     if any(free):
       cy, cx = centres[free.index(True)]
@@ -133,8 +155,9 @@ def _paste_things(things, image_hw3, labels_hw, y, x):
     reach = THING_REACH * radius
     r0, r1 = (max(0, int((c - reach) / px) - 1) for c in (cy, cx))
     box = (slice(r0, int((cy + reach) / px) + 2), slice(r1, int((cx + reach) / px) + 2))
-    sd = _thing_signed_distance(thing_class, y[box] - np.float32(cy), x[box] - np.float32(cx),
-                                np.float32(radius), angle)
+    sd = _thing_signed_distance(
+        thing_class, y[box] - np.float32(cy), x[box] - np.float32(cx), np.float32(radius), angle
+    )
     cover = np.clip(0.5 - sd / np.float32(px), 0, 1)[..., None]
     image_hw3[box] += (colour - image_hw3[box]) * cover
     labels_hw[box][sd < 0] = thing_class

@@ -6,12 +6,15 @@ eps 1e-3 and torch momentum 0.01, TensorFlow "SAME" padding (more padding bottom
 strided convs), inputs normalised as (255 x - 127) / 128. Stochastic depth (drop-connect) is
 left out: PiCIE's cluster and label passes need a deterministic network.
 """
+
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from picie_jax.models.layers import BatchNorm, Conv, DepthwiseConv
+from picie_jax.models.layers import BatchNorm
+from picie_jax.models.layers import Conv
+from picie_jax.models.layers import DepthwiseConv
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per stage, as
 # EfficientNet-B0 (Lite0 has the same width and depth multipliers, 1.0 and 1.0).
@@ -40,13 +43,22 @@ def normalize_input(images_01_bhwc):
 
 
 def _conv(features, kernel_size, stride, dtype, name):
-  return Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding="SAME",
-              use_bias=False, dtype=dtype, kernel_init=_conv_kernel_init, name=name)
+  return Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding="SAME",
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=_conv_kernel_init,
+      name=name,
+  )
 
 
 class MBConvBlock(nn.Module):
   """Inverted residual: 1x1 expand (unless ratio 1), depthwise k x k, 1x1 project, identity skip
   when the stride is 1 and the channels are unchanged."""
+
   expand_ratio: int
   kernel_size: int
   stride: int
@@ -61,8 +73,9 @@ class MBConvBlock(nn.Module):
     if self.expand_ratio != 1:
       y = _conv(hidden, 1, 1, self.dtype, "expand_conv")(y)
       y = nn.relu6(BatchNorm(**_BN, dtype=self.dtype, name="bn0")(y, not train))
-    y = DepthwiseConv(self.kernel_size, self.stride, _conv_kernel_init, self.dtype,
-                      name="depthwise_conv")(y)
+    y = DepthwiseConv(
+        self.kernel_size, self.stride, _conv_kernel_init, self.dtype, name="depthwise_conv"
+    )(y)
     y = nn.relu6(BatchNorm(**_BN, dtype=self.dtype, name="bn1")(y, not train))
     y = _conv(self.out_channels, 1, 1, self.dtype, "project_conv")(y)
     y = BatchNorm(**_BN, dtype=self.dtype, name="bn2")(y, not train)
@@ -77,6 +90,7 @@ class EfficientNetLite0(nn.Module):
   With `num_classes` > 0 the ImageNet head (1x1 conv to 1280, BN, ReLU6, global average pool,
   linear) is added and its logits returned as 'logits' (used to check imported weights).
   """
+
   num_classes: int = 0
   dtype: Any = jnp.float32
 
@@ -89,8 +103,14 @@ class EfficientNetLite0(nn.Module):
     index = 0
     for expand_ratio, kernel_size, stride, out_channels, num_blocks in STAGES:
       for i in range(num_blocks):
-        x = MBConvBlock(expand_ratio, kernel_size, stride if i == 0 else 1, out_channels,
-                        self.dtype, name=f"blocks_{index}")(x, train)
+        x = MBConvBlock(
+            expand_ratio,
+            kernel_size,
+            stride if i == 0 else 1,
+            out_channels,
+            self.dtype,
+            name=f"blocks_{index}",
+        )(x, train)
         if index in block_to_level:
           features[block_to_level[index]] = x
         index += 1

@@ -1,4 +1,5 @@
 """PiCIE's Panoptic-FPN-style decoder and the full network f_theta (DESIGN §1 "Model")."""
+
 import math
 from typing import Any
 
@@ -15,8 +16,7 @@ from picie_jax.models.resnet import ARCHITECTURES
 def resize_bilinear(x_bhwc, size_hw):
   """Bilinear resize with half-pixel centres, as torch F.interpolate(align_corners=False)."""
   batch, _, _, channels = x_bhwc.shape
-  return jax.image.resize(x_bhwc, (batch, *size_hw, channels), method="bilinear",
-                          antialias=False)
+  return jax.image.resize(x_bhwc, (batch, *size_hw, channels), method="bilinear", antialias=False)
 
 
 def _torch_uniform_bias_init(fan_in):
@@ -39,13 +39,20 @@ class FPNDecoder(nn.Module):
   o1 = layer1(res5); o_i = up(o_{i-1}) + layer_i(lateral) for res4, res3, res2; returns o4
   (stride 4). The 1x1 convs keep PyTorch's default init, as the reference does.
   """
+
   out_channels: int = 128
   dtype: Any = jnp.float32
 
   def _lateral(self, x_bhwc, name):
-    return Conv(self.out_channels, (1, 1), use_bias=True, dtype=self.dtype,
-                kernel_init=_torch_default_kernel_init,
-                bias_init=_torch_uniform_bias_init(x_bhwc.shape[-1]), name=name)(x_bhwc)
+    return Conv(
+        self.out_channels,
+        (1, 1),
+        use_bias=True,
+        dtype=self.dtype,
+        kernel_init=_torch_default_kernel_init,
+        bias_init=_torch_uniform_bias_init(x_bhwc.shape[-1]),
+        name=name,
+    )(x_bhwc)
 
   @nn.compact
   def __call__(self, feats):
@@ -67,6 +74,7 @@ class PiCIENet(nn.Module):
   parameters and BatchNorm statistics stay float32, and the features come out in float32 so
   the loss and k-means distances are computed in float32.
   """
+
   backbone_name: str = "resnet18"
   width: int = 64  # ResNet only
   out_channels: int = 128
@@ -74,18 +82,24 @@ class PiCIENet(nn.Module):
 
   def setup(self):
     if self.backbone_name not in BACKBONES:
-      raise ValueError(f"model.backbone={self.backbone_name!r} is not supported; use one of "
-                       f"{', '.join(BACKBONES)}")
+      raise ValueError(
+          f"model.backbone={self.backbone_name!r} is not supported; use one of "
+          f"{', '.join(BACKBONES)}"
+      )
     if self.backbone_name == "efficientnet_lite0":
       self.backbone = efficientnet.EfficientNetLite0(dtype=self.dtype)
     else:
-      self.backbone = resnet.ResNet(depth=int(self.backbone_name[len("resnet"):]),
-                                    width=self.width, dtype=self.dtype)
+      self.backbone = resnet.ResNet(
+          depth=int(self.backbone_name[len("resnet") :]), width=self.width, dtype=self.dtype
+      )
     self.decoder = FPNDecoder(out_channels=self.out_channels, dtype=self.dtype)
 
   def __call__(self, images_01_bhwc, train: bool):
-    normalize = (efficientnet.normalize_input if self.backbone_name == "efficientnet_lite0"
-                 else resnet.normalize_input)
+    normalize = (
+        efficientnet.normalize_input
+        if self.backbone_name == "efficientnet_lite0"
+        else resnet.normalize_input
+    )
     return self.decoder(self.backbone(normalize(images_01_bhwc), train)).astype(jnp.float32)
 
 
@@ -95,14 +109,20 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def model_from_config(cfg):
   """PiCIENet from the model config (fields backbone, width, fpn_channels, dtype)."""
   if cfg.backbone not in BACKBONES:
-    raise ValueError(f"model.backbone={cfg.backbone!r} is not supported; use one of "
-                     f"{', '.join(BACKBONES)}")
+    raise ValueError(
+        f"model.backbone={cfg.backbone!r} is not supported; use one of " f"{', '.join(BACKBONES)}"
+    )
   for key in ("width", "fpn_channels"):
     value = getattr(cfg, key)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"model.{key}={value!r} must be a positive integer")
   if cfg.dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"model.dtype={cfg.dtype!r} is not supported; use one of "
-                     f"{', '.join(COMPUTE_DTYPES)}")
-  return PiCIENet(backbone_name=cfg.backbone, width=cfg.width, out_channels=cfg.fpn_channels,
-                  dtype=COMPUTE_DTYPES[cfg.dtype])
+    raise ValueError(
+        f"model.dtype={cfg.dtype!r} is not supported; use one of " f"{', '.join(COMPUTE_DTYPES)}"
+    )
+  return PiCIENet(
+      backbone_name=cfg.backbone,
+      width=cfg.width,
+      out_channels=cfg.fpn_channels,
+      dtype=COMPUTE_DTYPES[cfg.dtype],
+  )

@@ -1,4 +1,5 @@
 """Layers shared by the backbones, and the CPU forms of the ops XLA-CPU differentiates slowly."""
+
 import functools
 from typing import Any
 
@@ -16,6 +17,7 @@ class BatchNorm(nn.Module):
   `stat <- momentum * stat + (1 - momentum) * batch_stat` (momentum 0.9 == torch's 0.1) and are
   not touched by `init`. Statistics are computed in float32 whatever the compute dtype.
   """
+
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -37,8 +39,10 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         n = x.size // channels
         if n < 2:
-          raise ValueError(f"BatchNorm {self.name!r} in training mode needs more than one value "
-                           f"per channel, got input shape {x_bhwc.shape} (as torch refuses too)")
+          raise ValueError(
+              f"BatchNorm {self.name!r} in training mode needs more than one value "
+              f"per channel, got input shape {x_bhwc.shape} (as torch refuses too)"
+          )
         m = self.momentum
         running_mean.value = m * running_mean.value + (1 - m) * mean
         running_var.value = m * running_var.value + (1 - m) * var * (n / (n - 1))
@@ -85,7 +89,9 @@ def depthwise_conv_taps(x_bhwc, kernel_kk1c, stride):
   out = None
   for i in range(k):
     for j in range(k):
-      tap = x[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+      tap = x[
+          :, i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride
+      ]
       term = tap * kernel_kk1c[i, j, 0]
       out = term if out is None else out + term
   return out
@@ -93,6 +99,7 @@ def depthwise_conv_taps(x_bhwc, kernel_kk1c, stride):
 
 class DepthwiseConv(nn.Module):
   """Bias-free depthwise k x k convolution, "SAME" padding; kernel (k, k, 1, C) as nn.Conv's."""
+
   kernel_size: int
   stride: int
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -101,38 +108,63 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x_bhwc):
     channels = x_bhwc.shape[-1]
-    kernel = self.param("kernel", self.kernel_init,
-                        (self.kernel_size, self.kernel_size, 1, channels), jnp.float32)
+    kernel = self.param(
+        "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), jnp.float32
+    )
     x, kernel = x_bhwc.astype(self.dtype), kernel.astype(self.dtype)
     if jax.default_backend() == "cpu":
       return depthwise_conv_taps(x, kernel, self.stride)
     return jax.lax.conv_general_dilated(
-        x, kernel, (self.stride, self.stride), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        x,
+        kernel,
+        (self.stride, self.stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+    )
 
 
 def _is_unpadded(padding):
   return padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in padding)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
   """`lax.conv_general_dilated` for nn.Conv, with 1x1 NHWC convolutions as a strided matmul on CPU.
 
   XLA-CPU's weight gradient of a 1x1 convolution is 2-13x slower than the matmul's (e.g. 64 ->
   128 channels at 80^2, batch 8: 232 vs 149 ms of CPU time for forward + backward); the
   values are the same. Every other case goes to lax unchanged.
   """
-  plain = (jax.default_backend() == "cpu" and rhs.shape[:2] == (1, 1)
-           and tuple(dimension_numbers or ()) == ("NHWC", "HWIO", "NHWC")
-           and feature_group_count == 1 and _is_unpadded(padding)
-           and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())))
+  plain = (
+      jax.default_backend() == "cpu"
+      and rhs.shape[:2] == (1, 1)
+      and tuple(dimension_numbers or ()) == ("NHWC", "HWIO", "NHWC")
+      and feature_group_count == 1
+      and _is_unpadded(padding)
+      and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+  )
   if not plain:
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        precision=precision)
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+    )
   sh, sw = window_strides
   return jnp.einsum("bhwc,co->bhwo", lhs[:, ::sh, ::sw], rhs[0, 0], precision=precision)
 
@@ -142,8 +174,10 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 def _pool_taps(x_padded, out_h, out_w):
   """The 9 stride-2 views of a padded map, taps[i][j] (B, out_h, out_w, C)."""
-  return [[x_padded[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2] for j in range(3)]
-          for i in range(3)]
+  return [
+      [x_padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2] for j in range(3)]
+      for i in range(3)
+  ]
 
 
 def _add_stride2_taps(c0, c1, c2, axis):
@@ -194,7 +228,7 @@ def _max_pool_bwd(residuals, g):
       grads[i][j] = jnp.where(first, g, jnp.zeros_like(g))
   rows = [_add_stride2_taps(grads[0][j], grads[1][j], grads[2][j], axis=1) for j in range(3)]
   full = _add_stride2_taps(*rows, axis=2)
-  return (full[:, 1:h + 1, 1:w + 1],)
+  return (full[:, 1 : h + 1, 1 : w + 1],)
 
 
 _max_pool_tap_grad.defvjp(_max_pool_fwd, _max_pool_bwd)

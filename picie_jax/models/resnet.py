@@ -4,6 +4,7 @@ Module names are torchvision's with '.' replaced by '_' (`layer1_0/downsample_1`
 torchvision state_dict maps onto the variables by a rename plus kernel transposes (OIHW -> HWIO),
 which is `picie_jax.convert`'s job.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -32,9 +33,16 @@ _conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def _conv(features, kernel_size, stride, dtype, name):
   """Bias-free square conv with torchvision's padding (k // 2 on each side, not 'SAME')."""
   pad = kernel_size // 2
-  return Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=_conv_kernel_init, name=name)
+  return Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=_conv_kernel_init,
+      name=name,
+  )
 
 
 class ResidualBlock(nn.Module):
@@ -43,6 +51,7 @@ class ResidualBlock(nn.Module):
   A projection shortcut (`downsample_0` conv + `downsample_1` BN) is used when the stride or the
   channel count changes, as in torchvision.
   """
+
   planes: int
   stride: int
   bottleneck: bool
@@ -51,8 +60,11 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x_bhwc, train: bool):
     if self.bottleneck:
-      convs = ((self.planes, 1, 1), (self.planes, 3, self.stride),
-               (self.planes * BOTTLENECK_EXPANSION, 1, 1))
+      convs = (
+          (self.planes, 1, 1),
+          (self.planes, 3, self.stride),
+          (self.planes * BOTTLENECK_EXPANSION, 1, 1),
+      )
     else:
       convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
     y = x_bhwc
@@ -66,7 +78,8 @@ class ResidualBlock(nn.Module):
     if self.stride != 1 or x_bhwc.shape[-1] != out_channels:
       shortcut = _conv(out_channels, 1, self.stride, self.dtype, name="downsample_0")(x_bhwc)
       shortcut = BatchNorm(dtype=self.dtype, name="downsample_1")(
-          shortcut, use_running_average=not train)
+          shortcut, use_running_average=not train
+      )
     return nn.relu(y + shortcut)
 
 
@@ -76,6 +89,7 @@ class ResNet(nn.Module):
   Channels are width * (1, 2, 4, 8), times 4 for bottleneck depths (50, 101, 152); width 64 is
   torchvision's, smaller widths give cheap CPU models.
   """
+
   depth: int = 18
   width: int = 64
   dtype: Any = jnp.float32
@@ -83,8 +97,9 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images_bhwc, train: bool):
     if self.depth not in ARCHITECTURES:
-      raise ValueError(f"ResNet depth {self.depth} is not supported; use one of "
-                       f"{sorted(ARCHITECTURES)}")
+      raise ValueError(
+          f"ResNet depth {self.depth} is not supported; use one of " f"{sorted(ARCHITECTURES)}"
+      )
     bottleneck, blocks_per_stage = ARCHITECTURES[self.depth]
     x = _conv(self.width, 7, 2, self.dtype, name="conv1")(images_bhwc.astype(self.dtype))
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, use_running_average=not train))
@@ -93,8 +108,13 @@ class ResNet(nn.Module):
     for stage, num_blocks in enumerate(blocks_per_stage, start=1):
       for block in range(num_blocks):
         stride = 2 if stage > 1 and block == 0 else 1
-        x = ResidualBlock(self.width * 2**(stage - 1), stride, bottleneck, self.dtype,
-                          name=f"layer{stage}_{block}")(x, train)
+        x = ResidualBlock(
+            self.width * 2 ** (stage - 1),
+            stride,
+            bottleneck,
+            self.dtype,
+            name=f"layer{stage}_{block}",
+        )(x, train)
       features[f"res{stage + 1}"] = x
     return features
 
@@ -102,4 +122,5 @@ class ResNet(nn.Module):
 def normalize_input(images_01_bhwc):
   """(x - mean) / std per channel with the ImageNet statistics torchvision models expect."""
   return (images_01_bhwc - jnp.array(IMAGENET_MEAN, images_01_bhwc.dtype)) / jnp.array(
-      IMAGENET_STD, images_01_bhwc.dtype)
+      IMAGENET_STD, images_01_bhwc.dtype
+  )
