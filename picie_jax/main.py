@@ -1,20 +1,13 @@
-"""picie-jax: `prepare` a dataset, `train` (or resume) a run, `eval` a run's latest checkpoint,
-`segment` images with a run, `convert` an official PiCIE checkpoint into a run, `study` a config
-over seeds and sweep values.
+"""picie-jax: the command line. Parses flags and dispatches each command to the module of its job.
 
-  picie-jax train --workdir runs/demo                       # the synthetic demo (default config)
-  picie-jax prepare --config configs/coco_stuff27.py --config.dataset.manual_dir=/raw/coco \
-      --config.dataset.data_dir=/data/tfds
-  picie-jax train --config configs/coco_stuff27.py --config.dataset.data_dir=/data/tfds --workdir runs/coco
-  picie-jax eval --workdir runs/demo [--overcluster_k 64] [--config.eval.k_test=54 ...]
-  picie-jax segment --workdir runs/demo --out labelled/ photo.jpg more_photos/
-  picie-jax convert --config configs/coco_stuff27.py --workdir runs/official checkpoint.pth.tar
-  picie-jax study --seeds 1,2,3 --sweep train.lr=1e-4,1e-3 --workdir runs/lr_study [--list|--only I]
+`picie-jax --help` lists the commands; `picie-jax COMMAND --help` explains one.
 """
 
+import dataclasses
 import os
 import shlex
 import sys
+import textwrap
 import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,49 +23,176 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "synthetic.py"
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     _DEFAULT_CONFIG,
-    "Recipe file (a get_config() module); override fields with " "--config.a.b=value.",
+    "Recipe file (a get_config() module); override any field with --config.a.b=value.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and PNGs.")
 _OVERCLUSTER_K = flags.DEFINE_integer(
-    "overcluster_k", None, "eval: also score K-cluster many-to-one matching."
+    "overcluster_k", None, "Also score K-cluster many-to-one matching."
 )
-_OUT = flags.DEFINE_string("out", None, "segment: directory for the label and overlay PNGs.")
-_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "study: the seeds of every sweep point.")
+_OUT = flags.DEFINE_string("out", None, "Directory for the label and overlay PNGs.")
+_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "The seeds of every sweep point.")
 _SWEEP = flags.DEFINE_multi_string(
-    "sweep", [], "study: KEY=V1,V2,... a config field and its values; repeat for a grid."
+    "sweep", [], "KEY=V1,V2,... a config field and its values; repeat for a grid."
 )
 _ONLY = flags.DEFINE_integer(
-    "only",
-    None,
-    "study: train only the run of this index (one cluster "
-    "job each), no aggregation; see --list.",
+    "only", None, "Train only the run of this index (one cluster job each), no aggregation."
 )
 _LIST = flags.DEFINE_boolean(
-    "list",
-    False,
-    "study: print each run's index, directory, state " "and --only command, then exit.",
+    "list", False, "Print each run's index, directory, state and --only command, then exit."
 )
 _VERBOSE = flags.DEFINE_bool(
-    "verbose",
-    False,
-    "Print the traceback of errors that are the " "user's to fix (bad config, missing files) too.",
+    "verbose", False, "Print the traceback of errors that are the user's to fix too."
 )
-# command -> (min, max) number of positional arguments after it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+  """What `picie-jax NAME --help` says, and how many positional arguments NAME takes."""
+
+  summary: str
+  usage: str
+  flags: tuple[str, ...]
+  examples: tuple[str, ...]
+  min_args: int = 0
+  max_args: int | None = 0
+  details: str = ""
+
+
 _COMMANDS = {
-    "prepare": (0, 0),
-    "train": (0, 0),
-    "eval": (0, 0),
-    "segment": (1, None),
-    "convert": (1, 1),
-    "study": (0, 0),
+    "train": _Command(
+        summary="Train a run (PiCIE or a baseline, as the config says), or resume it.",
+        usage="picie-jax train [--config FILE] [--config.KEY=VALUE ...] --workdir DIR",
+        flags=("config", "workdir", "verbose"),
+        examples=(
+            "picie-jax train --workdir runs/demo",
+            "picie-jax train --config configs/coco_stuff27.py "
+            "--config.dataset.data_dir=/data/tfds --workdir runs/coco",
+        ),
+        details="Rerunning the same command resumes from the last checkpoint; a larger "
+        "--config.num_epochs continues a finished run. Writes config.json, metrics.jsonl, "
+        "vis/*.png, checkpoints/ and final.json (fresh-cluster scores) under --workdir.",
+    ),
+    "eval": _Command(
+        summary="Evaluate a run's latest checkpoint with fresh clusters; writes final.json.",
+        usage="picie-jax eval --workdir RUN [--overcluster_k K] [--config.KEY=VALUE ...]",
+        flags=("workdir", "overcluster_k", "config", "verbose"),
+        examples=(
+            "picie-jax eval --workdir runs/demo",
+            "picie-jax eval --workdir runs/demo --overcluster_k 64 --config.eval.k_test=54",
+        ),
+        details="The run's saved config is used; --config.KEY=VALUE overrides apply to it "
+        "(the recipe file itself is not read).",
+    ),
+    "segment": _Command(
+        summary="Label images (files or folders) with a run's network and clusters.",
+        usage="picie-jax segment --workdir RUN --out DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...]",
+        flags=("workdir", "out", "verbose"),
+        examples=("picie-jax segment --workdir runs/demo --out labelled/ photo.jpg photos/",),
+        min_args=1,
+        max_args=None,
+        details="Writes NAME_labels.png (cluster ids, named by the run's matching.json) and "
+        "NAME_overlay.png per image into --out.",
+    ),
+    "convert": _Command(
+        summary="Import an official PiCIE checkpoint (.pth.tar) as a new run.",
+        usage="picie-jax convert --config FILE --workdir NEW_RUN CHECKPOINT",
+        flags=("config", "workdir", "verbose"),
+        examples=(
+            "picie-jax convert --config configs/coco_stuff27.py --workdir runs/official "
+            "checkpoint.pth.tar",
+        ),
+        min_args=1,
+        max_args=1,
+        details="The checkpoint is read without torch and without unpickling code. Score the "
+        "new run with `picie-jax eval --workdir NEW_RUN`.",
+    ),
+    "study": _Command(
+        summary="Train a config over seeds and sweep values; aggregate mean and std.",
+        usage="picie-jax study [--config FILE] --workdir DIR [--seeds 1,2,3] "
+        "[--sweep KEY=V1,V2 ...] [--list | --only I]",
+        flags=("config", "workdir", "seeds", "sweep", "list", "only", "verbose"),
+        examples=(
+            "picie-jax study --seeds 1,2,3 --sweep train.lr=1e-4,1e-3 --workdir runs/lr_study",
+            "picie-jax study --sweep train.lr=1e-4,1e-3 --workdir runs/lr_study --list",
+        ),
+        details="Writes study.md, study.json and study.png under --workdir. --list prints one "
+        "--only command per run, for cluster jobs; a plain rerun aggregates.",
+    ),
+    "prepare": _Command(
+        summary="Build a TFDS dataset from the user's local files (no download).",
+        usage="picie-jax prepare --config FILE [--config.dataset.KEY=VALUE ...]",
+        flags=("config", "verbose"),
+        examples=(
+            "picie-jax prepare --config configs/coco_stuff27.py "
+            "--config.dataset.manual_dir=/raw/coco --config.dataset.data_dir=/data/tfds",
+        ),
+    ),
 }
-_USAGE = (
-    f"usage: picie-jax {{{'|'.join(_COMMANDS)}}} [--workdir DIR] [flags]; "
-    "segment --workdir RUN --out DIR IMAGES_OR_DIRS...; "
-    "convert --config CFG --workdir NEW_RUN checkpoint.pth.tar; "
-    "study --config CFG --seeds 1,2,3 [--sweep KEY=V1,V2 ...] --workdir DIR"
-)
+_HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull")
+
+
+# The placeholder each flag's value has in --help.
+_METAVARS = {
+    "workdir": "DIR",
+    "out": "DIR",
+    "overcluster_k": "K",
+    "seeds": "S1,S2,...",
+    "sweep": "KEY=V1,V2",
+    "only": "I",
+    "list": "",
+    "verbose": "",
+}
+
+
+def _flag_lines(names):
+  """Two-column lines `--flag VALUE  what it does (default)` for `names`."""
+  rows = []
+  for name in names:
+    flag = flags.FLAGS[name]
+    if name == "config":
+      default = os.path.relpath(_DEFAULT_CONFIG, os.path.dirname(os.path.dirname(_DEFAULT_CONFIG)))
+      rows.append(("--config FILE", f"{flag.help} Default: {default}."))
+      rows.append(("--config.KEY=VALUE", "Override one field of the config (repeatable)."))
+      continue
+    text = flag.help.split(";\n")[0]  # absl appends a note to multi-flags
+    if flag.default:
+      text += f" Default: {flag.default_as_str.strip(chr(39))}."
+    rows.append((f"--{name} {_METAVARS[name]}".rstrip(), text))
+  indent = " " * 26
+  return [
+      textwrap.fill(text, 100, initial_indent=f"  {spelled:<22}  ", subsequent_indent=indent)
+      for spelled, text in rows
+  ]
+
+
+def command_help(name):
+  """The text of `picie-jax NAME --help`."""
+  command = _COMMANDS[name]
+  parts = [f"usage: {command.usage}", "", command.summary]
+  if command.details:
+    parts += ["", textwrap.fill(command.details, 100)]
+  parts += ["", "flags:", *_flag_lines(command.flags), "", "examples:"]
+  parts += [f"  {example}" for example in command.examples]
+  return "\n".join(parts)
+
+
+def general_help():
+  """The text of `picie-jax --help`."""
+  width = max(map(len, _COMMANDS))
+  lines = ["usage: picie-jax COMMAND [flags]", "", "PiCIE unsupervised segmentation in JAX.", ""]
+  lines.append("commands:")
+  lines += [f"  {name:<{width}}  {c.summary}" for name, c in _COMMANDS.items()]
+  lines += ["", "`picie-jax COMMAND --help` explains a command, its flags and an example."]
+  return "\n".join(lines)
+
+
+def _usage_error(message, command=None):
+  """Prints the message and where to read more, and exits 2 (a usage error)."""
+  usage = _COMMANDS[command].usage if command else "picie-jax COMMAND [flags]"
+  more = f"picie-jax {command} --help" if command else "picie-jax --help"
+  print(f"picie-jax: {message}\nusage: {usage}\n(see `{more}`)", file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 _PACKAGE_DIRS = tuple(
@@ -116,12 +236,19 @@ def main(argv):
 
 
 def _run_command(argv):
-  if len(argv) < 2 or argv[1] not in _COMMANDS:
-    raise app.UsageError(_USAGE)
+  if len(argv) < 2:
+    _usage_error("no command given")
   command, positional = argv[1], argv[2:]
-  low, high = _COMMANDS[command]
-  if len(positional) < low or (high is not None and len(positional) > high):
-    raise app.UsageError(_USAGE)
+  if command not in _COMMANDS:
+    _usage_error(f"unknown command {command!r}; the commands are: {', '.join(_COMMANDS)}")
+  spec = _COMMANDS[command]
+  if len(positional) < spec.min_args or (
+      spec.max_args is not None and len(positional) > spec.max_args
+  ):
+    _usage_error(f"{command} takes {_arity(spec)}, got {len(positional)}", command)
+  unread = [f"--{name}" for name in _flags_given() if name not in spec.flags]
+  if unread:
+    _usage_error(f"{command} does not read {', '.join(unread)}", command)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], "GPU")  # leave accelerator memory to JAX
@@ -131,9 +258,9 @@ def _run_command(argv):
     print(f"prepared {_CONFIG.value.dataset.name} in {datasets.prepare(_CONFIG.value)}")
     return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    _usage_error(f"{command} needs --workdir DIR", command)
   if command == "segment" and not _OUT.value:
-    raise app.UsageError("segment needs --out DIR")
+    _usage_error("segment needs --out DIR", command)
   import jax  # pylint: disable=g-import-not-at-top
 
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -186,7 +313,36 @@ def _eval_overrides():
   return overrides
 
 
+def _flags_given():
+  """The names of this module's flags set on the command line (`config` for --config.KEY=V)."""
+  given = [name for name in _METAVARS if flags.FLAGS[name].present]
+  if flags.FLAGS["config"].present or config_flags.get_override_values(flags.FLAGS["config"]):
+    given.append("config")
+  return given
+
+
+def _arity(spec):
+  if spec.max_args is None:
+    return f"at least {spec.min_args} positional argument(s)"
+  return f"{spec.max_args} positional argument(s)"
+
+
+def _help_requested(argv):
+  """The help text asked for by argv (`--help`, `-h`, `help [COMMAND]`), or None."""
+  args = argv[1:]
+  if args[:1] == ["help"]:
+    args = [*args[1:], "--help"]
+  if not any(arg in _HELP_FLAGS for arg in args):
+    return None
+  named = [arg for arg in args if arg in _COMMANDS]
+  return command_help(named[0]) if named else general_help()
+
+
 def run():
+  text = _help_requested(sys.argv)
+  if text is not None:
+    print(text)
+    sys.exit(0)
   app.run(main)
 
 
