@@ -1,15 +1,19 @@
 """IIC's segmentation loss against a float64 loop over displacements, a PyTorch restatement of
-the published IID_segmentation_loss(_uncollapsed), and known mutual-information values."""
+the published IID_segmentation_loss(_uncollapsed), and known mutual-information values; its
+heads against numpy, and IIC-res12 against the full ResNet-18."""
 
 import math
 import sys
 
+import flax.traverse_util
 import jax
 import numpy as np
 import pytest
 import torch
 
 from picie_jax.core import iic
+from picie_jax.models import iic_heads
+from picie_jax.models import resnet
 
 EPS = sys.float_info.epsilon
 
@@ -200,3 +204,57 @@ def test_loss_is_jittable_with_static_window():
       rtol=1e-6,
       atol=1e-7,
   )
+
+
+def test_heads_are_bias_free_1x1_softmaxes_of_the_features():
+  features = np.random.default_rng(40).normal(size=(2, 3, 4, 16)).astype(np.float32)
+  heads = iic_heads.IICHeads(num_classes=5, num_overcluster=9)
+  variables = heads.init(jax.random.key(0), features)
+  assert jax.tree.map(np.shape, variables["params"]) == {
+      "main": {"kernel": (1, 1, 16, 5)},
+      "overcluster": {"kernel": (1, 1, 16, 9)},
+  }
+  probs = heads.apply(variables, features)
+  for name, k in (("main", 5), ("overcluster", 9)):
+    logits = features.astype(np.float64) @ np.asarray(variables["params"][name]["kernel"][0, 0])
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    assert probs[name].shape == (2, 3, 4, k) and probs[name].dtype == np.float32
+    np.testing.assert_allclose(np.asarray(probs[name]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_init_as_iic_kaiming_normal_fan_in():
+  heads = iic_heads.IICHeads(num_classes=27)
+  kernels = heads.init(jax.random.key(1), np.zeros((1, 1, 1, 256), np.float32))["params"]
+  assert kernels["overcluster"]["kernel"].shape[-1] == iic_heads.OVERCLUSTER_K == 45
+  values = np.concatenate([np.ravel(k["kernel"]) for k in kernels.values()])  # 18,432 draws
+  np.testing.assert_allclose(values.std(), math.sqrt(2.0 / 256), rtol=0.03)
+  assert abs(values.mean()) < 3 * math.sqrt(2.0 / 256 / values.size)
+
+
+def test_res12_is_resnet18_stopped_after_layer2():
+  """IIC-res12's features are the full ResNet-18's res3 (stride 8) with the same variables,
+  whose names are a subset of ResNet-18's (so ImageNet weights load by skipping layer3/4)."""
+  images = np.random.default_rng(50).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  res12 = resnet.TruncatedResNetNet("resnet18_res12", width=8)
+  variables = res12.init(jax.random.key(2), images, train=False)
+  full = resnet.ResNet(depth=18, width=8)
+  full_variables = full.init(jax.random.key(3), images, train=False)
+  flat_res12 = flax.traverse_util.flatten_dict(variables)
+  flat_full = flax.traverse_util.flatten_dict(full_variables)
+  kept = {(c, *path) for c, _, *path in flat_res12}
+  assert kept == {
+      p for p in flat_full if p[1] in ("conv1", "bn1") or p[1].startswith(("layer1", "layer2"))
+  }
+  for (collection, _, *path), value in flat_res12.items():
+    flat_full[(collection, *path)] = value
+  full_variables = flax.traverse_util.unflatten_dict(flat_full)
+  for train in (False, True):
+    out, updates = res12.apply(variables, images, train=train, mutable=["batch_stats"])
+    expected, _ = full.apply(
+        full_variables, resnet.normalize_input(images), train=train, mutable=["batch_stats"]
+    )
+    assert out.shape == (2, 8, 8, 16) and out.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected["res3"]), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="model.backbone='resnet18'"):
+    resnet.TruncatedResNetNet("resnet18").init(jax.random.key(0), images, train=False)
