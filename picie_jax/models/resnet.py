@@ -23,6 +23,9 @@ ARCHITECTURES = {
     152: (True, (3, 8, 36, 3)),
 }
 BOTTLENECK_EXPANSION = 4
+# Backbones that stop after a few stages and take no FPN: name -> (depth, stages kept). PiCIE's
+# IIC-res12 (§4.2): ResNet-18's stem, layer1 and layer2, features res3 at stride 8.
+TRUNCATED = {"resnet18_res12": (18, 2)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -87,12 +90,14 @@ class ResNet(nn.Module):
   """torchvision ResNet without the head: dict of res2..res5 at strides 4, 8, 16, 32.
 
   Channels are width * (1, 2, 4, 8), times 4 for bottleneck depths (50, 101, 152); width 64 is
-  torchvision's, smaller widths give cheap CPU models.
+  torchvision's, smaller widths give cheap CPU models. `num_stages` < 4 stops early (res2 up
+  to res{num_stages + 1}), with torchvision's names for the stages it keeps.
   """
 
   depth: int = 18
   width: int = 64
   dtype: Any = jnp.float32
+  num_stages: int = 4
 
   @nn.compact
   def __call__(self, images_bhwc, train: bool):
@@ -105,7 +110,7 @@ class ResNet(nn.Module):
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, use_running_average=not train))
     x = max_pool_3x3_s2(x)
     features = {}
-    for stage, num_blocks in enumerate(blocks_per_stage, start=1):
+    for stage, num_blocks in enumerate(blocks_per_stage[: self.num_stages], start=1):
       for block in range(num_blocks):
         stride = 2 if stage > 1 and block == 0 else 1
         x = ResidualBlock(
@@ -124,3 +129,29 @@ def normalize_input(images_01_bhwc):
   return (images_01_bhwc - jnp.array(IMAGENET_MEAN, images_01_bhwc.dtype)) / jnp.array(
       IMAGENET_STD, images_01_bhwc.dtype
   )
+
+
+class TruncatedResNetNet(nn.Module):
+  """f_theta of a `TRUNCATED` backbone without FPN (IIC-res12): images in [0, 1] -> the last
+  kept stage's float32 features, e.g. res3 (128 * width / 64 channels, stride 8).
+
+  The ResNet sits under the name `backbone`, as in PiCIENet, so ImageNet weights load the same
+  way (the state_dict's dropped stages skipped).
+  """
+
+  backbone_name: str = "resnet18_res12"
+  width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images_01_bhwc, train: bool):
+    if self.backbone_name not in TRUNCATED:
+      raise ValueError(
+          f"model.backbone={self.backbone_name!r} is not a truncated ResNet; use one of "
+          f"{', '.join(TRUNCATED)}"
+      )
+    depth, num_stages = TRUNCATED[self.backbone_name]
+    features = ResNet(depth, self.width, self.dtype, num_stages, name="backbone")(
+        normalize_input(images_01_bhwc), train
+    )
+    return features[f"res{num_stages + 1}"].astype(jnp.float32)
