@@ -16,8 +16,8 @@ import optax
 from benchmarks import timing
 from picie_jax import config_check
 from picie_jax import parallel
+from picie_jax import rundir
 from picie_jax import steps
-from picie_jax import train
 from picie_jax.core import kmeans
 
 # Where these shapes come from: the COCO recipe (configs/coco_stuff27.py) at CPU batch sizes,
@@ -103,9 +103,9 @@ class JaxSteps:
 
   def __init__(self, config, seed=0):
     self.config = config
-    self.run = run = train.Run(without_dataset(config), workdir="")
+    self.run = run = rundir.Run(without_dataset(config), workdir="")
     rng = np.random.default_rng(seed)
-    self.state, targets = train.initial_state(run, pretrained=False)
+    self.state, targets = rundir.initial_state(run)
     self.targets = random_targets(run, targets, rng)
     self.classifier = parallel.replicate(
         steps.classifier_from_centroids(self.targets.centroids[0], config.kmeans.metric), run.mesh

@@ -1,14 +1,19 @@
 """Evaluation (DESIGN §1): confusion histogram over the validation split, cluster matching,
-Acc / mIoU (thing/stuff where the dataset defines them), fresh clusters and overclustering."""
+Acc / mIoU (thing/stuff where the dataset defines them), fresh clusters and overclustering;
+and `picie-jax eval`, which scores a finished run's latest checkpoint again."""
 
+import json
 import os
+import tempfile
 
 import jax
 import numpy as np
 
 from picie_jax import clustering
+from picie_jax import config_check
 from picie_jax import parallel
 from picie_jax import reporting
+from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import visualize
 from picie_jax.core import metrics
@@ -189,4 +194,125 @@ def final_evaluation(
         "kmeans_online_loss": stats["online_loss"],
         **scores,
     }
+  return results
+
+
+def eval_classifier(run, state, targets):
+  """View 1's classifier: the centroids (non-parametric) or the learned 1x1 conv (MDC)."""
+  if run.method.parametric:
+    return state.classifier[0]
+  return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
+
+
+# Fields `eval` may change: where the data is read, how it is checked, what is scored and
+# shown. Anything else would score another model than the run trained.
+EVAL_OVERRIDABLE = (
+    "dataset.root",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "dataset.scan_label_values",
+    "dataset.on_bad_file",
+    "eval.batch_size",
+    "eval.k_test",
+    "eval.overcluster_k",
+    "eval.num_vis",
+    "progress",
+    # the fresh clusters' k-means and its init buffer's memory
+    "kmeans.batch_size",
+    "kmeans.num_init_batches",
+    "kmeans.init_pixels_per_image",
+    "kmeans.buffer_dtype",
+)
+
+
+def apply_eval_overrides(config, overrides):
+  """Sets the {dotted key: value} `overrides` on a run's saved config; returns one line per
+  changed field ('config.k: old -> new'). A changed field outside EVAL_OVERRIDABLE is an error
+  naming it (an unchanged one is accepted: it is what the run used)."""
+  saved = rundir.flatten(json.loads(config.to_json_best_effort()))
+  changed = {k: v for k, v in overrides.items() if saved.get(k) != v}
+  refused = [k for k in changed if k not in EVAL_OVERRIDABLE]
+  if refused:
+    raise ValueError(
+        "; ".join(
+            f"config.{k} cannot be changed at eval ({saved.get(k)!r} -> {changed[k]!r}): it "
+            "changes the model or the run being scored"
+            for k in refused
+        )
+        + ". eval may change only "
+        + ", ".join(f"config.{k}" for k in EVAL_OVERRIDABLE)
+    )
+  config.update_from_flattened_dict(changed)
+  return [f"config.{k}: {saved.get(k)!r} -> {v!r}" for k, v in changed.items()]
+
+
+def _require_writable(workdir, out_dir, files):
+  """Fails before any computing when eval could not write its results."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    for directory in (workdir, out_dir):
+      with tempfile.TemporaryFile(dir=directory):
+        pass
+  except OSError as e:
+    raise PermissionError(
+        f"cannot write the evaluation's results under {workdir} ({e}): make it writable"
+    ) from None
+  for path in files:
+    if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.W_OK)):
+      raise PermissionError(f"{path} is not a writable file: remove it or make it writable")
+
+
+def evaluate_workdir(workdir, overrides=None):
+  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
+  optionally overclustering; writes `eval.json` and PNGs under workdir/eval.
+
+  `overrides` ({dotted key: value}, e.g. {'eval.k_test': 54}) change the saved config where
+  that does not change the model (EVAL_OVERRIDABLE); each change is reported in one line.
+  """
+  config = rundir.saved_config(workdir)
+  for line in apply_eval_overrides(config, overrides or {}):
+    reporting.say(f"eval overrides {line}")
+  config_check.validate(config)
+  out_dir = os.path.join(workdir, "eval")
+  _require_writable(
+      workdir,
+      out_dir,
+      [os.path.join(workdir, name) for name in ("eval.json", rundir.MATCHING_FILE)],
+  )
+  run = rundir.Run(config, workdir)
+  if run.val_source is None:
+    raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
+  state, targets, meta = rundir.restore_latest(run)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  results = {}
+  if config.method != "pixel_kmeans" and meta["epoch"] > 0:
+    scores, _ = evaluate(
+        run.model,
+        variables,
+        eval_classifier(run, state, targets),
+        run.val_source,
+        config,
+        run.mesh,
+        run.method,
+        vis_prefix=os.path.join(out_dir, "epoch_clusters"),
+        progress=config.progress,
+    )
+    rundir.write_matching(workdir, rundir.centroids_epoch(meta), scores, run.val_source)
+    results["epoch_clusters"] = {"k": run.k, **scores}
+  results.update(
+      final_evaluation(
+          run.model,
+          variables,
+          run.train_source,
+          run.val_source,
+          config,
+          run.mesh,
+          run.method,
+          run.keys[rundir.FRESH_STREAM],
+          out_dir,
+          progress=config.progress,
+      )
+  )
+  results.update(run.bad_files())
+  reporting.write_json(os.path.join(workdir, "eval.json"), results)
   return results

@@ -20,8 +20,9 @@ import numpy as np
 import optax
 
 from configs import synthetic as synthetic_config
+from picie_jax import convert
+from picie_jax import rundir
 from picie_jax import steps
-from picie_jax import train
 from picie_jax.core import losses
 from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
@@ -72,8 +73,10 @@ def main():
   parser.add_argument("--num-images", type=int, default=768)
   args = parser.parse_args()
   config = synthetic_config.get_config()
-  run = train.Run(config, "/unused")
-  state, _ = train.initial_state(run)
+  run = rundir.Run(config, "/unused")
+  state, _ = rundir.initial_state(
+      run, convert.initial_variables(rundir.random_variables(run), config.model)
+  )
   images, labels = synthetic.generate_split(3000, 0, args.num_images, config.dataset.synthetic_size)
   head = jnp.zeros((synthetic.NUM_CLASSES, config.model.fpn_channels + 1))
   params = (state.params, head)

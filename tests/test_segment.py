@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from picie_jax import evaluate
+from picie_jax import rundir
 from picie_jax import segment
 from picie_jax import steps
 from picie_jax import train
@@ -41,8 +42,8 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def restored(run_dir):
   """(run, state, targets, meta) of the run's latest checkpoint, restored for the checks."""
-  run = train.Run(train.saved_config(run_dir), str(run_dir))
-  return (run, *train.restore_latest(run))
+  run = rundir.Run(rundir.saved_config(run_dir), str(run_dir))
+  return (run, *rundir.restore_latest(run))
 
 
 def _photo(path, height, width, seed, mode="RGB"):
@@ -181,11 +182,11 @@ def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, 
   assert matching["epoch"] == 0 and matching["k"] == K
   assert matching["class_names"] == list(synthetic.CLASS_NAMES)
   run, state, targets, meta = restored
-  assert train.centroids_epoch(meta) == 0
+  assert rundir.centroids_epoch(meta) == 0
   _, hist = evaluate.evaluate(
       run.model,
       {"params": state.params, "batch_stats": state.batch_stats},
-      train.eval_classifier(run, state, targets),
+      evaluate.eval_classifier(run, state, targets),
       run.val_source,
       run.config,
       run.mesh,

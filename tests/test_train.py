@@ -21,6 +21,7 @@ from picie_jax import checkpoint
 from picie_jax import clustering
 from picie_jax import config_check
 from picie_jax import evaluate
+from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import train
 from picie_jax.core import kmeans as km
@@ -98,8 +99,8 @@ def phases():
 
   config = synthetic.get_config()
   config.update_from_flattened_dict(TINY_OVERRIDES)
-  run = train.Run(config, "/tmp/unused")
-  state, _ = train.initial_state(run)
+  run = rundir.Run(config, "/tmp/unused")
+  state, _ = train.fresh_state(run)
   start = jax.tree.map(jnp.copy, state)
   clustered = train.cluster_phase(run, state, epoch=0)
   labelled = train.label_phase(run, clustered[0], clustered[1], epoch=0)
@@ -141,7 +142,7 @@ def _two_pass_cluster_reference(run, state, epoch):
         num_init_batches=cfg.kmeans.num_init_batches,
         iters=cfg.kmeans.iters,
         init=cfg.kmeans.init,
-        keys=[jax.random.fold_in(jax.random.fold_in(run.keys[train._KMEANS_STREAM], epoch), view)],
+        keys=[jax.random.fold_in(jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch), view)],
         mesh=run.mesh,
         chunk_size=cfg.kmeans.chunk_size,
     )
@@ -475,8 +476,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
   ckpts = tmp_path / "checkpoints"
   latest = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
   _corrupt(ckpts / str(latest))
-  run = train.Run(tiny_config, str(tmp_path))
-  state, targets = train.initial_state(run)
+  run = rundir.Run(tiny_config, str(tmp_path))
+  state, targets = rundir.initial_state(run)
   restored = checkpoint.Checkpointer(str(ckpts)).restore_latest(
       {"state": state, "targets": targets}
   )
@@ -516,8 +517,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
 
 
 def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_path):
-  run = train.Run(tiny_config, str(tmp_path))
-  state, _ = train.initial_state(run)
+  run = rundir.Run(tiny_config, str(tmp_path))
+  state, _ = train.fresh_state(run)
   variables = {
       "params": jax.tree.map(lambda x: x + 1.0, state.params),
       "batch_stats": state.batch_stats,
@@ -526,12 +527,12 @@ def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_pa
   path.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(variables)))
   tiny_config.model.init = "checkpoint"
   tiny_config.model.init_checkpoint = str(path)
-  loaded, _ = train.initial_state(train.Run(tiny_config, str(tmp_path)))
+  loaded, _ = train.fresh_state(rundir.Run(tiny_config, str(tmp_path)))
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):
     np.testing.assert_array_equal(a, b)
   tiny_config.model.fpn_channels = 8
   with pytest.raises(ValueError, match="init_checkpoint.*does not fit config.model"):
-    train.initial_state(train.Run(tiny_config, str(tmp_path)))
+    train.fresh_state(rundir.Run(tiny_config, str(tmp_path)))
 
 
 def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
