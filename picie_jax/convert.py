@@ -301,7 +301,7 @@ def import_official_checkpoint(config, path, workdir):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(
       parallel.replicate({"state": state, "targets": targets}, run.mesh),
-      {"epoch": official["epoch"], "next_batch": None, "imported_from": os.path.abspath(path)},
+      rundir.CheckpointMeta(epoch=official["epoch"], imported_from=os.path.abspath(path)).to_json(),
   )
   ckpt.close()
   return config

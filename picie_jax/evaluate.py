@@ -285,7 +285,7 @@ def evaluate_workdir(workdir, overrides=None):
   state, targets, meta = rundir.restore_latest(run)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   results = {}
-  if config.method != "pixel_kmeans" and meta["epoch"] > 0:
+  if config.method != "pixel_kmeans" and meta.epoch > 0:
     scores, _ = evaluate(
         run.model,
         variables,
@@ -297,7 +297,7 @@ def evaluate_workdir(workdir, overrides=None):
         vis_prefix=os.path.join(out_dir, "epoch_clusters"),
         progress=config.progress,
     )
-    rundir.write_matching(workdir, rundir.centroids_epoch(meta), scores, run.val_source)
+    rundir.write_matching(workdir, meta.centroids_epoch, scores, run.val_source)
     results["epoch_clusters"] = {"k": run.k, **scores}
   results.update(
       final_evaluation(

@@ -5,6 +5,7 @@ Training (train.py), evaluation of a finished run (evaluate.py), the official-ch
 (convert.py) and `segment` share these, so none of them imports another's job.
 """
 
+import dataclasses
 import json
 import os
 
@@ -24,6 +25,96 @@ from picie_jax.data import pipeline
 from picie_jax.models import fpn
 
 MATCHING_FILE = "matching.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterStats:
+  """What an epoch's cluster and label phases measured, kept for its metrics row."""
+
+  init_buffer_bytes: int  # the k-means init buffers' size, all views
+  init_loss: tuple  # per view: the k-means init's loss on its buffer
+  online_loss: tuple  # per view: the mean squared distance over the pass
+  label_counts: list  # (V, K) pixels per cluster in the label pass
+
+  @classmethod
+  def of(cls, view_stats, label_counts):
+    """From clustering.minibatch_kmeans' per-view stats and the label pass's (V, K) counts."""
+    return cls(
+        init_buffer_bytes=sum(s["init_buffer_bytes"] for s in view_stats),
+        init_loss=tuple(s["init_loss"] for s in view_stats),
+        online_loss=tuple(s["online_loss"] for s in view_stats),
+        label_counts=label_counts.tolist(),
+    )
+
+  def record(self):
+    """The metrics row's fields: kmeans_init_buffer_bytes, kmeans_{init,online}_loss_view<v>."""
+    record = {"kmeans_init_buffer_bytes": self.init_buffer_bytes}
+    for view, (init, online) in enumerate(zip(self.init_loss, self.online_loss)):
+      record.update(
+          {f"kmeans_init_loss_view{view + 1}": init, f"kmeans_online_loss_view{view + 1}": online}
+      )
+    return record
+
+  def to_json(self):
+    return {**self.record(), "label_counts": self.label_counts}
+
+  @classmethod
+  def from_json(cls, tree):
+    views = range(1, len(tree["label_counts"]) + 1)
+    return cls(
+        init_buffer_bytes=tree["kmeans_init_buffer_bytes"],
+        init_loss=tuple(tree[f"kmeans_init_loss_view{v}"] for v in views),
+        online_loss=tuple(tree[f"kmeans_online_loss_view{v}"] for v in views),
+        label_counts=tree["label_counts"],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+  """A checkpoint's place in the run (the JSON saved beside its arrays).
+
+  Inside an epoch (`next_batch` set): the train batch to resume at, the epoch's summed losses
+  so far and its cluster statistics. At an epoch boundary (`next_batch` None): `epoch` counts
+  the finished epochs, with the last one's metrics row before its evaluation, or the file a
+  converted run came from.
+  """
+
+  epoch: int
+  next_batch: int | None = None
+  loss_sums: dict = dataclasses.field(default_factory=dict)  # loss name -> sum, and 'batches'
+  cluster_stats: ClusterStats | None = None
+  record: dict | None = None
+  imported_from: str | None = None
+
+  @property
+  def centroids_epoch(self):
+    """The epoch whose centroids the checkpoint holds."""
+    return self.epoch - 1 if self.next_batch is None else self.epoch
+
+  def to_json(self):
+    """The JSON form; fields left unset are left out."""
+    tree = {"epoch": self.epoch, "next_batch": self.next_batch}
+    if self.next_batch is not None:
+      tree["loss_sums"] = self.loss_sums
+    if self.cluster_stats is not None:
+      tree["cluster_stats"] = self.cluster_stats.to_json()
+    for name in ("record", "imported_from"):
+      if getattr(self, name) is not None:
+        tree[name] = getattr(self, name)
+    return tree
+
+  @classmethod
+  def from_json(cls, tree):
+    stats = tree.get("cluster_stats")
+    return cls(
+        epoch=tree["epoch"],
+        next_batch=tree.get("next_batch"),
+        loss_sums=dict(tree.get("loss_sums", {})),
+        cluster_stats=None if stats is None else ClusterStats.from_json(stats),
+        record=tree.get("record"),
+        imported_from=tree.get("imported_from"),
+    )
+
 
 # Independent random streams derived from the seed.
 AUGMENT_STREAM, KMEANS_STREAM, INIT_STREAM, CLASSIFIER_STREAM, FRESH_STREAM = range(5)
@@ -156,12 +247,7 @@ def restore_latest(run):
         f"(picie-jax train --workdir {run.workdir})"
     )
   tree, meta = restored
-  return tree["state"], tree["targets"], meta
-
-
-def centroids_epoch(meta):
-  """The epoch whose centroids a checkpoint holds (its meta counts finished epochs at the end)."""
-  return meta["epoch"] - 1 if meta.get("next_batch") is None else meta["epoch"]
+  return tree["state"], tree["targets"], CheckpointMeta.from_json(meta)
 
 
 def write_matching(workdir, epoch, scores, source):
@@ -229,7 +315,8 @@ def resume_point(run, ckpt):
   `ckpt` (one exists); refuses a checkpoint further on than config.num_epochs."""
   state, targets = initial_state(run)
   tree, meta = ckpt.restore_latest({"state": state, "targets": targets})
-  start_epoch, start_batch = meta["epoch"], meta.get("next_batch")
+  meta = CheckpointMeta.from_json(meta)
+  start_epoch, start_batch = meta.epoch, meta.next_batch
   started = start_epoch + (start_batch is not None)
   if started > run.config.num_epochs:
     raise ValueError(

@@ -144,7 +144,7 @@ def _restore_classifier(workdir):
   run = rundir.Run(config, workdir, load_data=False)
   state, targets, meta = rundir.restore_latest(run)
   classifier = evaluate.eval_classifier(run, state, targets)
-  epoch = rundir.centroids_epoch(meta)
+  epoch = meta.centroids_epoch
   matching = load_matching(workdir)
   if matching is not None and matching["epoch"] != epoch:
     reporting.say(

@@ -8,6 +8,7 @@ under stop_gradient. Both call `steps.labels_for_batch`, so the weights describe
 labels the loss sees. Labels are not checkpointed: a resume recomputes them.
 """
 
+import dataclasses
 import math
 import os
 
@@ -39,7 +40,7 @@ def fresh_state(run):
 
 def cluster_phase(run, state, epoch):
   """Mini-batch k-means of every view from one pass of train-mode features; returns
-  (state, centroids (V, K, C), stats).
+  (state, centroids (V, K, C), per-view k-means stats).
 
   The reference runs one pass per view under model.train(), so the BN running averages move
   through view 1's batches, then view 2's. Train-mode features do not depend on the running
@@ -57,30 +58,15 @@ def cluster_phase(run, state, epoch):
       channels=3 if run.method.pixels else cfg.model.fpn_channels,
       say=reporting.say,
   )
-  chains = [state.batch_stats] + [
-      jax.tree.map(jnp.zeros_like, state.batch_stats) for _ in range(run.num_views - 1)
-  ]
   kmeans_key = jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch)
   bar = run.progress(f"epoch {epoch} cluster", run.train_source.num_examples, cfg.kmeans.batch_size)
-
-  def features_fn(batch, for_init):
-    nonlocal chains
-    preemption.stop_if_requested("cluster", epoch)
-    views, chains = steps.cluster_features(
-        run.model, state.params, chains, batch, epoch, run.augment_key, method=run.method
-    )
-    if for_init:
-      views = clustering.init_subset(
-          views, batch["index"], kmeans_key, cfg.kmeans.init_pixels_per_image
-      )
-    return views
-
+  features = _ClusterFeatures(run, state, epoch, kmeans_key)
   centroids, view_stats = clustering.minibatch_kmeans(
       parallel.prefetch_to_device(
           pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
           run.mesh,
       ),
-      features_fn,
+      features,
       k=run.k,
       num_init_batches=cfg.kmeans.num_init_batches,
       iters=cfg.kmeans.iters,
@@ -92,26 +78,41 @@ def cluster_phase(run, state, epoch):
       progress=bar,
   )
   bar.close()
-  batch_stats = chains[0]
+  batch_stats, *chains = features.chains
   if not run.method.pixels:
     decays = layers.running_average_decays(
         run.model,
         {"params": state.params, "batch_stats": batch_stats},
         jnp.zeros((1, cfg.res1, cfg.res1, 3)),
     )
-    for chain in chains[1:]:
+    for chain in chains:
       batch_stats = jax.tree.map(
           lambda m, first, then: m**num_batches * first + then, decays, batch_stats, chain
       )
-  stats = {"kmeans_init_buffer_bytes": sum(s["init_buffer_bytes"] for s in view_stats)}
-  for view, s in enumerate(view_stats):
-    stats.update(
-        {
-            f"kmeans_init_loss_view{view + 1}": s["init_loss"],
-            f"kmeans_online_loss_view{view + 1}": s["online_loss"],
-        }
+  return state.replace(batch_stats=batch_stats), centroids, view_stats
+
+
+class _ClusterFeatures:
+  """The cluster pass's feature function for minibatch_kmeans: each batch's views (subsampled
+  for the init buffer), moving each view's chain of BN running averages along (`chains`)."""
+
+  def __init__(self, run, state, epoch, kmeans_key):
+    self.run, self.params, self.epoch, self.kmeans_key = run, state.params, epoch, kmeans_key
+    self.chains = [state.batch_stats] + [
+        jax.tree.map(jnp.zeros_like, state.batch_stats) for _ in range(run.num_views - 1)
+    ]
+
+  def __call__(self, batch, for_init):
+    run = self.run
+    preemption.stop_if_requested("cluster", self.epoch)
+    views, self.chains = steps.cluster_features(
+        run.model, self.params, self.chains, batch, self.epoch, run.augment_key, method=run.method
     )
-  return state.replace(batch_stats=batch_stats), centroids, stats
+    if for_init:
+      views = clustering.init_subset(
+          views, batch["index"], self.kmeans_key, run.config.kmeans.init_pixels_per_image
+      )
+    return views
 
 
 def label_pass(run, targets, epoch):
@@ -219,13 +220,31 @@ def _check_finite(step_losses, first_step, epoch, first_batch, ckpt):
       )
 
 
+def _fetch_losses(pending, first_step, epoch, last_batch, ckpt):
+  """The losses of the steps not yet fetched (`pending`, first_step on) as floats, checked."""
+  step_losses = [{k: float(v) for k, v in out.items()} for out in jax.device_get(pending)]
+  _check_finite(step_losses, first_step, epoch, last_batch - len(pending) + 1, ckpt)
+  return step_losses
+
+
+def _add_losses(sums, step_losses):
+  """`sums` (loss name -> sum, and 'batches') with `step_losses` added."""
+  sums = dict(sums)
+  for out in step_losses:
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + v
+  sums["batches"] = sums.get("batches", 0) + len(step_losses)
+  return sums
+
+
 @jax.jit
 def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_phase(run, state, targets, labels, epoch, start_batch, sums, ckpt, meta):
-  """Trains one epoch from batch `start_batch`; checkpoints every checkpoint_every_steps.
+def train_phase(run, state, targets, labels, epoch, ckpt, meta):
+  """Trains one epoch from batch `meta.next_batch`, adding the losses to `meta.loss_sums`;
+  checkpoints every checkpoint_every_steps. Returns (state, loss sums, images/s).
 
   `labels` is the label phase's cache (num_examples, V, h, w), fed with each batch, or None
   (config.train.labels='recompute': the train step recomputes them). The step loop stays
@@ -233,6 +252,7 @@ def train_phase(run, state, targets, labels, epoch, start_batch, sums, ckpt, met
   they are checked (a checkpoint never holds non-finite losses or params).
   """
   cfg = run.config
+  start_batch, sums = meta.next_batch, meta.loss_sums
   total = pipeline.num_batches(run.train_source.num_examples, cfg.train.batch_size)
   bar = run.progress(
       f"epoch {epoch} train",
@@ -251,20 +271,7 @@ def train_phase(run, state, targets, labels, epoch, start_batch, sums, ckpt, met
   )
   if labels is not None:
     batches = ({**b, "labels": labels[b["index"]]} for b in batches)
-  pending, first_step = [], int(state.step) + 1
-
-  def fetch(batch_index):
-    nonlocal pending, first_step
-    step_losses = [{k: float(v) for k, v in out.items()} for out in jax.device_get(pending)]
-    _check_finite(step_losses, first_step, epoch, batch_index - len(pending) + 1, ckpt)
-    for out in step_losses:
-      for k, v in out.items():
-        sums[k] = sums.get(k, 0.0) + v
-    sums["batches"] = sums.get("batches", 0) + len(step_losses)
-    bar.update(len(step_losses), loss=step_losses[-1]["total"])
-    first_step += len(step_losses)
-    pending = []
-
+  pending, first_step = [], int(state.step) + 1  # losses not yet fetched, from this step on
   for batch_index, batch in enumerate(
       parallel.prefetch_to_device(batches, run.mesh), start=start_batch
   ):
@@ -276,7 +283,10 @@ def train_phase(run, state, targets, labels, epoch, start_batch, sums, ckpt, met
     stop = preemption.requested()
     save = stop or (done < total and done % cfg.checkpoint_every_steps == 0)
     if save or done % cfg.log_every_steps == 0 or done == total:
-      fetch(batch_index)
+      step_losses = _fetch_losses(pending, first_step, epoch, batch_index, ckpt)
+      sums = _add_losses(sums, step_losses)
+      bar.update(len(step_losses), loss=step_losses[-1]["total"])
+      pending, first_step = [], first_step + len(step_losses)
     if save:
       if not bool(_all_finite(state.params)):
         raise FloatingPointError(
@@ -284,7 +294,8 @@ def train_phase(run, state, targets, labels, epoch, start_batch, sums, ckpt, met
             f"saved. Last good checkpoint: {ckpt.latest_path()}. Lower config.train.lr."
         )
       ckpt.save(
-          {"state": state, "targets": targets}, {**meta, "next_batch": done, "loss_sums": sums}
+          {"state": state, "targets": targets},
+          dataclasses.replace(meta, next_batch=done, loss_sums=sums).to_json(),
       )
     if stop:
       raise preemption.stopped(f"at epoch {epoch} batch {done}: saved {ckpt.latest_path()}")
@@ -330,7 +341,7 @@ def train_and_evaluate(config, workdir):
 def _resume_point(run, ckpt):
   """(state, targets, start_epoch, start_batch, meta): a fresh start, or the latest checkpoint's."""
   if ckpt.latest_path() is None:
-    return (*fresh_state(run), 0, None, {})
+    return (*fresh_state(run), 0, None, rundir.CheckpointMeta(epoch=0))
   return rundir.resume_point(run, ckpt)
 
 
@@ -365,41 +376,35 @@ def _train_and_evaluate(run, writer, ckpt):
   # did not finish (no metrics row), it is done now.
   unevaluated = (
       start_batch is None
-      and "record" in meta
+      and meta.record is not None
       and start_epoch - 1 not in reporting.recorded_epochs(workdir)
   )
   writer.drop_from_epoch(start_epoch - 1 if unevaluated else start_epoch)
   if run.val_source is None:
     reporting.say(f"evaluation skipped: {run.no_evaluation_reason}")
   if unevaluated:
-    _evaluate_epoch(run, state, targets, start_epoch - 1, meta["record"], writer)
+    _evaluate_epoch(run, state, targets, start_epoch - 1, meta.record, writer)
 
   for epoch in range(start_epoch, config.num_epochs):
     if start_batch is None:
-      state, centroids, cluster_stats = cluster_phase(run, state, epoch)
+      state, centroids, kmeans_stats = cluster_phase(run, state, epoch)
       targets, counts, labels = label_phase(run, state, centroids, epoch)
       state = _new_classifier(run, state, epoch)
-      meta = {
-          "epoch": epoch,
-          "next_batch": 0,
-          "loss_sums": {},
-          "cluster_stats": {**cluster_stats, "label_counts": counts.tolist()},
-      }
-      ckpt.save({"state": state, "targets": targets}, meta)
-      start_batch = 0
+      meta = rundir.CheckpointMeta(
+          epoch=epoch, next_batch=0, cluster_stats=rundir.ClusterStats.of(kmeans_stats, counts)
+      )
+      ckpt.save({"state": state, "targets": targets}, meta.to_json())
     else:
       labels = resumed_labels(run, targets, epoch)
-    state, sums, images_per_s = train_phase(
-        run, state, targets, labels, epoch, start_batch, dict(meta["loss_sums"]), ckpt, meta
-    )
+    state, sums, images_per_s = train_phase(run, state, targets, labels, epoch, ckpt, meta)
     record = {"epoch": epoch, "step": int(state.step), "train_images_per_s": images_per_s}
-    record.update({k: v for k, v in meta["cluster_stats"].items() if k != "label_counts"})
+    record.update(meta.cluster_stats.record())
     record.update(
         {f"train_loss_{k}": v / sums["batches"] for k, v in sums.items() if k != "batches"}
     )
     ckpt.save(
         {"state": state, "targets": targets},
-        {"epoch": epoch + 1, "next_batch": None, "record": record},
+        rundir.CheckpointMeta(epoch=epoch + 1, record=record).to_json(),
     )
     if preemption.requested():
       raise preemption.stopped(

@@ -182,7 +182,7 @@ def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, 
   assert matching["epoch"] == 0 and matching["k"] == K
   assert matching["class_names"] == list(synthetic.CLASS_NAMES)
   run, state, targets, meta = restored
-  assert rundir.centroids_epoch(meta) == 0
+  assert meta.centroids_epoch == 0
   _, hist = evaluate.evaluate(
       run.model,
       {"params": state.params, "batch_stats": state.batch_stats},

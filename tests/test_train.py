@@ -189,7 +189,13 @@ def test_cached_labels_train_as_recomputed_labels(phases):
   recompute.method = run.method._replace(cached_labels=False)
   results = [
       train.train_phase(
-          r, jax.tree.map(jnp.copy, state), targets, labels, 0, 0, {}, _NoCheckpoints(), {}
+          r,
+          jax.tree.map(jnp.copy, state),
+          targets,
+          labels,
+          0,
+          _NoCheckpoints(),
+          rundir.CheckpointMeta(epoch=0, next_batch=0),
       )
       for r, labels in ((run, cache), (recompute, None))
   ]

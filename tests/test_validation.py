@@ -218,7 +218,9 @@ def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
   ):
     evaluate.evaluate_workdir(pixel_run, {"model.width": 16, "eval.k_test": 4})
   checkpoint_state = types.SimpleNamespace(params={}, batch_stats={})
-  monkeypatch.setattr(rundir, "restore_latest", lambda run: (checkpoint_state, None, {"epoch": 0}))
+  monkeypatch.setattr(
+      rundir, "restore_latest", lambda run: (checkpoint_state, None, rundir.CheckpointMeta(epoch=0))
+  )
   monkeypatch.setattr(
       evaluate,
       "final_evaluation",
