@@ -207,7 +207,7 @@ def train_step_flops(jax_steps, peak_tflops, row):
       jax_steps.batches["train"],
       0,
       r.augment_key,
-      method=r.method,
+      step_config=r.method,
       tx=r.tx,
   ).compile()
   cost = compiled.cost_analysis()

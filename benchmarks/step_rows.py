@@ -82,7 +82,7 @@ def random_batch(run, rng, batch_size, side, num_labels=0):
   }
   if num_labels:
     batch["label"] = rng.integers(0, num_labels, (batch_size, side, side), dtype=np.int32)
-  return run.shard(batch)
+  return parallel.shard_host_batch(batch, run.mesh)
 
 
 def random_targets(run, targets, rng):
@@ -127,15 +127,15 @@ class JaxSteps:
           self.batches["train"],
           0,
           run.augment_key,
-          method=run.method,
+          step_config=run.method,
           k=run.k,
       )[1]
     self.kmeans_state = kmeans.MiniBatchState(
         self.targets.centroids[0], jax.numpy.ones(run.k, jax.numpy.float32)
     )
-    self._views = jax.jit(steps.view_images, static_argnames="method")
-    self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "method"))
-    self._loss_grads = jax.jit(steps.loss_and_grads, static_argnames=("model", "method"))
+    self._views = jax.jit(steps.view_images, static_argnames="step_config")
+    self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "step_config"))
+    self._loss_grads = jax.jit(steps.loss_and_grads, static_argnames=("model", "step_config"))
     self._adam = jax.jit(adam_update, static_argnames="tx")
     # Set by label_recompute and views_forward_backward (called in that order, after a first
     # train_step): computed from the initial state they would compile once more for nothing.
@@ -150,7 +150,7 @@ class JaxSteps:
         self.batches["train"],
         0,
         r.augment_key,
-        method=r.method,
+        step_config=r.method,
         tx=r.tx,
     )
     return out
@@ -196,7 +196,7 @@ class JaxSteps:
         self.batches["cluster"],
         0,
         r.augment_key,
-        method=r.method,
+        step_config=r.method,
     )
     return [
         kmeans.minibatch_update(
@@ -208,7 +208,13 @@ class JaxSteps:
   def label_step(self):
     r = self.run
     return steps.label_counts(
-        r.model, self.targets, self.batches["cluster"], 0, r.augment_key, method=r.method, k=r.k
+        r.model,
+        self.targets,
+        self.batches["cluster"],
+        0,
+        r.augment_key,
+        step_config=r.method,
+        k=r.k,
     )
 
   def eval_step(self):
@@ -218,7 +224,7 @@ class JaxSteps:
         self.targets.frozen,
         self.classifier,
         self.batches["eval"],
-        method=r.method,
+        step_config=r.method,
         num_true=self.num_true,
     )
 

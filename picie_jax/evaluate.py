@@ -27,7 +27,7 @@ def evaluate(
     source,
     config,
     mesh,
-    method,
+    step_config,
     *,
     many_to_one=False,
     vis_prefix=None,
@@ -65,7 +65,7 @@ def evaluate(
   for host_batch in batches:
     batch = parallel.shard_host_batch(host_batch, mesh)
     pred, batch_hist = steps.eval_step(
-        model, variables, classifier, batch, method=method, num_true=num_true
+        model, variables, classifier, batch, step_config=step_config, num_true=num_true
     )
     hist += parallel.to_host(batch_hist).astype(np.int64)
     wanted = config.eval.num_vis - len(vis["image"])
@@ -105,7 +105,7 @@ def _write_pictures(prefix, vis, mapping, hist, source):
   )
 
 
-def fresh_centroids(model, variables, source, config, mesh, method, k, key, progress=True):
+def fresh_centroids(model, variables, source, config, mesh, step_config, k, key, progress=True):
   """k-means with `k` clusters on un-augmented eval-mode features of `source` (fresh clusters).
 
   Its init buffer is checked, subsampled and stored as the cluster phase's
@@ -120,7 +120,7 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
       config,
       num_views=1,
       points_per_image=side * side,
-      channels=3 if method.pixels else config.model.fpn_channels,
+      channels=3 if step_config.pixels else config.model.fpn_channels,
       say=reporting.say,
   )
   bar = reporting.Progress(
@@ -132,7 +132,7 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
 
   def features_fn(host_batch, for_init):
     batch = parallel.shard_host_batch(host_batch, mesh)
-    views = [steps.fresh_features(model, variables, batch, method=method)]
+    views = [steps.fresh_features(model, variables, batch, step_config=step_config)]
     if for_init:  # the init buffer's subset, as the cluster phase keeps it
       views = clustering.init_subset(
           views, batch["index"], jax.random.fold_in(key, 1), config.kmeans.init_pixels_per_image
@@ -157,7 +157,16 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
 
 
 def final_evaluation(
-    model, variables, train_source, val_source, config, mesh, method, key, out_dir, progress=True
+    model,
+    variables,
+    train_source,
+    val_source,
+    config,
+    mesh,
+    step_config,
+    key,
+    out_dir,
+    progress=True,
 ):
   """The run's final numbers: fresh clusters (K = eval.k_test), optionally overclustering."""
   results = {}
@@ -171,7 +180,7 @@ def final_evaluation(
         train_source,
         config,
         mesh,
-        method,
+        step_config,
         k,
         jax.random.fold_in(key, k),
         progress,
@@ -183,7 +192,7 @@ def final_evaluation(
         val_source,
         config,
         mesh,
-        method,
+        step_config,
         many_to_one=many_to_one,
         vis_prefix=os.path.join(out_dir, f"final_{name}"),
         progress=progress,

@@ -121,7 +121,7 @@ AUGMENT_STREAM, KMEANS_STREAM, INIT_STREAM, CLASSIFIER_STREAM, FRESH_STREAM = ra
 
 
 class Run:
-  """The static parts of a run: config, model, method, mesh, data sources, optimizer.
+  """The static parts of a run: config, model, step_config, mesh, data sources, optimizer.
 
   With the data, batch sizes are checked against the mesh and the data scanned (headers,
   label values) before anything trains. `load_data=False` leaves the sources out (None):
@@ -132,7 +132,7 @@ class Run:
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
-    self.method = steps.method_from_config(config)
+    self.method = steps.step_config_from_config(config)
     self.model = fpn.model_from_config(config.model)
     self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
     self.train_source = self.val_source = None
@@ -159,9 +159,6 @@ class Run:
   @property
   def num_views(self):
     return self.method.num_views
-
-  def shard(self, host_batch):
-    return parallel.shard_host_batch(host_batch, self.mesh)
 
   def bad_files(self):
     """{'bad_files': [...]}: the files left out (config.dataset.on_bad_file='skip'), else {}."""

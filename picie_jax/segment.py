@@ -198,7 +198,7 @@ def segment_images(workdir, out_dir, paths, progress=None):
           variables,
           classifier,
           parallel.shard_host_batch(batch, run.mesh),
-          method=run.method,
+          step_config=run.method,
       )
       for row, (i, image) in enumerate(zip(chunk, originals)):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))

@@ -106,7 +106,13 @@ class _ClusterFeatures:
     run = self.run
     preemption.stop_if_requested("cluster", self.epoch)
     views, self.chains = steps.cluster_features(
-        run.model, self.params, self.chains, batch, self.epoch, run.augment_key, method=run.method
+        run.model,
+        self.params,
+        self.chains,
+        batch,
+        self.epoch,
+        run.augment_key,
+        step_config=run.method,
     )
     if for_init:
       views = clustering.init_subset(
@@ -141,7 +147,7 @@ def label_pass(run, targets, epoch):
   ):
     preemption.stop_if_requested("label", epoch)
     batch_counts, batch_labels = steps.label_counts(
-        run.model, targets, batch, epoch, run.augment_key, method=run.method, k=run.k
+        run.model, targets, batch, epoch, run.augment_key, step_config=run.method, k=run.k
     )
     counts += parallel.to_host(batch_counts)
     if cache is not None:
@@ -276,7 +282,7 @@ def train_phase(run, state, targets, labels, epoch, ckpt, meta):
       parallel.prefetch_to_device(batches, run.mesh), start=start_batch
   ):
     state, out = steps.train_step(
-        run.model, state, targets, batch, epoch, run.augment_key, method=run.method, tx=run.tx
+        run.model, state, targets, batch, epoch, run.augment_key, step_config=run.method, tx=run.tx
     )
     pending.append(out)
     done = batch_index + 1

@@ -21,6 +21,7 @@ from picie_jax import checkpoint
 from picie_jax import clustering
 from picie_jax import config_check
 from picie_jax import evaluate
+from picie_jax import parallel
 from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import train
@@ -132,7 +133,9 @@ def _two_pass_cluster_reference(run, state, epoch):
 
     def features_fn(host_batch, for_init, view=view):
       nonlocal batch_stats
-      points, batch_stats = view_pass(batch_stats, run.shard(host_batch), view=view)
+      points, batch_stats = view_pass(
+          batch_stats, parallel.shard_host_batch(host_batch, run.mesh), view=view
+      )
       return [points]
 
     mu, stats = clustering.minibatch_kmeans(
