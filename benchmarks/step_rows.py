@@ -120,14 +120,14 @@ class JaxSteps:
         name: random_batch(run, rng, b, side, self.num_true if name == "eval" else 0)
         for name, (b, side) in self.sizes.items()
     }
-    if run.method.cached_labels:  # train.labels='cached': the label cache's rows come with it
+    if run.step_config.cached_labels:  # train.labels='cached': the label cache's rows come with it
       self.batches["train"]["labels"] = steps.label_counts(
           run.model,
           self.targets,
           self.batches["train"],
           0,
           run.augment_key,
-          step_config=run.method,
+          step_config=run.step_config,
           k=run.k,
       )[1]
     self.kmeans_state = kmeans.MiniBatchState(
@@ -150,19 +150,18 @@ class JaxSteps:
         self.batches["train"],
         0,
         r.augment_key,
-        step_config=r.method,
-        tx=r.tx,
+        step_config=r.step_config,
     )
     return out
 
   def views(self):
     b = self.batches["train"]
-    return self._views(b["image"], b["index"], 0, self.run.augment_key, self.run.method)
+    return self._views(b["image"], b["index"], 0, self.run.augment_key, self.run.step_config)
 
   def label_recompute(self):
     r = self.run
     self.labels = self._labels(
-        r.model, self.targets, self.batches["train"], 0, r.augment_key, r.method
+        r.model, self.targets, self.batches["train"], 0, r.augment_key, r.step_config
     )
     return self.labels
 
@@ -176,13 +175,13 @@ class JaxSteps:
         self.labels,
         0,
         r.augment_key,
-        r.method,
+        r.step_config,
     )
-    self.grads = out[1][0]  # the network's (the classifier's are zero: not parametric)
+    self.grads = out[1]
     return out
 
   def optimizer(self):
-    return self._adam(self.run.tx, self.state.params, self.state.opt_state, self.grads)
+    return self._adam(self.state.tx, self.state.params, self.state.opt_state, self.grads)
 
   def cluster_step(self):
     """One batch of the cluster pass: both views' train-mode features (one read of the batch)
@@ -196,7 +195,7 @@ class JaxSteps:
         self.batches["cluster"],
         0,
         r.augment_key,
-        step_config=r.method,
+        step_config=r.step_config,
     )
     return [
         kmeans.minibatch_update(
@@ -213,7 +212,7 @@ class JaxSteps:
         self.batches["cluster"],
         0,
         r.augment_key,
-        step_config=r.method,
+        step_config=r.step_config,
         k=r.k,
     )
 
@@ -224,7 +223,7 @@ class JaxSteps:
         self.targets.frozen,
         self.classifier,
         self.batches["eval"],
-        step_config=r.method,
+        step_config=r.step_config,
         num_true=self.num_true,
     )
 

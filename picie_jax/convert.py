@@ -279,22 +279,24 @@ def import_official_checkpoint(config, path, workdir):
         f"config.method={config.method!r} needs {run.num_views}"
     )
   classifiers = jnp.asarray(classifiers[: run.num_views])
-  if not run.method.parametric and np.any(classifiers[..., -1] != 0):
+  if not run.step_config.parametric and np.any(classifiers[..., -1] != 0):
     raise ValueError(
         f"{path} has classifiers with a bias (a learned MDC classifier?): "
         "convert it with config.train.classifier='parametric'"
     )
   state, targets = rundir.initial_state(run)
   network = import_state_dict(
-      {"params": state.params, "batch_stats": state.batch_stats},
+      state.variables,
       official["state_dict"],
       config.model.backbone,
       source=path,
   )
   config.num_epochs = official["epoch"]
-  state = state.replace(params=network["params"], batch_stats=network["batch_stats"])
-  if run.method.parametric:
-    state = state.replace(classifier=classifiers)
+  classifier = classifiers if run.step_config.parametric else state.classifier
+  state = state.replace(
+      params={"network": network["params"], "classifier": classifier},
+      batch_stats=network["batch_stats"],
+  )
   targets = targets.replace(frozen=jax.tree.map(jnp.copy, network), centroids=classifiers[..., :-1])
   os.makedirs(workdir, exist_ok=True)
   rundir.write_config(config, workdir)

@@ -208,7 +208,7 @@ def final_evaluation(
 
 def eval_classifier(run, state, targets):
   """View 1's classifier: the centroids (non-parametric) or the learned 1x1 conv (MDC)."""
-  if run.method.parametric:
+  if run.step_config.parametric:
     return state.classifier[0]
   return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
 
@@ -292,7 +292,7 @@ def evaluate_workdir(workdir, overrides=None):
   if run.val_source is None:
     raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
   state, targets, meta = rundir.restore_latest(run)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = state.variables
   results = {}
   if config.method != "pixel_kmeans" and meta.epoch > 0:
     scores, _ = evaluate(
@@ -302,7 +302,7 @@ def evaluate_workdir(workdir, overrides=None):
         run.val_source,
         config,
         run.mesh,
-        run.method,
+        run.step_config,
         vis_prefix=os.path.join(out_dir, "epoch_clusters"),
         progress=config.progress,
     )
@@ -316,7 +316,7 @@ def evaluate_workdir(workdir, overrides=None):
           run.val_source,
           config,
           run.mesh,
-          run.method,
+          run.step_config,
           run.keys[rundir.FRESH_STREAM],
           out_dir,
           progress=config.progress,

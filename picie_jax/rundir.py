@@ -121,7 +121,7 @@ AUGMENT_STREAM, KMEANS_STREAM, INIT_STREAM, CLASSIFIER_STREAM, FRESH_STREAM = ra
 
 
 class Run:
-  """The static parts of a run: config, model, step_config, mesh, data sources, optimizer.
+  """The static parts of a run: config, model, step config, mesh, data sources, random keys.
 
   With the data, batch sizes are checked against the mesh and the data scanned (headers,
   label values) before anything trains. `load_data=False` leaves the sources out (None):
@@ -132,9 +132,8 @@ class Run:
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
-    self.method = steps.step_config_from_config(config)
+    self.step_config = steps.step_config_from_config(config)
     self.model = fpn.model_from_config(config.model)
-    self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
     self.train_source = self.val_source = None
     self.no_evaluation_reason = "the run was set up without its dataset"
     if load_data:
@@ -158,7 +157,7 @@ class Run:
 
   @property
   def num_views(self):
-    return self.method.num_views
+    return self.step_config.num_views
 
   def bad_files(self):
     """{'bad_files': [...]}: the files left out (config.dataset.on_bad_file='skip'), else {}."""
@@ -189,16 +188,12 @@ def initial_state(run, variables=None):
   """
   if variables is None:
     variables = random_variables(run)
-  channels = 3 if run.method.pixels else run.config.model.fpn_channels
+  channels = 3 if run.step_config.pixels else run.config.model.fpn_channels
   classifier = steps.init_classifier(run.keys[CLASSIFIER_STREAM], run.num_views, run.k, channels)
-  state = steps.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
-      batch_stats=variables["batch_stats"],
-      opt_state=run.tx.init(variables["params"]),
-      classifier=classifier,
-      classifier_opt_state=run.tx.init(classifier),
+  tx = steps.make_optimizer(
+      run.config.train.lr, run.config.train.weight_decay, run.step_config.parametric
   )
+  state = steps.TrainState.create(variables, classifier, tx)
   targets = steps.EpochTargets(
       frozen=jax.tree.map(jnp.copy, dict(variables)),
       centroids=jnp.zeros((run.num_views, run.k, channels), jnp.float32),

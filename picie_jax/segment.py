@@ -152,7 +152,7 @@ def _restore_classifier(workdir):
         f"{matching['epoch']}, the checkpoint holds epoch {epoch}'s: legends show "
         "cluster numbers only"
     )
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = state.variables
   return (
       run,
       variables,
@@ -198,7 +198,7 @@ def segment_images(workdir, out_dir, paths, progress=None):
           variables,
           classifier,
           parallel.shard_host_batch(batch, run.mesh),
-          step_config=run.method,
+          step_config=run.step_config,
       )
       for row, (i, image) in enumerate(zip(chunk, originals)):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))

@@ -79,14 +79,54 @@ def step_config_from_config(config):
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training. `classifier` is (V, K, C+1), used if parametric."""
+  """Everything that changes during training, and the optimizer that changes it (static, as
+  flax's TrainState carries it). `params` = {'network': the model's params, 'classifier':
+  (V, K, C+1) 1x1 convs, trained when parametric (MDC)}."""
 
   step: jax.Array
   params: dict
   batch_stats: dict
   opt_state: optax.OptState
-  classifier: jax.Array
-  classifier_opt_state: optax.OptState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, variables, classifier, tx):
+    """Step 0 of the network's `variables` ({'params', 'batch_stats'}) and `classifier`."""
+    params = {"network": variables["params"], "classifier": classifier}
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        tx=tx,
+    )
+
+  @property
+  def variables(self):
+    """The network's {'params', 'batch_stats'}, as model.apply takes them."""
+    return {"params": self.params["network"], "batch_stats": self.batch_stats}
+
+  @property
+  def classifier(self):
+    return self.params["classifier"]
+
+  def apply_gradients(self, grads, batch_stats):
+    """One optimizer step of `grads` (shaped as `params`); the pass's BN statistics kept."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(
+        step=self.step + 1,
+        params=optax.apply_updates(self.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+
+  def with_new_classifier(self, classifier):
+    """`classifier` in place of the current one, with fresh optimizer moments (MDC's restart
+    every epoch); the network's moments are kept."""
+    params = {**self.params, "classifier": classifier}
+    fresh = self.tx.init(params).inner_states["classifier"]
+    inner_states = {**self.opt_state.inner_states, "classifier": fresh}
+    return self.replace(params=params, opt_state=self.opt_state._replace(inner_states=inner_states))
 
 
 @flax.struct.dataclass
@@ -318,15 +358,20 @@ def label_counts(model, targets, batch, epoch, key, *, step_config, k):
 
 
 @functools.cache
-def make_optimizer(lr, weight_decay):
-  """Adam (AdamW when weight_decay > 0); the reference uses Adam without decay.
+def make_optimizer(lr, weight_decay, train_classifier):
+  """Adam (AdamW when weight_decay > 0; the reference uses Adam without decay) over the
+  TrainState's params, partitioned by a mask: the network and the classifier keep their own
+  moments and step counts (MDC restarts its classifier's every epoch); a classifier that is
+  not trained (the centroids classify) gets zero updates.
 
-  Cached: the optimizer is a static argument of the jitted train step, so runs with the same
-  settings in one process share one compiled step instead of compiling their own.
+  Cached: the optimizer is static in the jitted train step (part of the state's tree), so
+  runs with the same settings in one process share one compiled step.
   """
-  if weight_decay > 0:
-    return optax.adamw(lr, weight_decay=weight_decay)
-  return optax.adam(lr)
+  adam = optax.adamw(lr, weight_decay=weight_decay) if weight_decay > 0 else optax.adam(lr)
+  return optax.partition(
+      {"network": adam, "classifier": adam if train_classifier else optax.set_to_zero()},
+      {"network": "network", "classifier": "classifier"},
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "res"))
@@ -337,13 +382,13 @@ def init_variables(model, key, res):
 
 def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config):
   """The train phase's loss of a batch with its labels (both views' augmentation, train-mode
-  features, within + cross terms) and its gradients: ((total, (losses, batch_stats)),
-  (network grads, classifier grads)); the classifier's are zero unless step_config.parametric."""
+  features, within + cross terms) and its gradients: ((total, (losses, batch_stats)), grads
+  shaped as state.params); the classifier's are zero unless step_config.parametric."""
 
-  def loss_fn(params, classifier):
+  def loss_fn(params):
     feats, batch_stats = view_features(
         model,
-        {"params": params, "batch_stats": state.batch_stats},
+        {"params": params["network"], "batch_stats": state.batch_stats},
         batch["image"],
         batch["index"],
         epoch,
@@ -353,7 +398,7 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config
         train_phase=True,
     )
     if step_config.parametric:
-      weights = classifier
+      weights = params["classifier"]
     else:
       weights = jnp.stack(
           [classifier_from_centroids(c, step_config.metric) for c in targets.centroids]
@@ -382,11 +427,11 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config
       out = {"within": within, "cross": jnp.zeros_like(within), "total": within}
     return out["total"], (out, batch_stats)
 
-  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.classifier)
+  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "step_config", "tx"), donate_argnums=(1,))
-def train_step(model, state, targets, batch, epoch, key, *, step_config, tx):
+@functools.partial(jax.jit, static_argnames=("model", "step_config"), donate_argnums=(1,))
+def train_step(model, state, targets, batch, epoch, key, *, step_config):
   """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
 
   The labels come from the label cache (batch['labels'] (B, V, h, w)) when
@@ -398,24 +443,10 @@ def train_step(model, state, targets, batch, epoch, key, *, step_config, tx):
   else:
     labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, step_config))
 
-  (_, (out, batch_stats)), (grads, cls_grads) = loss_and_grads(
+  (_, (out, batch_stats)), grads = loss_and_grads(
       model, state, targets, batch, labels, epoch, key, step_config
   )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  classifier, cls_opt_state = state.classifier, state.classifier_opt_state
-  if step_config.parametric:
-    cls_updates, cls_opt_state = tx.update(cls_grads, cls_opt_state, classifier)
-    classifier = optax.apply_updates(classifier, cls_updates)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=opt_state,
-      classifier=classifier,
-      classifier_opt_state=cls_opt_state,
-  )
-  return new_state, out
+  return state.apply_gradients(grads, batch_stats), out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "step_config", "num_true"))

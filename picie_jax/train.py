@@ -55,7 +55,7 @@ def cluster_phase(run, state, epoch):
       cfg,
       num_views=run.num_views,
       points_per_image=side * side,
-      channels=3 if run.method.pixels else cfg.model.fpn_channels,
+      channels=3 if run.step_config.pixels else cfg.model.fpn_channels,
       say=reporting.say,
   )
   kmeans_key = jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch)
@@ -79,10 +79,10 @@ def cluster_phase(run, state, epoch):
   )
   bar.close()
   batch_stats, *chains = features.chains
-  if not run.method.pixels:
+  if not run.step_config.pixels:
     decays = layers.running_average_decays(
         run.model,
-        {"params": state.params, "batch_stats": batch_stats},
+        {**state.variables, "batch_stats": batch_stats},
         jnp.zeros((1, cfg.res1, cfg.res1, 3)),
     )
     for chain in chains:
@@ -97,7 +97,12 @@ class _ClusterFeatures:
   for the init buffer), moving each view's chain of BN running averages along (`chains`)."""
 
   def __init__(self, run, state, epoch, kmeans_key):
-    self.run, self.params, self.epoch, self.kmeans_key = run, state.params, epoch, kmeans_key
+    self.run, self.params, self.epoch, self.kmeans_key = (
+        run,
+        state.variables["params"],
+        epoch,
+        kmeans_key,
+    )
     self.chains = [state.batch_stats] + [
         jax.tree.map(jnp.zeros_like, state.batch_stats) for _ in range(run.num_views - 1)
     ]
@@ -112,7 +117,7 @@ class _ClusterFeatures:
         batch,
         self.epoch,
         run.augment_key,
-        step_config=run.method,
+        step_config=run.step_config,
     )
     if for_init:
       views = clustering.init_subset(
@@ -130,7 +135,7 @@ def label_pass(run, targets, epoch):
   """
   cfg = run.config
   cache = None
-  if run.method.cached_labels:
+  if run.step_config.cached_labels:
     side = cfg.res1 // steps.FEATURE_STRIDE
     cache = np.zeros(
         (run.train_source.num_examples, run.num_views, side, side), steps.label_dtype(run.k)
@@ -147,7 +152,7 @@ def label_pass(run, targets, epoch):
   ):
     preemption.stop_if_requested("label", epoch)
     batch_counts, batch_labels = steps.label_counts(
-        run.model, targets, batch, epoch, run.augment_key, step_config=run.method, k=run.k
+        run.model, targets, batch, epoch, run.augment_key, step_config=run.step_config, k=run.k
     )
     counts += parallel.to_host(batch_counts)
     if cache is not None:
@@ -166,7 +171,7 @@ def label_phase(run, state, centroids, epoch):
   targets = parallel.replicate(
       steps.EpochTargets(
           # A copy: train_step donates the state's buffers, the frozen variables must outlive it.
-          frozen=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}),
+          frozen=jax.tree.map(jnp.copy, state.variables),
           centroids=centroids,
           weights=jnp.ones((run.num_views, run.k), jnp.float32),
       ),
@@ -185,7 +190,7 @@ def label_phase(run, state, centroids, epoch):
 def resumed_labels(run, targets, epoch):
   """The label cache of a run resumed mid-epoch: not checkpointed, so recomputed by a label
   pass from the checkpointed targets (the same function on the same inputs: exact)."""
-  if not run.method.cached_labels:
+  if not run.step_config.cached_labels:
     return None
   reporting.say(
       f"recomputing epoch {epoch}'s label cache from the checkpointed targets "
@@ -196,7 +201,7 @@ def resumed_labels(run, targets, epoch):
 
 def _new_classifier(run, state, epoch):
   """MDC's parametric classifier is re-initialised (with its optimizer) every epoch."""
-  if not run.method.parametric:
+  if not run.step_config.parametric:
     return state
   classifier = steps.init_classifier(
       jax.random.fold_in(run.keys[rundir.CLASSIFIER_STREAM], epoch),
@@ -204,10 +209,7 @@ def _new_classifier(run, state, epoch):
       run.k,
       state.classifier.shape[-1] - 1,
   )
-  return state.replace(
-      classifier=parallel.replicate(classifier, run.mesh),
-      classifier_opt_state=parallel.replicate(run.tx.init(classifier), run.mesh),
-  )
+  return parallel.replicate(state.with_new_classifier(classifier), run.mesh)
 
 
 def _check_finite(step_losses, first_step, epoch, first_batch, ckpt):
@@ -282,7 +284,7 @@ def train_phase(run, state, targets, labels, epoch, ckpt, meta):
       parallel.prefetch_to_device(batches, run.mesh), start=start_batch
   ):
     state, out = steps.train_step(
-        run.model, state, targets, batch, epoch, run.augment_key, step_config=run.method, tx=run.tx
+        run.model, state, targets, batch, epoch, run.augment_key, step_config=run.step_config
     )
     pending.append(out)
     done = batch_index + 1
@@ -359,12 +361,12 @@ def _evaluate_epoch(run, state, targets, epoch, record, writer):
   ):
     scores, _ = evaluate.evaluate(
         run.model,
-        {"params": state.params, "batch_stats": state.batch_stats},
+        state.variables,
         evaluate.eval_classifier(run, state, targets),
         run.val_source,
         config,
         run.mesh,
-        run.method,
+        run.step_config,
         vis_prefix=os.path.join(run.workdir, "vis", f"epoch{epoch:03d}"),
         progress=config.progress,
     )
@@ -424,12 +426,12 @@ def _train_and_evaluate(run, writer, ckpt):
   else:
     final = evaluate.final_evaluation(
         run.model,
-        {"params": state.params, "batch_stats": state.batch_stats},
+        state.variables,
         run.train_source,
         run.val_source,
         config,
         run.mesh,
-        run.method,
+        run.step_config,
         run.keys[rundir.FRESH_STREAM],
         workdir,
         progress=config.progress,

@@ -14,7 +14,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image
 
 from configs import synthetic as synthetic_config
@@ -80,15 +79,10 @@ def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
     return real(*args, train_phase=train_phase, **kwargs)
 
   monkeypatch.setattr(steps, "view_images", recording)
-  tx = optax.adam(1e-3)
-  classifier = jnp.zeros((2, 3, 4))
-  state = steps.TrainState(
-      step=jnp.int32(0),
-      params={},
-      batch_stats={},
-      opt_state=tx.init({}),
-      classifier=classifier,
-      classifier_opt_state=tx.init(classifier),
+  state = steps.TrainState.create(
+      {"params": {}, "batch_stats": {}},
+      jnp.zeros((2, 3, 4)),
+      steps.make_optimizer(1e-3, 0.0, train_classifier=False),
   )
   targets = steps.EpochTargets(
       frozen={"params": {}, "batch_stats": {}},
@@ -100,7 +94,7 @@ def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
       "index": jnp.arange(2),
       "mask": jnp.ones(2, bool),
   }
-  step = functools.partial(steps.train_step.__wrapped__, None, step_config=step_config, tx=tx)
+  step = functools.partial(steps.train_step.__wrapped__, None, step_config=step_config)
   jax.make_jaxpr(step)(state, targets, batch, 0, jax.random.PRNGKey(0))
   assert calls.count(True) == 1 and calls.count(False) == 1  # the loss, the labels
 

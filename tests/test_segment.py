@@ -95,9 +95,7 @@ def _expected_labels(restored, path, input_hw):
   original = np.asarray(Image.open(path).convert("RGB"))
   resized = tf.image.resize(original, input_hw, method="bilinear", antialias=True)
   x = jnp.asarray(np.clip(np.round(resized.numpy()), 0, 255)[None] / 255.0, jnp.float32)
-  z, _ = steps.network_features(
-      run.model, {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
-  )
+  z, _ = steps.network_features(run.model, state.variables, x, train=False)
   z = np.asarray(z[0], np.float64)
   z /= np.linalg.norm(z, axis=-1, keepdims=True)
   logits = _bilinear_upsample(
@@ -185,12 +183,12 @@ def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, 
   assert meta.centroids_epoch == 0
   _, hist = evaluate.evaluate(
       run.model,
-      {"params": state.params, "batch_stats": state.batch_stats},
+      state.variables,
       evaluate.eval_classifier(run, state, targets),
       run.val_source,
       run.config,
       run.mesh,
-      run.method,
+      run.step_config,
       progress=False,
   )
   assert matching["cluster_to_class"] == metrics.hungarian_match(hist).tolist()

@@ -116,10 +116,10 @@ def _two_pass_cluster_reference(run, state, epoch):
   @functools.partial(jax.jit, static_argnames="view")
   def view_pass(batch_stats, batch, view):
     images, geo = steps.view_images(
-        batch["image"], batch["index"], epoch, run.augment_key, run.method
+        batch["image"], batch["index"], epoch, run.augment_key, run.step_config
     )
     z, updates = run.model.apply(
-        {"params": state.params, "batch_stats": batch_stats},
+        {**state.variables, "batch_stats": batch_stats},
         images[view],
         train=True,
         mutable=["batch_stats"],
@@ -189,7 +189,7 @@ def test_cached_labels_train_as_recomputed_labels(phases):
   run, _, (state, _, _), (targets, _, cache) = phases
   np.testing.assert_array_equal(train.resumed_labels(run, targets, 0), cache)
   recompute = copy.copy(run)
-  recompute.method = run.method._replace(cached_labels=False)
+  recompute.step_config = run.step_config._replace(cached_labels=False)
   results = [
       train.train_phase(
           r,
@@ -234,7 +234,15 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
 
   def fresh(config):
     return evaluate.fresh_centroids(
-        run.model, variables, run.train_source, config, run.mesh, run.method, 4, key, progress=False
+        run.model,
+        variables,
+        run.train_source,
+        config,
+        run.mesh,
+        run.step_config,
+        4,
+        key,
+        progress=False,
     )
 
   with monkeypatch.context() as patch:
@@ -294,7 +302,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
         jnp.asarray(host_batch["index"]),
         0,
         run.augment_key,
-        run.method,
+        run.step_config,
     )
     variables = targets.frozen
     z1 = run.model.apply(variables, v1, train=False)
@@ -529,7 +537,7 @@ def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_pa
   run = rundir.Run(tiny_config, str(tmp_path))
   state, _ = train.fresh_state(run)
   variables = {
-      "params": jax.tree.map(lambda x: x + 1.0, state.params),
+      "params": jax.tree.map(lambda x: x + 1.0, state.variables["params"]),
       "batch_stats": state.batch_stats,
   }
   path = tmp_path / "init.msgpack"
@@ -537,7 +545,9 @@ def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_pa
   tiny_config.model.init = "checkpoint"
   tiny_config.model.init_checkpoint = str(path)
   loaded, _ = train.fresh_state(rundir.Run(tiny_config, str(tmp_path)))
-  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):
+  for a, b in zip(
+      jax.tree.leaves(loaded.variables["params"]), jax.tree.leaves(variables["params"])
+  ):
     np.testing.assert_array_equal(a, b)
   tiny_config.model.fpn_channels = 8
   with pytest.raises(ValueError, match="init_checkpoint.*does not fit config.model"):
