@@ -156,7 +156,8 @@ def _two_pass_cluster_reference(run, state, epoch):
 
 def test_one_cluster_pass_equals_the_reference_two_passes(phases):
   """Centroids, k-means losses and the final BN running averages (m^N chain combination)."""
-  run, start, (state, centroids, stats), _ = phases
+  run, start, (state, centroids, view_stats), (_, counts, _) = phases
+  stats = rundir.ClusterStats.of(view_stats, counts).record()  # the metrics row's fields
   batch_stats, expect_centroids, expect_losses = _two_pass_cluster_reference(run, start, 0)
   np.testing.assert_allclose(centroids, expect_centroids, rtol=1e-5, atol=1e-6)
   for view, (init_loss, online_loss) in enumerate(expect_losses):
@@ -229,7 +230,7 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
   """The final evaluation's fresh k-means guards and subsamples its init buffer as the cluster
   phase does (one view, un-augmented eval-mode features)."""
   run, start, _, _ = phases
-  variables = {"params": start.params, "batch_stats": start.batch_stats}
+  variables = start.variables
   key = jax.random.PRNGKey(0)
 
   def fresh(config):

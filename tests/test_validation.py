@@ -217,7 +217,7 @@ def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
       match=r"config.model.width cannot be changed at eval " r"\(8 -> 16\): it changes the model",
   ):
     evaluate.evaluate_workdir(pixel_run, {"model.width": 16, "eval.k_test": 4})
-  checkpoint_state = types.SimpleNamespace(params={}, batch_stats={})
+  checkpoint_state = types.SimpleNamespace(variables={"params": {}, "batch_stats": {}})
   monkeypatch.setattr(
       rundir, "restore_latest", lambda run: (checkpoint_state, None, rundir.CheckpointMeta(epoch=0))
   )
