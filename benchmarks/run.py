@@ -207,8 +207,7 @@ def train_step_flops(jax_steps, peak_tflops, row):
       jax_steps.batches["train"],
       0,
       r.augment_key,
-      method=r.method,
-      tx=r.tx,
+      step_config=r.step_config,
   ).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -16,8 +16,8 @@ import optax
 from benchmarks import timing
 from picie_jax import config_check
 from picie_jax import parallel
+from picie_jax import rundir
 from picie_jax import steps
-from picie_jax import train
 from picie_jax.core import kmeans
 
 # Where these shapes come from: the COCO recipe (configs/coco_stuff27.py) at CPU batch sizes,
@@ -82,7 +82,7 @@ def random_batch(run, rng, batch_size, side, num_labels=0):
   }
   if num_labels:
     batch["label"] = rng.integers(0, num_labels, (batch_size, side, side), dtype=np.int32)
-  return run.shard(batch)
+  return parallel.shard_host_batch(batch, run.mesh)
 
 
 def random_targets(run, targets, rng):
@@ -103,9 +103,9 @@ class JaxSteps:
 
   def __init__(self, config, seed=0):
     self.config = config
-    self.run = run = train.Run(without_dataset(config), workdir="")
+    self.run = run = rundir.Run(without_dataset(config), workdir="")
     rng = np.random.default_rng(seed)
-    self.state, targets = train.initial_state(run, pretrained=False)
+    self.state, targets = rundir.initial_state(run)
     self.targets = random_targets(run, targets, rng)
     self.classifier = parallel.replicate(
         steps.classifier_from_centroids(self.targets.centroids[0], config.kmeans.metric), run.mesh
@@ -120,22 +120,22 @@ class JaxSteps:
         name: random_batch(run, rng, b, side, self.num_true if name == "eval" else 0)
         for name, (b, side) in self.sizes.items()
     }
-    if run.method.cached_labels:  # train.labels='cached': the label cache's rows come with it
+    if run.step_config.cached_labels:  # train.labels='cached': the label cache's rows come with it
       self.batches["train"]["labels"] = steps.label_counts(
           run.model,
           self.targets,
           self.batches["train"],
           0,
           run.augment_key,
-          method=run.method,
+          step_config=run.step_config,
           k=run.k,
       )[1]
     self.kmeans_state = kmeans.MiniBatchState(
         self.targets.centroids[0], jax.numpy.ones(run.k, jax.numpy.float32)
     )
-    self._views = jax.jit(steps.view_images, static_argnames="method")
-    self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "method"))
-    self._loss_grads = jax.jit(steps.loss_and_grads, static_argnames=("model", "method"))
+    self._views = jax.jit(steps.view_images, static_argnames="step_config")
+    self._labels = jax.jit(steps.labels_for_batch, static_argnames=("model", "step_config"))
+    self._loss_grads = jax.jit(steps.loss_and_grads, static_argnames=("model", "step_config"))
     self._adam = jax.jit(adam_update, static_argnames="tx")
     # Set by label_recompute and views_forward_backward (called in that order, after a first
     # train_step): computed from the initial state they would compile once more for nothing.
@@ -150,19 +150,18 @@ class JaxSteps:
         self.batches["train"],
         0,
         r.augment_key,
-        method=r.method,
-        tx=r.tx,
+        step_config=r.step_config,
     )
     return out
 
   def views(self):
     b = self.batches["train"]
-    return self._views(b["image"], b["index"], 0, self.run.augment_key, self.run.method)
+    return self._views(b["image"], b["index"], 0, self.run.augment_key, self.run.step_config)
 
   def label_recompute(self):
     r = self.run
     self.labels = self._labels(
-        r.model, self.targets, self.batches["train"], 0, r.augment_key, r.method
+        r.model, self.targets, self.batches["train"], 0, r.augment_key, r.step_config
     )
     return self.labels
 
@@ -176,13 +175,13 @@ class JaxSteps:
         self.labels,
         0,
         r.augment_key,
-        r.method,
+        r.step_config,
     )
-    self.grads = out[1][0]  # the network's (the classifier's are zero: not parametric)
+    self.grads = out[1]
     return out
 
   def optimizer(self):
-    return self._adam(self.run.tx, self.state.params, self.state.opt_state, self.grads)
+    return self._adam(self.state.tx, self.state.params, self.state.opt_state, self.grads)
 
   def cluster_step(self):
     """One batch of the cluster pass: both views' train-mode features (one read of the batch)
@@ -196,7 +195,7 @@ class JaxSteps:
         self.batches["cluster"],
         0,
         r.augment_key,
-        method=r.method,
+        step_config=r.step_config,
     )
     return [
         kmeans.minibatch_update(
@@ -208,7 +207,13 @@ class JaxSteps:
   def label_step(self):
     r = self.run
     return steps.label_counts(
-        r.model, self.targets, self.batches["cluster"], 0, r.augment_key, method=r.method, k=r.k
+        r.model,
+        self.targets,
+        self.batches["cluster"],
+        0,
+        r.augment_key,
+        step_config=r.step_config,
+        k=r.k,
     )
 
   def eval_step(self):
@@ -218,7 +223,7 @@ class JaxSteps:
         self.targets.frozen,
         self.classifier,
         self.batches["eval"],
-        method=r.method,
+        step_config=r.step_config,
         num_true=self.num_true,
     )
 

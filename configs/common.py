@@ -99,9 +99,6 @@ def get_config():
   c.eval.res = 320  # shorter side resize + centre crop for evaluation
   c.eval.batch_size = 64
   c.eval.k_test = 27
-  c.eval.fresh_clusters = (
-      True  # final number: k-means on train features (no augmentation), eval on val
-  )
   c.eval.overcluster_k = 0  # >0: also report many-to-one matching with this many clusters
   c.eval.every_epochs = 1
   c.eval.num_vis = 8  # validation images drawn as PNG panels each epoch

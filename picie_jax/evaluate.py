@@ -1,14 +1,19 @@
 """Evaluation (DESIGN §1): confusion histogram over the validation split, cluster matching,
-Acc / mIoU (thing/stuff where the dataset defines them), fresh clusters and overclustering."""
+Acc / mIoU (thing/stuff where the dataset defines them), fresh clusters and overclustering;
+and `picie-jax eval`, which scores a finished run's latest checkpoint again."""
 
+import json
 import os
+import tempfile
 
 import jax
 import numpy as np
 
 from picie_jax import clustering
+from picie_jax import config_check
 from picie_jax import parallel
 from picie_jax import reporting
+from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import visualize
 from picie_jax.core import metrics
@@ -22,7 +27,7 @@ def evaluate(
     source,
     config,
     mesh,
-    method,
+    step_config,
     *,
     many_to_one=False,
     vis_prefix=None,
@@ -60,7 +65,7 @@ def evaluate(
   for host_batch in batches:
     batch = parallel.shard_host_batch(host_batch, mesh)
     pred, batch_hist = steps.eval_step(
-        model, variables, classifier, batch, method=method, num_true=num_true
+        model, variables, classifier, batch, step_config=step_config, num_true=num_true
     )
     hist += parallel.to_host(batch_hist).astype(np.int64)
     wanted = config.eval.num_vis - len(vis["image"])
@@ -100,7 +105,7 @@ def _write_pictures(prefix, vis, mapping, hist, source):
   )
 
 
-def fresh_centroids(model, variables, source, config, mesh, method, k, key, progress=True):
+def fresh_centroids(model, variables, source, config, mesh, step_config, k, key, progress=True):
   """k-means with `k` clusters on un-augmented eval-mode features of `source` (fresh clusters).
 
   Its init buffer is checked, subsampled and stored as the cluster phase's
@@ -115,7 +120,7 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
       config,
       num_views=1,
       points_per_image=side * side,
-      channels=3 if method.pixels else config.model.fpn_channels,
+      channels=3 if step_config.pixels else config.model.fpn_channels,
       say=reporting.say,
   )
   bar = reporting.Progress(
@@ -127,7 +132,7 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
 
   def features_fn(host_batch, for_init):
     batch = parallel.shard_host_batch(host_batch, mesh)
-    views = [steps.fresh_features(model, variables, batch, method=method)]
+    views = [steps.fresh_features(model, variables, batch, step_config=step_config)]
     if for_init:  # the init buffer's subset, as the cluster phase keeps it
       views = clustering.init_subset(
           views, batch["index"], jax.random.fold_in(key, 1), config.kmeans.init_pixels_per_image
@@ -152,7 +157,16 @@ def fresh_centroids(model, variables, source, config, mesh, method, k, key, prog
 
 
 def final_evaluation(
-    model, variables, train_source, val_source, config, mesh, method, key, out_dir, progress=True
+    model,
+    variables,
+    train_source,
+    val_source,
+    config,
+    mesh,
+    step_config,
+    key,
+    out_dir,
+    progress=True,
 ):
   """The run's final numbers: fresh clusters (K = eval.k_test), optionally overclustering."""
   results = {}
@@ -166,7 +180,7 @@ def final_evaluation(
         train_source,
         config,
         mesh,
-        method,
+        step_config,
         k,
         jax.random.fold_in(key, k),
         progress,
@@ -178,7 +192,7 @@ def final_evaluation(
         val_source,
         config,
         mesh,
-        method,
+        step_config,
         many_to_one=many_to_one,
         vis_prefix=os.path.join(out_dir, f"final_{name}"),
         progress=progress,
@@ -189,4 +203,125 @@ def final_evaluation(
         "kmeans_online_loss": stats["online_loss"],
         **scores,
     }
+  return results
+
+
+def eval_classifier(run, state, targets):
+  """View 1's classifier: the centroids (non-parametric) or the learned 1x1 conv (MDC)."""
+  if run.step_config.parametric:
+    return state.classifier[0]
+  return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
+
+
+# Fields `eval` may change: where the data is read, how it is checked, what is scored and
+# shown. Anything else would score another model than the run trained.
+EVAL_OVERRIDABLE = (
+    "dataset.root",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "dataset.scan_label_values",
+    "dataset.on_bad_file",
+    "eval.batch_size",
+    "eval.k_test",
+    "eval.overcluster_k",
+    "eval.num_vis",
+    "progress",
+    # the fresh clusters' k-means and its init buffer's memory
+    "kmeans.batch_size",
+    "kmeans.num_init_batches",
+    "kmeans.init_pixels_per_image",
+    "kmeans.buffer_dtype",
+)
+
+
+def apply_eval_overrides(config, overrides):
+  """Sets the {dotted key: value} `overrides` on a run's saved config; returns one line per
+  changed field ('config.k: old -> new'). A changed field outside EVAL_OVERRIDABLE is an error
+  naming it (an unchanged one is accepted: it is what the run used)."""
+  saved = rundir.flatten(json.loads(config.to_json_best_effort()))
+  changed = {k: v for k, v in overrides.items() if saved.get(k) != v}
+  refused = [k for k in changed if k not in EVAL_OVERRIDABLE]
+  if refused:
+    raise ValueError(
+        "; ".join(
+            f"config.{k} cannot be changed at eval ({saved.get(k)!r} -> {changed[k]!r}): it "
+            "changes the model or the run being scored"
+            for k in refused
+        )
+        + ". eval may change only "
+        + ", ".join(f"config.{k}" for k in EVAL_OVERRIDABLE)
+    )
+  config.update_from_flattened_dict(changed)
+  return [f"config.{k}: {saved.get(k)!r} -> {v!r}" for k, v in changed.items()]
+
+
+def _require_writable(workdir, out_dir, files):
+  """Fails before any computing when eval could not write its results."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    for directory in (workdir, out_dir):
+      with tempfile.TemporaryFile(dir=directory):
+        pass
+  except OSError as e:
+    raise PermissionError(
+        f"cannot write the evaluation's results under {workdir} ({e}): make it writable"
+    ) from None
+  for path in files:
+    if os.path.exists(path) and not (os.path.isfile(path) and os.access(path, os.W_OK)):
+      raise PermissionError(f"{path} is not a writable file: remove it or make it writable")
+
+
+def evaluate_workdir(workdir, overrides=None):
+  """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
+  optionally overclustering; writes `eval.json` and PNGs under workdir/eval.
+
+  `overrides` ({dotted key: value}, e.g. {'eval.k_test': 54}) change the saved config where
+  that does not change the model (EVAL_OVERRIDABLE); each change is reported in one line.
+  """
+  config = rundir.saved_config(workdir)
+  for line in apply_eval_overrides(config, overrides or {}):
+    reporting.say(f"eval overrides {line}")
+  config_check.validate(config)
+  out_dir = os.path.join(workdir, "eval")
+  _require_writable(
+      workdir,
+      out_dir,
+      [os.path.join(workdir, name) for name in ("eval.json", rundir.MATCHING_FILE)],
+  )
+  run = rundir.Run(config, workdir)
+  if run.val_source is None:
+    raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
+  state, targets, meta = rundir.restore_latest(run)
+  variables = state.variables
+  results = {}
+  if config.method != "pixel_kmeans" and meta.epoch > 0:
+    scores, _ = evaluate(
+        run.model,
+        variables,
+        eval_classifier(run, state, targets),
+        run.val_source,
+        config,
+        run.mesh,
+        run.step_config,
+        vis_prefix=os.path.join(out_dir, "epoch_clusters"),
+        progress=config.progress,
+    )
+    rundir.write_matching(workdir, meta.centroids_epoch, scores, run.val_source)
+    results["epoch_clusters"] = {"k": run.k, **scores}
+  results.update(
+      final_evaluation(
+          run.model,
+          variables,
+          run.train_source,
+          run.val_source,
+          config,
+          run.mesh,
+          run.step_config,
+          run.keys[rundir.FRESH_STREAM],
+          out_dir,
+          progress=config.progress,
+      )
+  )
+  results.update(run.bad_files())
+  reporting.write_json(os.path.join(workdir, "eval.json"), results)
   return results

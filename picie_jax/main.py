@@ -264,7 +264,6 @@ def _run_command(argv):
   import jax  # pylint: disable=g-import-not-at-top
 
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
-  from picie_jax import train  # pylint: disable=g-import-not-at-top
 
   parallel.maybe_initialize_distributed()
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -287,16 +286,22 @@ def _run_command(argv):
       )
     return
   if command == "convert":
-    config = train.import_official_checkpoint(_CONFIG.value, positional[0], _WORKDIR.value)
+    from picie_jax import convert  # pylint: disable=g-import-not-at-top
+
+    config = convert.import_official_checkpoint(_CONFIG.value, positional[0], _WORKDIR.value)
     print(
         f"imported {positional[0]} (K={config.kmeans.k_train}, epoch {config.num_epochs}) "
         f"into {_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}"
     )
     return
   if command == "train":
+    from picie_jax import train  # pylint: disable=g-import-not-at-top
+
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:
-    final = train.evaluate_workdir(_WORKDIR.value, _eval_overrides())
+    from picie_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    final = evaluate.evaluate_workdir(_WORKDIR.value, _eval_overrides())
   for name, scores in final.items() if jax.process_index() == 0 else ():
     if isinstance(scores, dict):
       print(f"{name} (K={scores['k']}): acc {scores['acc']:.2f}  mIoU {scores['miou']:.2f}")

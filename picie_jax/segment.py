@@ -18,10 +18,11 @@ from PIL import ImageOps
 import tensorflow as tf
 
 from picie_jax import config_check
+from picie_jax import evaluate
 from picie_jax import parallel
 from picie_jax import reporting
+from picie_jax import rundir
 from picie_jax import steps
-from picie_jax import train
 from picie_jax import visualize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -116,7 +117,7 @@ def group_batch_size(group_size, eval_batch_size, num_devices):
 
 def load_matching(workdir):
   """The run's matching.json (written when it evaluated with labels), or None."""
-  path = os.path.join(workdir, train.MATCHING_FILE)
+  path = os.path.join(workdir, rundir.MATCHING_FILE)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -138,20 +139,20 @@ def cluster_names(k, matching, epoch):
 
 def _restore_classifier(workdir):
   """(run, variables, replicated (K, C+1) classifier, cluster names) of a run's latest checkpoint."""
-  config = train.saved_config(workdir)
+  config = rundir.saved_config(workdir)
   config_check.validate(config)
-  run = train.Run(config, workdir, load_data=False)
-  state, targets, meta = train.restore_latest(run)
-  classifier = train.eval_classifier(run, state, targets)
-  epoch = train.centroids_epoch(meta)
+  run = rundir.Run(config, workdir, load_data=False)
+  state, targets, meta = rundir.restore_latest(run)
+  classifier = evaluate.eval_classifier(run, state, targets)
+  epoch = meta.centroids_epoch
   matching = load_matching(workdir)
   if matching is not None and matching["epoch"] != epoch:
     reporting.say(
-        f"{workdir}/{train.MATCHING_FILE} describes the clusters of epoch "
+        f"{workdir}/{rundir.MATCHING_FILE} describes the clusters of epoch "
         f"{matching['epoch']}, the checkpoint holds epoch {epoch}'s: legends show "
         "cluster numbers only"
     )
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = state.variables
   return (
       run,
       variables,
@@ -197,7 +198,7 @@ def segment_images(workdir, out_dir, paths, progress=None):
           variables,
           classifier,
           parallel.shard_host_batch(batch, run.mesh),
-          method=run.method,
+          step_config=run.step_config,
       )
       for row, (i, image) in enumerate(zip(chunk, originals)):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))

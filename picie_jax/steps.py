@@ -1,6 +1,6 @@
 """The jitted per-batch functions of every phase: views, features, labels, train and eval steps.
 
-Everything here is pure: variables, centroids and batches in, arrays out. `Method` carries the
+Everything here is pure: variables, centroids and batches in, arrays out. `StepConfig` carries the
 static choices (views, classifier, metric, transform configs) so one code path serves PiCIE,
 its ablations, MDC and the raw-pixel baseline.
 """
@@ -22,15 +22,15 @@ from picie_jax.models import fpn
 FEATURE_STRIDE = 4
 
 
-class Method(NamedTuple):
-  """Static description of the method, hashable for jit."""
+class StepConfig(NamedTuple):
+  """The static choices of the per-batch steps (views, classifier, metric, transforms),
+  hashable for jit: one code path serves PiCIE, its ablations, MDC and the pixel baseline."""
 
   num_views: int  # 2 for PiCIE, 1 for MDC
   use_cross: bool
   parametric: bool  # learned 1x1 classifier (MDC) instead of the centroids
   pixels: bool  # raw-pixel baseline: features are the image's colours, no network
   metric: str  # 'cosine' or 'l2'
-  balance: bool
   res1: int
   cached_labels: bool  # train_step takes the labels from batch['labels'] (the label cache)
   photometric: T.PhotometricConfig
@@ -42,15 +42,14 @@ class Method(NamedTuple):
   jitter_train_view1: bool = True
 
 
-def method_from_config(config):
+def step_config_from_config(config):
   a = config.augment
-  return Method(
+  return StepConfig(
       num_views=1 if config.method == "mdc" else 2,
       use_cross=config.method == "picie" and config.train.cross_view_loss,
       parametric=config.train.classifier == "parametric",
       pixels=config.method == "pixel_kmeans",
       metric=config.kmeans.metric,
-      balance=config.train.balance,
       res1=config.res1,
       cached_labels=config.train.labels == "cached",
       photometric=T.PhotometricConfig(
@@ -80,14 +79,54 @@ def method_from_config(config):
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training. `classifier` is (V, K, C+1), used if parametric."""
+  """Everything that changes during training, and the optimizer that changes it (static, as
+  flax's TrainState carries it). `params` = {'network': the model's params, 'classifier':
+  (V, K, C+1) 1x1 convs, trained when parametric (MDC)}."""
 
   step: jax.Array
   params: dict
   batch_stats: dict
   opt_state: optax.OptState
-  classifier: jax.Array
-  classifier_opt_state: optax.OptState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, variables, classifier, tx):
+    """Step 0 of the network's `variables` ({'params', 'batch_stats'}) and `classifier`."""
+    params = {"network": variables["params"], "classifier": classifier}
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        tx=tx,
+    )
+
+  @property
+  def variables(self):
+    """The network's {'params', 'batch_stats'}, as model.apply takes them."""
+    return {"params": self.params["network"], "batch_stats": self.batch_stats}
+
+  @property
+  def classifier(self):
+    return self.params["classifier"]
+
+  def apply_gradients(self, grads, batch_stats):
+    """One optimizer step of `grads` (shaped as `params`); the pass's BN statistics kept."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(
+        step=self.step + 1,
+        params=optax.apply_updates(self.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+
+  def with_new_classifier(self, classifier):
+    """`classifier` in place of the current one, with fresh optimizer moments (MDC's restart
+    every epoch); the network's moments are kept."""
+    params = {**self.params, "classifier": classifier}
+    fresh = self.tx.init(params).inner_states["classifier"]
+    inner_states = {**self.opt_state.inner_states, "classifier": fresh}
+    return self.replace(params=params, opt_state=self.opt_state._replace(inner_states=inner_states))
 
 
 @flax.struct.dataclass
@@ -127,31 +166,33 @@ def _to_float_images(images_uint8):
   return images_uint8.astype(jnp.float32) / 255.0
 
 
-def view_images(images_uint8, indices, epoch, key, method, train_phase=False):
+def view_images(images_uint8, indices, epoch, key, step_config, train_phase=False):
   """The network inputs of each view in [0, 1], plus G's parameters (DESIGN §1 'two views').
 
   view 1 = G(P1(x)) resized to res1; view 2 = P2(x) resized to res1 (G comes after f).
-  `train_phase`: the inputs of the loss, where `method.jitter_train_view1=False` drops P1.
+  `train_phase`: the inputs of the loss, where `step_config.jitter_train_view1=False` drops P1.
   """
   x = _to_float_images(images_uint8)
   geo = T.batch_params(
-      T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM, method.geometric
+      T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM, step_config.geometric
   )
-  streams = (T.VIEW1_PHOTOMETRIC_STREAM, T.VIEW2_PHOTOMETRIC_STREAM)[: method.num_views]
+  streams = (T.VIEW1_PHOTOMETRIC_STREAM, T.VIEW2_PHOTOMETRIC_STREAM)[: step_config.num_views]
   views = []
   for view, stream in enumerate(streams):
-    photo = T.batch_params(T.photometric_params, key, epoch, indices, stream, method.photometric)
-    coloured = T.apply_colour(x, photo, method.photometric)  # P = blur(colour), blur in resize
-    blur = T.blur_kernels(photo, method.photometric)
+    photo = T.batch_params(
+        T.photometric_params, key, epoch, indices, stream, step_config.photometric
+    )
+    coloured = T.apply_colour(x, photo, step_config.photometric)  # P = blur(colour), blur in resize
+    blur = T.blur_kernels(photo, step_config.photometric)
     if view == 0:
-      if train_phase and not method.jitter_train_view1:
-        views.append(T.apply_geometric(x, geo, method.res1))
+      if train_phase and not step_config.jitter_train_view1:
+        views.append(T.apply_geometric(x, geo, step_config.res1))
       else:
-        views.append(T.apply_geometric(coloured, geo, method.res1, blur))
-    elif method.antialiased_view2:
-      views.append(T.resize_antialiased(coloured, method.res1, blur))
+        views.append(T.apply_geometric(coloured, geo, step_config.res1, blur))
+    elif step_config.antialiased_view2:
+      views.append(T.resize_antialiased(coloured, step_config.res1, blur))
     else:
-      views.append(T.resize_bilinear(coloured, method.res1, blur))
+      views.append(T.resize_bilinear(coloured, step_config.res1, blur))
   return views, geo
 
 
@@ -170,57 +211,73 @@ def pixel_features(images_01):
   return images_01.reshape(b, h // s, s, w // s, s, c).mean(axis=(2, 4))
 
 
-def _raw_features(model, variables, images_01, method, train):
+def _raw_features(model, variables, images_01, step_config, train):
   """(features (B, h, w, C), batch_stats): the network's, or the pixels' for the baseline."""
-  if method.pixels:
+  if step_config.pixels:
     return pixel_features(images_01), variables.get("batch_stats")
   return network_features(model, variables, images_01, train)
 
 
-def _in_metric_space(z, method):
+def _in_metric_space(z, step_config):
   """Features as k-means and the classifier see them: L2-normalised for the cosine metric."""
-  return kmeans.normalize_features(z) if method.metric == "cosine" else z
+  return kmeans.normalize_features(z) if step_config.metric == "cosine" else z
 
 
-def _one_view_features(model, params, batch_stats, images_by_view, geo, view, method, train):
+def _one_view_features(model, params, batch_stats, images_by_view, geo, view, step_config, train):
   """View `view`'s features in view 1's frame (G after f for view 2), in the metric's space."""
   z, batch_stats = _raw_features(
-      model, {"params": params, "batch_stats": batch_stats}, images_by_view[view], method, train
+      model,
+      {"params": params, "batch_stats": batch_stats},
+      images_by_view[view],
+      step_config,
+      train,
   )
   if view == 1:
     z = T.apply_geometric(z, geo, z.shape[1])
-  return _in_metric_space(z, method), batch_stats
+  return _in_metric_space(z, step_config), batch_stats
 
 
 def view_features(
-    model, variables, images_uint8, indices, epoch, key, method, train, train_phase=False
+    model, variables, images_uint8, indices, epoch, key, step_config, train, train_phase=False
 ):
   """Each view's features in the common frame of view 1, normalised for the cosine metric.
 
-  `train_phase` as in view_images. Returns ([z_v (B, h, w, C) per view], batch_stats after the
-  passes, view 1's first).
+  `train_phase` as in view_images. variables['batch_stats'] is one tree, moved by view 1's
+  pass and then view 2's (the train step), or a list of one tree per view, each moved by its
+  own view's pass (the cluster phase's chains). Returns ([z_v (B, h, w, C) per view], the
+  batch statistics in the form given, moved).
   """
   images_by_view, geo = view_images(
-      images_uint8, indices, epoch, key, method, train_phase=train_phase
+      images_uint8, indices, epoch, key, step_config, train_phase=train_phase
   )
   batch_stats = variables.get("batch_stats")
+  per_view = isinstance(batch_stats, list)
+  chains = list(batch_stats) if per_view else [batch_stats]
   feats = []
-  for view in range(method.num_views):
-    z, batch_stats = _one_view_features(
-        model, variables.get("params"), batch_stats, images_by_view, geo, view, method, train
+  for view in range(step_config.num_views):
+    chain = view if per_view else 0
+    z, chains[chain] = _one_view_features(
+        model,
+        variables.get("params"),
+        chains[chain],
+        images_by_view,
+        geo,
+        view,
+        step_config,
+        train,
     )
     feats.append(z)
-  return feats, batch_stats
+  return feats, (chains if per_view else chains[0])
 
 
-def plain_features(model, variables, images_uint8, method, resize=True):
+def plain_features(model, variables, images_uint8, step_config, resize=True):
   """Features of un-augmented images in eval BN: resized to res1 (evaluation and fresh
   clusters), or with `resize=False` at their own size (segment's whole photos)."""
   images = _to_float_images(images_uint8)
   if resize:
-    images = T.resize_bilinear(images, method.res1)
-  z, _ = _raw_features(model, variables, images, method, train=False)
-  return _in_metric_space(z, method)
+    images = T.resize_bilinear(images, step_config.res1)
+  z, _ = _raw_features(model, variables, images, step_config, train=False)
+  return _in_metric_space(z, step_config)
 
 
 def flatten_with_mask(z_bhwc, mask_b):
@@ -229,8 +286,10 @@ def flatten_with_mask(z_bhwc, mask_b):
   return z_bhwc.reshape(b * h * w, c), jnp.repeat(mask_b, h * w)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "train"))
-def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, method, train=True):
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "train"))
+def cluster_features(
+    model, params, batch_stats_by_view, batch, epoch, key, *, step_config, train=True
+):
   """Cluster phase: every view's flattened features from one read of the batch (BN in
   batch-stats mode by default, as the reference runs these passes under model.train()).
 
@@ -238,31 +297,35 @@ def cluster_features(model, params, batch_stats_by_view, batch, epoch, key, *, m
   combines the chains into the reference's two-pass result). Returns ([(points (N, C),
   mask (N,)) per view], [batch_stats per view]).
   """
-  images_by_view, geo = view_images(batch["image"], batch["index"], epoch, key, method)
-  points, chains = [], []
-  for view in range(method.num_views):
-    z, batch_stats = _one_view_features(
-        model, params, batch_stats_by_view[view], images_by_view, geo, view, method, train
-    )
-    points.append(flatten_with_mask(z, batch["mask"]))
-    chains.append(batch_stats)
-  return points, chains
+  feats, chains = view_features(
+      model,
+      {"params": params, "batch_stats": list(batch_stats_by_view)},
+      batch["image"],
+      batch["index"],
+      epoch,
+      key,
+      step_config,
+      train,
+  )
+  return [flatten_with_mask(z, batch["mask"]) for z in feats], chains
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method"))
-def fresh_features(model, variables, batch, *, method):
+@functools.partial(jax.jit, static_argnames=("model", "step_config"))
+def fresh_features(model, variables, batch, *, step_config):
   """Fresh-cluster pass: un-augmented features in eval mode, flattened with their mask."""
-  return flatten_with_mask(plain_features(model, variables, batch["image"], method), batch["mask"])
+  return flatten_with_mask(
+      plain_features(model, variables, batch["image"], step_config), batch["mask"]
+  )
 
 
-def labels_for_batch(model, targets, batch, epoch, key, method):
+def labels_for_batch(model, targets, batch, epoch, key, step_config):
   """Label phase for one batch: nearest centroid of each view's eval-mode features.
 
   The same function produces the counts of the label phase and the labels inside train_step,
   so stored labels and recomputed labels cannot disagree.
   """
   feats, _ = view_features(
-      model, targets.frozen, batch["image"], batch["index"], epoch, key, method, train=False
+      model, targets.frozen, batch["image"], batch["index"], epoch, key, step_config, train=False
   )
   labels = []
   for view, z in enumerate(feats):
@@ -277,11 +340,11 @@ def label_dtype(k):
   return jnp.uint8 if k <= 256 else jnp.int16 if k <= 32768 else jnp.int32
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "k"))
-def label_counts(model, targets, batch, epoch, key, *, method, k):
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "k"))
+def label_counts(model, targets, batch, epoch, key, *, step_config, k):
   """The label pass of one batch: (V, K) label counts (padded images excluded), for the
   balance weights, and the labels (B, V, h, w) in label_dtype(k), for the label cache."""
-  labels = labels_for_batch(model, targets, batch, epoch, key, method)
+  labels = labels_for_batch(model, targets, batch, epoch, key, step_config)
   valid = batch["mask"][:, None, None]
   counts = jnp.stack(
       [
@@ -295,15 +358,20 @@ def label_counts(model, targets, batch, epoch, key, *, method, k):
 
 
 @functools.cache
-def make_optimizer(lr, weight_decay):
-  """Adam (AdamW when weight_decay > 0); the reference uses Adam without decay.
+def make_optimizer(lr, weight_decay, train_classifier):
+  """Adam (AdamW when weight_decay > 0; the reference uses Adam without decay) over the
+  TrainState's params, partitioned by a mask: the network and the classifier keep their own
+  moments and step counts (MDC restarts its classifier's every epoch); a classifier that is
+  not trained (the centroids classify) gets zero updates.
 
-  Cached: the optimizer is a static argument of the jitted train step, so runs with the same
-  settings in one process share one compiled step instead of compiling their own.
+  Cached: the optimizer is static in the jitted train step (part of the state's tree), so
+  runs with the same settings in one process share one compiled step.
   """
-  if weight_decay > 0:
-    return optax.adamw(lr, weight_decay=weight_decay)
-  return optax.adam(lr)
+  adam = optax.adamw(lr, weight_decay=weight_decay) if weight_decay > 0 else optax.adam(lr)
+  return optax.partition(
+      {"network": adam, "classifier": adam if train_classifier else optax.set_to_zero()},
+      {"network": "network", "classifier": "classifier"},
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "res"))
@@ -312,29 +380,31 @@ def init_variables(model, key, res):
   return model.init(key, jnp.zeros((1, res, res, 3)), train=False)
 
 
-def loss_and_grads(model, state, targets, batch, labels, epoch, key, method):
+def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config):
   """The train phase's loss of a batch with its labels (both views' augmentation, train-mode
-  features, within + cross terms) and its gradients: ((total, (losses, batch_stats)),
-  (network grads, classifier grads)); the classifier's are zero unless method.parametric."""
+  features, within + cross terms) and its gradients: ((total, (losses, batch_stats)), grads
+  shaped as state.params); the classifier's are zero unless step_config.parametric."""
 
-  def loss_fn(params, classifier):
+  def loss_fn(params):
     feats, batch_stats = view_features(
         model,
-        {"params": params, "batch_stats": state.batch_stats},
+        {"params": params["network"], "batch_stats": state.batch_stats},
         batch["image"],
         batch["index"],
         epoch,
         key,
-        method,
+        step_config,
         train=True,
         train_phase=True,
     )
-    if method.parametric:
-      weights = classifier
+    if step_config.parametric:
+      weights = params["classifier"]
     else:
-      weights = jnp.stack([classifier_from_centroids(c, method.metric) for c in targets.centroids])
+      weights = jnp.stack(
+          [classifier_from_centroids(c, step_config.metric) for c in targets.centroids]
+      )
     z = [with_bias_column(f) for f in feats]
-    if method.num_views == 2:
+    if step_config.num_views == 2:
       out = losses.picie_loss(
           z[0],
           z[1],
@@ -345,7 +415,7 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, method):
           targets.weights[0],
           targets.weights[1],
           batch["mask"],
-          use_cross=method.use_cross,
+          use_cross=step_config.use_cross,
       )
     else:
       within = losses.weighted_cross_entropy(
@@ -357,49 +427,35 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, method):
       out = {"within": within, "cross": jnp.zeros_like(within), "total": within}
     return out["total"], (out, batch_stats)
 
-  return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.classifier)
+  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "tx"), donate_argnums=(1,))
-def train_step(model, state, targets, batch, epoch, key, *, method, tx):
+@functools.partial(jax.jit, static_argnames=("model", "step_config"), donate_argnums=(1,))
+def train_step(model, state, targets, batch, epoch, key, *, step_config):
   """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
 
   The labels come from the label cache (batch['labels'] (B, V, h, w)) when
-  method.cached_labels, else they are recomputed here by the label pass's own function.
+  step_config.cached_labels, else they are recomputed here by the label pass's own function.
   Returns (new state, {'total', 'within', 'cross'} losses).
   """
-  if method.cached_labels:
-    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(method.num_views)]
+  if step_config.cached_labels:
+    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(step_config.num_views)]
   else:
-    labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, method))
+    labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, step_config))
 
-  (_, (out, batch_stats)), (grads, cls_grads) = loss_and_grads(
-      model, state, targets, batch, labels, epoch, key, method
+  (_, (out, batch_stats)), grads = loss_and_grads(
+      model, state, targets, batch, labels, epoch, key, step_config
   )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  classifier, cls_opt_state = state.classifier, state.classifier_opt_state
-  if method.parametric:
-    cls_updates, cls_opt_state = tx.update(cls_grads, cls_opt_state, classifier)
-    classifier = optax.apply_updates(classifier, cls_updates)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=opt_state,
-      classifier=classifier,
-      classifier_opt_state=cls_opt_state,
-  )
-  return new_state, out
+  return state.apply_gradients(grads, batch_stats), out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "num_true"))
-def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "num_true"))
+def eval_step(model, variables, classifier_kc1, batch, *, step_config, num_true):
   """Predictions at label resolution and the batch's (num_true, K) confusion histogram.
 
   logits at stride 4 are upsampled bilinearly to the label size, then argmax (DESIGN §1).
   """
-  z = with_bias_column(plain_features(model, variables, batch["image"], method))
+  z = with_bias_column(plain_features(model, variables, batch["image"], step_config))
   logits = losses.prototype_logits(z, classifier_kc1)
   _, h, w = batch["label"].shape
   logits = fpn.resize_bilinear(logits, (h, w))
@@ -414,14 +470,14 @@ def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
   return pred, hist
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method"))
-def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, method):
+@functools.partial(jax.jit, static_argnames=("model", "step_config"))
+def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, step_config):
   """Classifier logits (B, H/4, W/4, K) of un-augmented images at their own size, eval BN.
 
   Unlike eval_step nothing is resized to res1: `segment` feeds whole photos of any shape
   (H, W multiples of 32).
   """
-  z = plain_features(model, variables, images_uint8, method, resize=False)
+  z = plain_features(model, variables, images_uint8, step_config, resize=False)
   return losses.prototype_logits(with_bias_column(z), classifier_kc1)
 
 

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from picie_jax import reporting
+from picie_jax import rundir
 from picie_jax import train
 
 STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
@@ -117,8 +118,8 @@ def is_done(config, run_dir):
       os.path.isfile(final)
       and os.path.isfile(saved)
       and os.path.getmtime(final) >= os.path.getmtime(saved)
-      and not train.config_changes(config, run_dir)
-      and train.saved_config(run_dir).num_epochs == config.num_epochs
+      and not rundir.config_changes(config, run_dir)
+      and rundir.saved_config(run_dir).num_epochs == config.num_epochs
   )
 
 

@@ -20,8 +20,9 @@ import numpy as np
 import optax
 
 from configs import synthetic as synthetic_config
+from picie_jax import convert
+from picie_jax import rundir
 from picie_jax import steps
-from picie_jax import train
 from picie_jax.core import losses
 from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
@@ -29,8 +30,8 @@ from picie_jax.data import synthetic
 _LOGIT_SCALE = 10.0  # a learned linear head on normalised features needs a temperature
 
 
-@functools.partial(jax.jit, static_argnames=("run",))
-def _step(run, params, opt_state, batch_stats, images, labels, indices, epoch):
+@functools.partial(jax.jit, static_argnames=("run", "tx"))
+def _step(run, tx, params, opt_state, batch_stats, images, labels, indices, epoch):
   num_classes = synthetic.NUM_CLASSES
 
   def loss_fn(p):
@@ -42,7 +43,7 @@ def _step(run, params, opt_state, batch_stats, images, labels, indices, epoch):
         indices,
         epoch,
         run.augment_key,
-        run.method,
+        run.step_config,
         True,
         views=(0,),
     )
@@ -52,7 +53,7 @@ def _step(run, params, opt_state, batch_stats, images, labels, indices, epoch):
         epoch,
         indices,
         T.GEOMETRIC_STREAM,
-        run.method.geometric,
+        run.step_config.geometric,
     )
     target = T.apply_geometric(jax.nn.one_hot(labels, num_classes), geo, feats[0].shape[1]).argmax(
         -1
@@ -61,7 +62,7 @@ def _step(run, params, opt_state, batch_stats, images, labels, indices, epoch):
     return losses.weighted_cross_entropy(logits, target, jnp.ones(num_classes)), new_stats
 
   (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = run.tx.update(grads, opt_state, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, new_stats, loss
 
 
@@ -72,12 +73,15 @@ def main():
   parser.add_argument("--num-images", type=int, default=768)
   args = parser.parse_args()
   config = synthetic_config.get_config()
-  run = train.Run(config, "/unused")
-  state, _ = train.initial_state(run)
+  run = rundir.Run(config, "/unused")
+  state, _ = rundir.initial_state(
+      run, convert.initial_variables(rundir.random_variables(run), config.model)
+  )
   images, labels = synthetic.generate_split(3000, 0, args.num_images, config.dataset.synthetic_size)
   head = jnp.zeros((synthetic.NUM_CLASSES, config.model.fpn_channels + 1))
-  params = (state.params, head)
-  opt_state, batch_stats = run.tx.init(params), state.batch_stats
+  params = (state.variables["params"], head)
+  tx = optax.adam(config.train.lr)  # the run's optimizer (config.train.weight_decay is 0)
+  opt_state, batch_stats = tx.init(params), state.batch_stats
   batch = config.train.batch_size
   for epoch in range(args.epochs):
     order = np.random.default_rng(epoch).permutation(args.num_images)
@@ -85,6 +89,7 @@ def main():
       idx = order[start : start + batch]
       params, opt_state, batch_stats, loss = _step(
           run,
+          tx,
           params,
           opt_state,
           batch_stats,

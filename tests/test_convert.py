@@ -265,7 +265,8 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
 
   from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
 
-  from picie_jax import train  # pylint: disable=g-import-not-at-top
+  from picie_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from picie_jax import rundir  # pylint: disable=g-import-not-at-top
   from picie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   torch_net = torch_models.randomize_(
@@ -306,11 +307,11 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
       }
   )
   workdir = str(tmp_path / "official")
-  train.import_official_checkpoint(tiny_config, str(path), workdir)
-  results = train.evaluate_workdir(workdir)
+  convert.import_official_checkpoint(tiny_config, str(path), workdir)
+  results = evaluate.evaluate_workdir(workdir)
   assert results["epoch_clusters"]["k"] == k
 
-  run = train.Run(tiny_config, workdir)
+  run = rundir.Run(tiny_config, workdir)
   hist = np.zeros((run.val_source.num_classes, k), np.int64)
   torch_net.eval()
   for batch in pipeline.pass_batches(run.val_source, 16, tiny_config.eval.res, with_labels=True):
@@ -332,7 +333,7 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
   assert (saved["kmeans"]["k_train"], saved["num_epochs"]) == (k, 10)
 
   with pytest.raises(FileExistsError, match="already holds a run"):
-    train.import_official_checkpoint(tiny_config, str(path), workdir)
+    convert.import_official_checkpoint(tiny_config, str(path), workdir)
 
   # MDC's learned classifier (with a bias) is kept as the parametric classifier.
   weight, bias = torch.randn(k, 128, generator=gen), torch.randn(k, generator=gen)
@@ -351,15 +352,15 @@ def test_official_picie_checkpoint_converts_and_evaluates_like_torch(tiny_config
   tiny_config.method = "mdc"
   tiny_config.train.cross_view_loss = False
   with pytest.raises(ValueError, match="classifier='parametric'"):
-    train.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc_wrong"))
+    convert.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc_wrong"))
   tiny_config.train.classifier = "parametric"
-  train.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc"))
-  mdc_run = train.Run(
-      train.saved_config(str(tmp_path / "mdc")), str(tmp_path / "mdc"), load_data=False
+  convert.import_official_checkpoint(tiny_config, str(mdc_path), str(tmp_path / "mdc"))
+  mdc_run = rundir.Run(
+      rundir.saved_config(str(tmp_path / "mdc")), str(tmp_path / "mdc"), load_data=False
   )
-  state, targets, _ = train.restore_latest(mdc_run)
+  state, targets, _ = rundir.restore_latest(mdc_run)
   np.testing.assert_array_equal(
-      train.eval_classifier(mdc_run, state, targets),
+      evaluate.eval_classifier(mdc_run, state, targets),
       np.concatenate([weight.numpy(), bias.numpy()[:, None]], axis=1),
   )
   cli = subprocess.run(

@@ -14,7 +14,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image
 
 from configs import synthetic as synthetic_config
@@ -23,13 +22,13 @@ from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
 
 
-def _method(dataset="cityscapes27", **overrides):
+def _step_config(dataset="cityscapes27", **overrides):
   c = synthetic_config.get_config()
   c.res1 = 32
   c.dataset.name = dataset
   c.augment.reference_quirks = True
   c.update_from_flattened_dict(overrides)
-  return steps.method_from_config(c)
+  return steps.step_config_from_config(c)
 
 
 def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
@@ -37,17 +36,19 @@ def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
   images = jnp.asarray(synthetic.generate_split(7, 0, 2, 32)[0])
   indices, key = jnp.arange(2), jax.random.PRNGKey(3)
   mdc = {"method": "mdc", "train.cross_view_loss": False}
-  method = _method(**mdc)
-  geo = T.batch_params(T.geometric_params, key, 0, indices, T.GEOMETRIC_STREAM, method.geometric)
+  step_config = _step_config(**mdc)
+  geo = T.batch_params(
+      T.geometric_params, key, 0, indices, T.GEOMETRIC_STREAM, step_config.geometric
+  )
   photo = T.batch_params(
-      T.photometric_params, key, 0, indices, T.VIEW1_PHOTOMETRIC_STREAM, method.photometric
+      T.photometric_params, key, 0, indices, T.VIEW1_PHOTOMETRIC_STREAM, step_config.photometric
   )
   x = images.astype(jnp.float32) / 255
   official = {
       "jittered": T.apply_geometric(
-          T.apply_photometric(x, photo, method.photometric), geo, method.res1
+          T.apply_photometric(x, photo, step_config.photometric), geo, step_config.res1
       ),
-      "unjittered": T.apply_geometric(x, geo, method.res1),
+      "unjittered": T.apply_geometric(x, geo, step_config.res1),
   }
   assert float(jnp.abs(official["jittered"] - official["unjittered"]).max()) > 0.05
   cases = {
@@ -57,8 +58,8 @@ def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
       ("cityscapes27", False, "train"): "jittered",
   }
   for (dataset, quirks, mode), want in cases.items():
-    method = _method(dataset, **mdc, **{"augment.reference_quirks": quirks})
-    (v1,), _ = steps.view_images(images, indices, 0, key, method, train_phase=mode == "train")
+    step_config = _step_config(dataset, **mdc, **{"augment.reference_quirks": quirks})
+    (v1,), _ = steps.view_images(images, indices, 0, key, step_config, train_phase=mode == "train")
     np.testing.assert_allclose(
         v1, official[want], atol=1e-6, err_msg=f"{dataset} quirks={quirks} {mode}"
     )
@@ -67,7 +68,9 @@ def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
 def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
   """The loss's view_images call is the one marked train_phase (labels recomputed in the step
   keep P1)."""
-  method = _method(**{"method": "pixel_kmeans", "kmeans.metric": "l2", "train.labels": "recompute"})
+  step_config = _step_config(
+      **{"method": "pixel_kmeans", "kmeans.metric": "l2", "train.labels": "recompute"}
+  )
   calls = []
   real = steps.view_images
 
@@ -76,15 +79,10 @@ def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
     return real(*args, train_phase=train_phase, **kwargs)
 
   monkeypatch.setattr(steps, "view_images", recording)
-  tx = optax.adam(1e-3)
-  classifier = jnp.zeros((2, 3, 4))
-  state = steps.TrainState(
-      step=jnp.int32(0),
-      params={},
-      batch_stats={},
-      opt_state=tx.init({}),
-      classifier=classifier,
-      classifier_opt_state=tx.init(classifier),
+  state = steps.TrainState.create(
+      {"params": {}, "batch_stats": {}},
+      jnp.zeros((2, 3, 4)),
+      steps.make_optimizer(1e-3, 0.0, train_classifier=False),
   )
   targets = steps.EpochTargets(
       frozen={"params": {}, "batch_stats": {}},
@@ -96,7 +94,7 @@ def test_train_step_asks_for_the_train_phase_inputs(monkeypatch):
       "index": jnp.arange(2),
       "mask": jnp.ones(2, bool),
   }
-  step = functools.partial(steps.train_step.__wrapped__, None, method=method, tx=tx)
+  step = functools.partial(steps.train_step.__wrapped__, None, step_config=step_config)
   jax.make_jaxpr(step)(state, targets, batch, 0, jax.random.PRNGKey(0))
   assert calls.count(True) == 1 and calls.count(False) == 1  # the loss, the labels
 
@@ -107,9 +105,9 @@ def test_quirk_view2_is_resized_as_pil_does():
   level is the tolerance. Plain bilinear (the default) is far from it on fine texture."""
   image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
   pil = np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR), np.float32)
-  method = _method(**{"augment.photometric": False})
+  step_config = _step_config(**{"augment.photometric": False})
   (_, v2), _ = steps.view_images(
-      jnp.asarray(image)[None], jnp.arange(1), 0, jax.random.PRNGKey(0), method
+      jnp.asarray(image)[None], jnp.arange(1), 0, jax.random.PRNGKey(0), step_config
   )
   ours = np.asarray(v2[0]) * 255
   assert np.abs(ours - pil).max() <= 1.0 + 1e-3 and np.abs(ours - pil).mean() < 0.3

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from picie_jax import evaluate
+from picie_jax import rundir
 from picie_jax import segment
 from picie_jax import steps
 from picie_jax import train
@@ -41,8 +42,8 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def restored(run_dir):
   """(run, state, targets, meta) of the run's latest checkpoint, restored for the checks."""
-  run = train.Run(train.saved_config(run_dir), str(run_dir))
-  return (run, *train.restore_latest(run))
+  run = rundir.Run(rundir.saved_config(run_dir), str(run_dir))
+  return (run, *rundir.restore_latest(run))
 
 
 def _photo(path, height, width, seed, mode="RGB"):
@@ -94,9 +95,7 @@ def _expected_labels(restored, path, input_hw):
   original = np.asarray(Image.open(path).convert("RGB"))
   resized = tf.image.resize(original, input_hw, method="bilinear", antialias=True)
   x = jnp.asarray(np.clip(np.round(resized.numpy()), 0, 255)[None] / 255.0, jnp.float32)
-  z, _ = steps.network_features(
-      run.model, {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
-  )
+  z, _ = steps.network_features(run.model, state.variables, x, train=False)
   z = np.asarray(z[0], np.float64)
   z /= np.linalg.norm(z, axis=-1, keepdims=True)
   logits = _bilinear_upsample(
@@ -181,15 +180,15 @@ def test_matching_json_is_the_hungarian_matching_of_the_epoch_clusters(run_dir, 
   assert matching["epoch"] == 0 and matching["k"] == K
   assert matching["class_names"] == list(synthetic.CLASS_NAMES)
   run, state, targets, meta = restored
-  assert train.centroids_epoch(meta) == 0
+  assert meta.centroids_epoch == 0
   _, hist = evaluate.evaluate(
       run.model,
-      {"params": state.params, "batch_stats": state.batch_stats},
-      train.eval_classifier(run, state, targets),
+      state.variables,
+      evaluate.eval_classifier(run, state, targets),
       run.val_source,
       run.config,
       run.mesh,
-      run.method,
+      run.step_config,
       progress=False,
   )
   assert matching["cluster_to_class"] == metrics.hungarian_match(hist).tolist()

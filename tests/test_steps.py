@@ -11,11 +11,11 @@ from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
 
 
-def _method(**overrides):
+def _step_config(**overrides):
   c = synthetic_config.get_config()
   c.res1 = 64
   c.update_from_flattened_dict(overrides)
-  return steps.method_from_config(c)
+  return steps.step_config_from_config(c)
 
 
 def _images(n=4, size=128):
@@ -26,7 +26,7 @@ def _images(n=4, size=128):
 def test_views_are_aligned_pixel_for_pixel():
   """With P off, z2 = G(f(view2)) must equal z1 = f(G(x)) for f = stride-4 pooling, up to
   interpolation error; a wrong G wiring (wrong view, flip or offset) breaks this badly."""
-  method = _method(
+  step_config = _step_config(
       **{"augment.photometric": False, "method": "pixel_kmeans", "kmeans.metric": "l2"}
   )
   noise = np.random.default_rng(0).random((4, 128, 128, 3))
@@ -34,7 +34,7 @@ def test_views_are_aligned_pixel_for_pixel():
   smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
   images = jnp.asarray(np.round(smooth * 255).astype(np.uint8))
   feats, _ = steps.view_features(
-      None, {}, images, jnp.arange(4), 0, jax.random.PRNGKey(0), method, train=False
+      None, {}, images, jnp.arange(4), 0, jax.random.PRNGKey(0), step_config, train=False
   )
   z1, z2 = (np.asarray(f) for f in feats)
   assert z1.shape == z2.shape == (4, 16, 16, 3)
@@ -50,12 +50,12 @@ def test_views_are_aligned_pixel_for_pixel():
 
 def test_view1_is_crop_of_the_image():
   """View 1 with P off equals apply_geometric of the image with the drawn parameters."""
-  method = _method(**{"augment.photometric": False})
+  step_config = _step_config(**{"augment.photometric": False})
   images, _ = _images(2)
   key = jax.random.PRNGKey(3)
-  (v1, v2), geo = steps.view_images(images, jnp.arange(2), 5, key, method)
+  (v1, v2), geo = steps.view_images(images, jnp.arange(2), 5, key, step_config)
   expect_geo = T.batch_params(
-      T.geometric_params, key, 5, jnp.arange(2), T.GEOMETRIC_STREAM, method.geometric
+      T.geometric_params, key, 5, jnp.arange(2), T.GEOMETRIC_STREAM, step_config.geometric
   )
   x = images.astype(jnp.float32) / 255
   np.testing.assert_allclose(v1, T.apply_geometric(x, expect_geo, 64), atol=1e-6)

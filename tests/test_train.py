@@ -21,6 +21,8 @@ from picie_jax import checkpoint
 from picie_jax import clustering
 from picie_jax import config_check
 from picie_jax import evaluate
+from picie_jax import parallel
+from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import train
 from picie_jax.core import kmeans as km
@@ -98,8 +100,8 @@ def phases():
 
   config = synthetic.get_config()
   config.update_from_flattened_dict(TINY_OVERRIDES)
-  run = train.Run(config, "/tmp/unused")
-  state, _ = train.initial_state(run)
+  run = rundir.Run(config, "/tmp/unused")
+  state, _ = train.fresh_state(run)
   start = jax.tree.map(jnp.copy, state)
   clustered = train.cluster_phase(run, state, epoch=0)
   labelled = train.label_phase(run, clustered[0], clustered[1], epoch=0)
@@ -114,10 +116,10 @@ def _two_pass_cluster_reference(run, state, epoch):
   @functools.partial(jax.jit, static_argnames="view")
   def view_pass(batch_stats, batch, view):
     images, geo = steps.view_images(
-        batch["image"], batch["index"], epoch, run.augment_key, run.method
+        batch["image"], batch["index"], epoch, run.augment_key, run.step_config
     )
     z, updates = run.model.apply(
-        {"params": state.params, "batch_stats": batch_stats},
+        {**state.variables, "batch_stats": batch_stats},
         images[view],
         train=True,
         mutable=["batch_stats"],
@@ -131,7 +133,9 @@ def _two_pass_cluster_reference(run, state, epoch):
 
     def features_fn(host_batch, for_init, view=view):
       nonlocal batch_stats
-      points, batch_stats = view_pass(batch_stats, run.shard(host_batch), view=view)
+      points, batch_stats = view_pass(
+          batch_stats, parallel.shard_host_batch(host_batch, run.mesh), view=view
+      )
       return [points]
 
     mu, stats = clustering.minibatch_kmeans(
@@ -141,7 +145,7 @@ def _two_pass_cluster_reference(run, state, epoch):
         num_init_batches=cfg.kmeans.num_init_batches,
         iters=cfg.kmeans.iters,
         init=cfg.kmeans.init,
-        keys=[jax.random.fold_in(jax.random.fold_in(run.keys[train._KMEANS_STREAM], epoch), view)],
+        keys=[jax.random.fold_in(jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch), view)],
         mesh=run.mesh,
         chunk_size=cfg.kmeans.chunk_size,
     )
@@ -152,7 +156,8 @@ def _two_pass_cluster_reference(run, state, epoch):
 
 def test_one_cluster_pass_equals_the_reference_two_passes(phases):
   """Centroids, k-means losses and the final BN running averages (m^N chain combination)."""
-  run, start, (state, centroids, stats), _ = phases
+  run, start, (state, centroids, view_stats), (_, counts, _) = phases
+  stats = rundir.ClusterStats.of(view_stats, counts).record()  # the metrics row's fields
   batch_stats, expect_centroids, expect_losses = _two_pass_cluster_reference(run, start, 0)
   np.testing.assert_allclose(centroids, expect_centroids, rtol=1e-5, atol=1e-6)
   for view, (init_loss, online_loss) in enumerate(expect_losses):
@@ -185,10 +190,16 @@ def test_cached_labels_train_as_recomputed_labels(phases):
   run, _, (state, _, _), (targets, _, cache) = phases
   np.testing.assert_array_equal(train.resumed_labels(run, targets, 0), cache)
   recompute = copy.copy(run)
-  recompute.method = run.method._replace(cached_labels=False)
+  recompute.step_config = run.step_config._replace(cached_labels=False)
   results = [
       train.train_phase(
-          r, jax.tree.map(jnp.copy, state), targets, labels, 0, 0, {}, _NoCheckpoints(), {}
+          r,
+          jax.tree.map(jnp.copy, state),
+          targets,
+          labels,
+          0,
+          _NoCheckpoints(),
+          rundir.CheckpointMeta(epoch=0, next_batch=0),
       )
       for r, labels in ((run, cache), (recompute, None))
   ]
@@ -219,12 +230,20 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
   """The final evaluation's fresh k-means guards and subsamples its init buffer as the cluster
   phase does (one view, un-augmented eval-mode features)."""
   run, start, _, _ = phases
-  variables = {"params": start.params, "batch_stats": start.batch_stats}
+  variables = start.variables
   key = jax.random.PRNGKey(0)
 
   def fresh(config):
     return evaluate.fresh_centroids(
-        run.model, variables, run.train_source, config, run.mesh, run.method, 4, key, progress=False
+        run.model,
+        variables,
+        run.train_source,
+        config,
+        run.mesh,
+        run.step_config,
+        4,
+        key,
+        progress=False,
     )
 
   with monkeypatch.context() as patch:
@@ -284,7 +303,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
         jnp.asarray(host_batch["index"]),
         0,
         run.augment_key,
-        run.method,
+        run.step_config,
     )
     variables = targets.frozen
     z1 = run.model.apply(variables, v1, train=False)
@@ -475,8 +494,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
   ckpts = tmp_path / "checkpoints"
   latest = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
   _corrupt(ckpts / str(latest))
-  run = train.Run(tiny_config, str(tmp_path))
-  state, targets = train.initial_state(run)
+  run = rundir.Run(tiny_config, str(tmp_path))
+  state, targets = rundir.initial_state(run)
   restored = checkpoint.Checkpointer(str(ckpts)).restore_latest(
       {"state": state, "targets": targets}
   )
@@ -516,22 +535,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path,
 
 
 def test_init_checkpoint_loads_and_rejects_a_different_model(tiny_config, tmp_path):
-  run = train.Run(tiny_config, str(tmp_path))
-  state, _ = train.initial_state(run)
+  run = rundir.Run(tiny_config, str(tmp_path))
+  state, _ = train.fresh_state(run)
   variables = {
-      "params": jax.tree.map(lambda x: x + 1.0, state.params),
+      "params": jax.tree.map(lambda x: x + 1.0, state.variables["params"]),
       "batch_stats": state.batch_stats,
   }
   path = tmp_path / "init.msgpack"
   path.write_bytes(flax.serialization.msgpack_serialize(jax.device_get(variables)))
   tiny_config.model.init = "checkpoint"
   tiny_config.model.init_checkpoint = str(path)
-  loaded, _ = train.initial_state(train.Run(tiny_config, str(tmp_path)))
-  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):
+  loaded, _ = train.fresh_state(rundir.Run(tiny_config, str(tmp_path)))
+  for a, b in zip(
+      jax.tree.leaves(loaded.variables["params"]), jax.tree.leaves(variables["params"])
+  ):
     np.testing.assert_array_equal(a, b)
   tiny_config.model.fpn_channels = 8
   with pytest.raises(ValueError, match="init_checkpoint.*does not fit config.model"):
-    train.initial_state(train.Run(tiny_config, str(tmp_path)))
+    train.fresh_state(rundir.Run(tiny_config, str(tmp_path)))
 
 
 def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from configs import common
 from picie_jax import config_check
 from picie_jax import evaluate
+from picie_jax import rundir
 from picie_jax import train
 from picie_jax.data import datasets
 from picie_jax.data import pipeline
@@ -215,9 +216,11 @@ def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
       ValueError,
       match=r"config.model.width cannot be changed at eval " r"\(8 -> 16\): it changes the model",
   ):
-    train.evaluate_workdir(pixel_run, {"model.width": 16, "eval.k_test": 4})
-  checkpoint_state = types.SimpleNamespace(params={}, batch_stats={})
-  monkeypatch.setattr(train, "restore_latest", lambda run: (checkpoint_state, None, {"epoch": 0}))
+    evaluate.evaluate_workdir(pixel_run, {"model.width": 16, "eval.k_test": 4})
+  checkpoint_state = types.SimpleNamespace(variables={"params": {}, "batch_stats": {}})
+  monkeypatch.setattr(
+      rundir, "restore_latest", lambda run: (checkpoint_state, None, rundir.CheckpointMeta(epoch=0))
+  )
   monkeypatch.setattr(
       evaluate,
       "final_evaluation",
@@ -229,8 +232,8 @@ def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
           }
       },
   )
-  saved_k = train.saved_config(pixel_run).eval.k_test
-  results = train.evaluate_workdir(
+  saved_k = rundir.saved_config(pixel_run).eval.k_test
+  results = evaluate.evaluate_workdir(
       pixel_run, {"eval.k_test": 4, "model.width": 8, "eval.batch_size": 8}
   )
   assert results == {"fresh": {"k": 4, "batch_size": 8, "root": ""}}
@@ -239,7 +242,7 @@ def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert f"eval overrides config.eval.k_test: {saved_k} -> 4" in out
   assert "config.eval.batch_size: 16 -> 8" in out and "model.width" not in out
-  assert train.saved_config(pixel_run).eval.k_test == saved_k  # the run's config is kept
+  assert rundir.saved_config(pixel_run).eval.k_test == saved_k  # the run's config is kept
 
 
 def test_eval_fails_before_computing_when_it_cannot_write(pixel_run, monkeypatch):
@@ -247,10 +250,10 @@ def test_eval_fails_before_computing_when_it_cannot_write(pixel_run, monkeypatch
   if os.path.exists(target):
     os.remove(target)
   os.makedirs(target)  # a directory where the file goes
-  monkeypatch.setattr(train, "Run", None)  # would fail if it got as far as building the run
+  monkeypatch.setattr(rundir, "Run", None)  # would fail if it got as far as building the run
   try:
     with pytest.raises(PermissionError, match=r"eval\.json is not a writable file"):
-      train.evaluate_workdir(pixel_run)
+      evaluate.evaluate_workdir(pixel_run)
   finally:
     os.rmdir(target)
 
