@@ -25,6 +25,7 @@ from picie_jax import config_check
 from picie_jax import convert
 from picie_jax import evaluate
 from picie_jax import parallel
+from picie_jax import platform
 from picie_jax import preemption
 from picie_jax import reporting
 from picie_jax import steps
@@ -53,8 +54,8 @@ class Run:
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
-    self.method = steps.method_from_config(config)
-    self.model = fpn.model_from_config(config.model)
+    self.method = steps.method_from_config(config, self.mesh)
+    self.model = fpn.model_from_config(config.model, platform.platform_of(self.mesh))
     self.tx = steps.make_optimizer(config.train.lr, config.train.weight_decay)
     self.train_source = self.val_source = None
     self.no_evaluation_reason = "the run was set up without its dataset"
@@ -143,6 +144,7 @@ def cluster_phase(run, state, epoch):
   side = cfg.res1 // steps.FEATURE_STRIDE
   clustering.check_init_buffer(
       cfg,
+      mesh=run.mesh,
       num_views=run.num_views,
       points_per_image=side * side,
       channels=3 if run.method.pixels else cfg.model.fpn_channels,

@@ -18,6 +18,7 @@ import optax
 from PIL import Image
 
 from configs import synthetic as synthetic_config
+from picie_jax import parallel
 from picie_jax import steps
 from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
@@ -29,7 +30,7 @@ def _method(dataset="cityscapes27", **overrides):
   c.dataset.name = dataset
   c.augment.reference_quirks = True
   c.update_from_flattened_dict(overrides)
-  return steps.method_from_config(c)
+  return steps.method_from_config(c, parallel.make_mesh())
 
 
 def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():
