@@ -47,6 +47,10 @@ setuptools.setup(
             "ruff==0.17.6",
         ],
         "bench": ["torch==2.13.0", "faiss-cpu", "scikit-learn", "scikit-image"],
+        # TPU VMs, and ahead-of-time compilation for a TPU topology from any host
+        # (benchmarks/aot.py): libtpu, about 700 MB.
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda12": ["jax[cuda12]==0.10.2"],  # NVIDIA GPUs (CUDA 12 wheels)
     },
     entry_points={"console_scripts": ["picie-jax=picie_jax.main:run"]},
 )

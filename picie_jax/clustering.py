@@ -31,10 +31,11 @@ def init_buffer_bytes(
   return -(-points * (channels * jnp.dtype(dtype).itemsize + 1) // num_devices)
 
 
-def device_memory_bytes():
-  """(bytes one local device can hold, where the number comes from): the accelerator's
-  `bytes_limit`, or on CPU the host's available RAM shared by its local devices."""
-  device = jax.local_devices()[0]
+def device_memory_bytes(mesh):
+  """(bytes one of this process's devices in `mesh` can hold, where the number comes from): the
+  accelerator's `bytes_limit`, or on CPU the host's available RAM shared by its mesh devices."""
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  device = local[0]
   stats = device.memory_stats() or {}
   if "bytes_limit" in stats:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} bytes_limit"
@@ -43,12 +44,12 @@ def device_memory_bytes():
     with open("/proc/meminfo") as f:
       fields = dict(line.split(":", 1) for line in f)
     available = int(fields["MemAvailable"].split()[0]) * 1024
-  return available // jax.local_device_count(), "available host RAM / local devices"
+  return available // len(local), "available host RAM / local devices"
 
 
-def check_init_buffer(config, *, num_views, points_per_image, channels, say):
+def check_init_buffer(config, *, mesh, num_views, points_per_image, channels, say):
   """Prints the init buffers' size per device and fails, before any batch is read, when it
-  exceeds what a device can hold, naming the config fields that shrink it."""
+  exceeds what a device of `mesh` can hold, naming the config fields that shrink it."""
   k = config.kmeans
   if k.init_pixels_per_image > points_per_image:
     raise ValueError(
@@ -62,12 +63,12 @@ def check_init_buffer(config, *, num_views, points_per_image, channels, say):
       points_per_image=k.init_pixels_per_image or points_per_image,
       channels=channels,
       dtype=BUFFER_DTYPES[k.buffer_dtype],
-      num_devices=jax.device_count(),
+      num_devices=mesh.size,
   )
-  limit, source = device_memory_bytes()
+  limit, source = device_memory_bytes(mesh)
   say(
       f"k-means init buffer: {needed / 2**30:.2f} GiB per device ({num_views} view(s), "
-      f"{jax.device_count()} device(s); {source}: {limit / 2**30:.2f} GiB)"
+      f"{mesh.size} device(s); {source}: {limit / 2**30:.2f} GiB)"
   )
   if needed > limit:
     raise MemoryError(

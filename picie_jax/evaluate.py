@@ -118,6 +118,7 @@ def fresh_centroids(model, variables, source, config, mesh, step_config, k, key,
   side = config.res1 // steps.FEATURE_STRIDE
   clustering.check_init_buffer(
       config,
+      mesh=mesh,
       num_views=1,
       points_per_image=side * side,
       channels=3 if step_config.pixels else config.model.fpn_channels,

@@ -32,9 +32,10 @@ def maybe_initialize_distributed():
     jax.distributed.initialize()
 
 
-def make_mesh():
-  """A 1-D mesh over every device of every process (the k-means mesh: axis 'data')."""
-  return kmeans.data_mesh()
+def make_mesh(devices=None):
+  """A 1-D mesh over `devices`, default every device of every process (the k-means mesh: axis
+  'data')."""
+  return kmeans.data_mesh(devices)
 
 
 def replicated(mesh):

@@ -18,6 +18,7 @@ from configs import common
 from picie_jax import checkpoint
 from picie_jax import config_check
 from picie_jax import parallel
+from picie_jax import platform
 from picie_jax import reporting
 from picie_jax import steps
 from picie_jax.data import datasets
@@ -132,8 +133,8 @@ class Run:
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
-    self.step_config = steps.step_config_from_config(config)
-    self.model = fpn.model_from_config(config.model)
+    self.step_config = steps.step_config_from_config(config, self.mesh)
+    self.model = fpn.model_from_config(config.model, platform.platform_of(self.mesh))
     self.train_source = self.val_source = None
     self.no_evaluation_reason = "the run was set up without its dataset"
     if load_data:

@@ -11,8 +11,10 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import optax
 
+from picie_jax import platform as platform_lib
 from picie_jax.core import kmeans
 from picie_jax.core import losses
 from picie_jax.core import metrics
@@ -35,6 +37,9 @@ class StepConfig(NamedTuple):
   cached_labels: bool  # train_step takes the labels from batch['labels'] (the label cache)
   photometric: T.PhotometricConfig
   geometric: T.GeometricConfig
+  # the devices the steps are compiled for: the label search's shard_map, and the platform
+  # whose forms of the ops are traced (platform.platform_of), whatever the host's backend
+  mesh: Mesh
   # reference_quirks: view 2 resized res2 -> res1 as PIL does (antialiased), not plain bilinear
   antialiased_view2: bool = False
   # reference_quirks on Cityscapes: its official loader trains on view 1 without P1 (its
@@ -42,7 +47,7 @@ class StepConfig(NamedTuple):
   jitter_train_view1: bool = True
 
 
-def step_config_from_config(config):
+def step_config_from_config(config, mesh):
   a = config.augment
   return StepConfig(
       num_views=1 if config.method == "mdc" else 2,
@@ -72,6 +77,7 @@ def step_config_from_config(config):
           vflip_p=a.vflip_p,
           enabled=a.geometric,
       ),
+      mesh=mesh,
       antialiased_view2=a.reference_quirks,
       jitter_train_view1=not (a.reference_quirks and config.dataset.name == "cityscapes27"),
   )
@@ -173,6 +179,7 @@ def view_images(images_uint8, indices, epoch, key, step_config, train_phase=Fals
   `train_phase`: the inputs of the loss, where `step_config.jitter_train_view1=False` drops P1.
   """
   x = _to_float_images(images_uint8)
+  platform = platform_lib.platform_of(step_config.mesh)
   geo = T.batch_params(
       T.geometric_params, key, epoch, indices, T.GEOMETRIC_STREAM, step_config.geometric
   )
@@ -188,11 +195,11 @@ def view_images(images_uint8, indices, epoch, key, step_config, train_phase=Fals
       if train_phase and not step_config.jitter_train_view1:
         views.append(T.apply_geometric(x, geo, step_config.res1))
       else:
-        views.append(T.apply_geometric(coloured, geo, step_config.res1, blur))
+        views.append(T.apply_geometric(coloured, geo, step_config.res1, blur, platform))
     elif step_config.antialiased_view2:
-      views.append(T.resize_antialiased(coloured, step_config.res1, blur))
+      views.append(T.resize_antialiased(coloured, step_config.res1, blur, platform))
     else:
-      views.append(T.resize_bilinear(coloured, step_config.res1, blur))
+      views.append(T.resize_bilinear(coloured, step_config.res1, blur, platform))
   return views, geo
 
 
@@ -330,7 +337,9 @@ def labels_for_batch(model, targets, batch, epoch, key, step_config):
   labels = []
   for view, z in enumerate(feats):
     b, h, w, c = z.shape
-    assigned, _ = kmeans.assign_to_nearest(z.reshape(-1, c), targets.centroids[view])
+    assigned, _ = kmeans.assign_to_nearest(
+        z.reshape(-1, c), targets.centroids[view], mesh=step_config.mesh
+    )
     labels.append(assigned.reshape(b, h, w))
   return labels
 

@@ -53,6 +53,7 @@ def cluster_phase(run, state, epoch):
   side = cfg.res1 // steps.FEATURE_STRIDE
   clustering.check_init_buffer(
       cfg,
+      mesh=run.mesh,
       num_views=run.num_views,
       points_per_image=side * side,
       channels=3 if run.step_config.pixels else cfg.model.fpn_channels,

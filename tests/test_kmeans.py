@@ -54,9 +54,11 @@ def test_assign_to_nearest_chunked_matches_brute_force():
   x = gaussian_points(0, 10000, 12)
   c = gaussian_points(1, 10, 12)
   want_labels, want_sq = brute_force_nearest(x, c)
-  assert km.default_chunk_size() == 4096  # on CPU: 10000 points are 3 chunks, the last overlaps
+  assert (
+      km.default_chunk_size("cpu") == 4096
+  )  # on CPU: 10000 points are 3 chunks, the last overlaps
   for chunk_size in (300, 0, 16384):  # 300 does not divide 10000 either; 0: the default
-    labels, sq = km.assign_to_nearest(x, c, chunk_size=chunk_size)
+    labels, sq = km.assign_to_nearest(x, c, mesh=MESH, chunk_size=chunk_size)
     assert labels.dtype == jnp.int32 and sq.dtype == jnp.float32
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_allclose(sq, want_sq, rtol=1e-5, atol=1e-4)
@@ -258,9 +260,12 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       np.testing.assert_array_equal(s8.running_counts, s1.running_counts)
       np.testing.assert_allclose(sq8, sq1, rtol=1e-5)
       assert int(n8) == int(n1) == int(batch_mask.sum())
-    inside = jax.jit(jax.shard_map(lambda p: km.assign_to_nearest(p, r1.centroids, chunk_size=50),
-                                   mesh=eight, in_specs=P("data"), out_specs=P("data")))
-    np.testing.assert_array_equal(inside(x[:2000])[0], km.assign_to_nearest(x[:2000], r1.centroids)[0])
+    # Each device searches its own rows (2003 are padded to 2008), in chunks of 50 there.
+    centroids = np.asarray(r1.centroids)
+    for got, want in zip(km.assign_to_nearest(x, centroids, mesh=eight, chunk_size=50),
+                         km.assign_to_nearest(x, centroids, mesh=one)):
+      assert got.shape == (2003,)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # The init buffer's layout: batches of rows (B, N_b, D) sharded along N_b, read in batch
     # order; bfloat16 storage is clustered as its float32 values.
     from picie_jax import clustering, parallel

@@ -1,5 +1,7 @@
 """ResNet + FPN against torch's shape formulas, numpy float64 references and torchvision's names."""
 
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -397,9 +399,9 @@ def model_config(**overrides):
 
 
 def test_model_from_config():
-  model = model_from_config(model_config())
+  model = model_from_config(model_config(), "cpu")
   assert (model.backbone_name, model.width, model.out_channels) == ("resnet50", 8, 16)
-  assert model_from_config(model_config(dtype="bfloat16")).dtype == jnp.bfloat16
+  assert model_from_config(model_config(dtype="bfloat16"), "cpu").dtype == jnp.bfloat16
   for key, value in (
       ("backbone", "resnet19"),
       ("backbone", "vgg16"),
@@ -408,11 +410,11 @@ def test_model_from_config():
       ("dtype", "float16"),
   ):
     with pytest.raises(ValueError, match=f"model.{key}"):
-      model_from_config(model_config(**{key: value}))
+      model_from_config(model_config(**{key: value}), "cpu")
 
 
 def test_jitted_forward_runs_and_updates_stats():
-  model = model_from_config(model_config(backbone="resnet18", width=4))
+  model = model_from_config(model_config(backbone="resnet18", width=4), "cpu")
   x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 45, 45, 3)), jnp.float32)
   variables = random_variables(model, x.shape, 10, train=False)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
@@ -489,7 +491,9 @@ def test_1x1_conv_as_matmul_equals_lax_convolution_and_its_gradient(hw, stride, 
     return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dims)
 
   def ours(x, w):
-    return layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dims)
+    return layers.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=dims, platform="cpu"
+    )
 
   np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5, atol=1e-5)
   cot = jnp.asarray(rng.normal(size=plain(x, w).shape), jnp.float32)
@@ -514,12 +518,13 @@ def test_stem_max_pool_backward_routes_to_the_first_maximum_as_torch(hw):
   x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
   out_torch = torch.nn.functional.max_pool2d(x_torch, 3, stride=2, padding=1)
   out_torch.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
-  out, vjp = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+  cpu_max_pool = functools.partial(layers.max_pool_3x3_s2, platform="cpu")
+  out, vjp = jax.vjp(cpu_max_pool, jnp.asarray(x))
   np.testing.assert_array_equal(out, out_torch.detach().numpy().transpose(0, 2, 3, 1))
   np.testing.assert_allclose(
       vjp(jnp.asarray(g))[0], x_torch.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6
   )
-  assert "custom_vjp" in str(jax.make_jaxpr(layers.max_pool_3x3_s2)(jnp.asarray(x)))
+  assert "custom_vjp" in str(jax.make_jaxpr(cpu_max_pool)(jnp.asarray(x)))
 
 
 def test_efficientnet_lite0_levels_and_parameter_count():

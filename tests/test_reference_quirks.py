@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from configs import synthetic as synthetic_config
+from picie_jax import parallel
 from picie_jax import steps
 from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
@@ -28,7 +29,7 @@ def _step_config(dataset="cityscapes27", **overrides):
   c.dataset.name = dataset
   c.augment.reference_quirks = True
   c.update_from_flattened_dict(overrides)
-  return steps.step_config_from_config(c)
+  return steps.step_config_from_config(c, parallel.make_mesh())
 
 
 def test_quirk_view1_unjittered_in_cityscapes_train_phase_only():

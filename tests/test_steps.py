@@ -6,6 +6,7 @@ import numpy as np
 import scipy.ndimage
 
 from configs import synthetic as synthetic_config
+from picie_jax import parallel
 from picie_jax import steps
 from picie_jax.core import transforms as T
 from picie_jax.data import synthetic
@@ -15,7 +16,7 @@ def _step_config(**overrides):
   c = synthetic_config.get_config()
   c.res1 = 64
   c.update_from_flattened_dict(overrides)
-  return steps.step_config_from_config(c)
+  return steps.step_config_from_config(c, parallel.make_mesh())
 
 
 def _images(n=4, size=128):

@@ -213,7 +213,7 @@ def test_cached_labels_train_as_recomputed_labels(phases):
 
 def test_init_buffer_too_large_fails_before_the_first_batch(phases, monkeypatch):
   run, start, _, _ = phases
-  monkeypatch.setattr(clustering, "device_memory_bytes", lambda: (10_000, "test limit"))
+  monkeypatch.setattr(clustering, "device_memory_bytes", lambda mesh: (10_000, "test limit"))
   monkeypatch.setattr(steps, "cluster_features", lambda *a, **k: pytest.fail("a batch was read"))
   with pytest.raises(MemoryError) as e:
     train.cluster_phase(run, start, epoch=0)
@@ -247,7 +247,7 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
     )
 
   with monkeypatch.context() as patch:
-    patch.setattr(clustering, "device_memory_bytes", lambda: (10_000, "test limit"))
+    patch.setattr(clustering, "device_memory_bytes", lambda mesh: (10_000, "test limit"))
     patch.setattr(steps, "fresh_features", lambda *a, **k: pytest.fail("a batch was read"))
     with pytest.raises(MemoryError, match=r"config\.kmeans\.init_pixels_per_image"):
       fresh(run.config)

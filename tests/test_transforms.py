@@ -103,7 +103,7 @@ def test_blur_matches_scipy_gaussian_filter(size):
 
 
 @pytest.mark.parametrize("size, out_size", [(40, 20), (24, 24), (12, 5)])
-def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size, monkeypatch):
+def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size):
   """The views apply P's blur inside G's resampling (and the plain and antialiased resizes');
   the same as P's blurred image resized, for crops at both borders, flips, all blur sizes."""
   images = jnp.asarray(smooth_images_u8(4, size, seed=7), jnp.float32) / 255
@@ -137,17 +137,18 @@ def test_views_blur_inside_the_resize_as_blur_then_resize(size, out_size, monkey
       "bilinear": resize_bilinear(blurred, out_size),
       "antialiased": T.resize_antialiased(blurred, out_size),
   }
-  for gathers in (True, False):  # CPU's banded gathers, and the GPU/TPU dense matrices
-    monkeypatch.setattr(T, "_gathers_win", lambda gathers=gathers: gathers)
-    folded = {  # fresh lambdas: no trace of the other strategy is reused
-        "geometric": jax.jit(lambda c, g, b: T.apply_geometric(c, g, out_size, b))(
-            coloured, geo, blur
+  for platform in ("cpu", "tpu"):  # CPU's banded gathers, and the GPU/TPU dense matrices
+    folded = {
+        "geometric": jax.jit(T.apply_geometric, static_argnums=(2, 4))(
+            coloured, geo, out_size, blur, platform
         ),
-        "bilinear": jax.jit(lambda c, b: T.resize_bilinear(c, out_size, b))(coloured, blur),
-        "antialiased": T.resize_antialiased(coloured, out_size, blur),
+        "bilinear": jax.jit(T.resize_bilinear, static_argnums=(1, 3))(
+            coloured, out_size, blur, platform
+        ),
+        "antialiased": T.resize_antialiased(coloured, out_size, blur, platform),
     }
     for name, want in separate.items():
-      np.testing.assert_allclose(folded[name], want, atol=2e-6, err_msg=f"{name} gathers={gathers}")
+      np.testing.assert_allclose(folded[name], want, atol=2e-6, err_msg=f"{name} on {platform}")
 
 
 def test_ops_applied_in_order_with_clamping():

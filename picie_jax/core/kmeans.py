@@ -18,6 +18,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from picie_jax import platform as platform_lib
+
 DATA_AXIS = "data"
 _HIGHEST = lax.Precision.HIGHEST
 # faiss's relative perturbation of the two halves of a split cluster.
@@ -79,13 +81,13 @@ def pad_to_multiple(points, mask, multiple):
   return jnp.pad(points, ((0, pad), (0, 0))), jnp.pad(mask, (0, pad))
 
 
-def _cluster_sums(x_cd, labels_c, counted_c, k):
+def _cluster_sums(x_cd, labels_c, counted_c, k, platform):
   """(K, D) sums and (K,) int32 counts of the counted points per cluster.
 
-  A segment sum on CPU (about 20% less work than the one-hot matmul there: 1 M x 128, K 27);
+  A segment sum on CPU (`platform`, the platform compiled for) (about 20% less work than the one-hot matmul there: 1 M x 128, K 27);
   elsewhere the one-hot matmul, which runs on the matrix units instead of scattering.
   """
-  if jax.default_backend() == "cpu":
+  if platform_lib.uses_cpu_forms(platform):
     segment_c = jnp.where(counted_c, labels_c, k)  # ids >= k are dropped
     return (
         jax.ops.segment_sum(x_cd, segment_c, k),
@@ -98,15 +100,15 @@ def _cluster_sums(x_cd, labels_c, counted_c, k):
   )
 
 
-def default_chunk_size():
-  """Rows per distance chunk where `chunk_size` is 0: 4096 on CPU, where a chunk's points
+def default_chunk_size(platform):
+  """Rows per distance chunk where `chunk_size` is 0: 4096 on CPU (`platform`), where a chunk's points
   (2 MB at 128-d) stay in cache from the distance matmul to the cluster sums (1 M x 128,
   K 27: 25% faster than 65536 on a 2-core EPYC), and 65536 on GPU/TPU, whose matmuls want rows.
   """
-  return 4096 if jax.default_backend() == "cpu" else 65536
+  return 4096 if platform_lib.uses_cpu_forms(platform) else 65536
 
 
-def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
+def _chunked_pass(points_nd, centroids_kd, chunk_size, platform, mask_n=None):
   """Nearest centroid of every point, in chunks of rows so at most chunk_size*K distances exist.
 
   With `mask_n` the pass also sums the valid points, their count and squared distance per
@@ -118,7 +120,7 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
   k = centroids_kd.shape[0]
   if n == 0:
     raise ValueError("points_nd has no rows: k-means needs at least one point per device")
-  chunk = min(chunk_size or default_chunk_size(), n)
+  chunk = min(chunk_size or default_chunk_size(platform), n)
   centroid_sq_k = jnp.sum(jnp.square(centroids_kd), axis=1)
 
   def one_chunk(i, stats):
@@ -140,7 +142,7 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
     counted_c = lax.dynamic_slice_in_dim(mask_n, start, chunk) & (
         start + jnp.arange(chunk) >= i * chunk
     )
-    sums_kd, counts_k = _cluster_sums(x_cd, labels_c, counted_c, k)
+    sums_kd, counts_k = _cluster_sums(x_cd, labels_c, counted_c, k, platform)
     return stats._replace(
         sums_kd=stats.sums_kd + sums_kd,
         counts_k=stats.counts_k + counts_k,
@@ -159,11 +161,26 @@ def _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n=None):
   return lax.fori_loop(0, -(-n // chunk), one_chunk, init)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def assign_to_nearest(points_nd, centroids_kd, chunk_size=0):
-  """Nearest centroid (int32 (N,)) and its squared L2 distance (float32 (N,)) for every point."""
-  stats = _chunked_pass(points_nd.astype(jnp.float32), centroids_kd.astype(jnp.float32), chunk_size)
-  return stats.labels_n, stats.sq_dist_n
+@functools.partial(jax.jit, static_argnames=("mesh", "chunk_size"))
+def assign_to_nearest(points_nd, centroids_kd, *, mesh, chunk_size=0):
+  """Nearest centroid (int32 (N,)) and its squared L2 distance (float32 (N,)) for every point.
+
+  Each device searches its own rows (N sharded over the mesh axis 'data', padded here to a
+  multiple of the mesh size): under plain jit the chunk loop's slices of a row-sharded array
+  made GSPMD all-gather every point to every device inside the loop.
+  """
+  n = points_nd.shape[0]
+  points_nd = jnp.pad(points_nd.astype(jnp.float32), ((0, -n % mesh.size), (0, 0)))
+
+  def local(points_nd, centroids_kd):
+    stats = _chunked_pass(points_nd, centroids_kd, chunk_size, platform_lib.platform_of(mesh))
+    return stats.labels_n, stats.sq_dist_n
+
+  rows = P(DATA_AXIS)
+  labels_n, sq_dist_n = jax.shard_map(
+      local, mesh=mesh, in_specs=(rows, P()), out_specs=(rows, rows)
+  )(points_nd, centroids_kd.astype(jnp.float32))
+  return labels_n[:n], sq_dist_n[:n]
 
 
 def _distinct_valid_indices(key, valid_n, k):
@@ -257,9 +274,9 @@ def _split_empty_clusters(centroids_kd, counts_k):
   return lax.fori_loop(0, centroids_kd.shape[0], split_into, (centroids_kd, counts_k))
 
 
-def _global_pass(points_nd, mask_n, centroids_kd, chunk_size):
+def _global_pass(points_nd, mask_n, centroids_kd, chunk_size, platform):
   """Inside shard_map: the local chunked pass, with sums, counts and distance total psum'd."""
-  stats = _chunked_pass(points_nd, centroids_kd, chunk_size, mask_n)
+  stats = _chunked_pass(points_nd, centroids_kd, chunk_size, platform, mask_n)
   sums_kd, counts_k, sq_dist_sum = lax.psum(
       (stats.sums_kd, stats.counts_k, stats.sq_dist_sum), DATA_AXIS
   )
@@ -294,11 +311,13 @@ def _replicated(tree, mesh):
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "mesh", "chunk_size"))
 def _lloyd_on_mesh(points, mask, centroids_kd, num_iters, mesh, chunk_size):
+  platform = platform_lib.platform_of(mesh)
+
   def local(points, mask, centroids_kd):
     points_nd, mask_n = points.reshape(-1, points.shape[-1]), mask.reshape(-1)
 
     def iteration(_, centroids_kd):
-      stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size)
+      stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size, platform)
       means_kd = jnp.where(
           stats.counts_k[:, None] > 0,
           stats.sums_kd / jnp.maximum(stats.counts_k, 1)[:, None],
@@ -307,7 +326,7 @@ def _lloyd_on_mesh(points, mask, centroids_kd, num_iters, mesh, chunk_size):
       return _split_empty_clusters(means_kd, stats.counts_k)[0]
 
     centroids_kd = lax.fori_loop(0, num_iters, iteration, centroids_kd)
-    stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size)
+    stats = _global_pass(points_nd, mask_n, centroids_kd, chunk_size, platform)
     loss = stats.sq_dist_sum / jnp.maximum(jnp.sum(stats.counts_k), 1)
     return KMeansResult(
         centroids_kd,
@@ -359,8 +378,10 @@ def kmeans(
 
 @functools.partial(jax.jit, static_argnames=("mesh", "chunk_size"))
 def _minibatch_on_mesh(state, points_nd, mask_n, mesh, chunk_size):
+  platform = platform_lib.platform_of(mesh)
+
   def local(state, points_nd, mask_n):
-    stats = _global_pass(points_nd, mask_n, state.centroids, chunk_size)
+    stats = _global_pass(points_nd, mask_n, state.centroids, chunk_size, platform)
     batch_counts_k = stats.counts_k.astype(jnp.float32)
     running_counts_k = state.running_counts + batch_counts_k
     has_points_k = batch_counts_k > 0

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from picie_jax import platform as platform_lib
+
 GEOMETRIC_STREAM = 0
 VIEW1_PHOTOMETRIC_STREAM = 1
 VIEW2_PHOTOMETRIC_STREAM = 2
@@ -208,8 +210,9 @@ def apply_colour(images_bhwc, params, cfg: PhotometricConfig):
   return jnp.where(params["grayscale"][:, None, None, None], _grayscale(x), x)
 
 
-def apply_photometric(images_bhwc, params, cfg: PhotometricConfig):
-  """P on float images in [0,1]: `apply_colour`, then the Gaussian blur, clamped to [0,1].
+def apply_photometric(images_bhwc, params, cfg: PhotometricConfig, platform=platform_lib.CPU):
+  """P on float images in [0,1]: `apply_colour`, then the Gaussian blur, clamped to [0,1]
+  (the blur in the form of `platform`, as in `apply_geometric`).
 
   `params` has a leading batch dim (from `batch_params`).
   """
@@ -225,6 +228,7 @@ def apply_photometric(images_bhwc, params, cfg: PhotometricConfig):
       identity(height),
       identity(width),
       blur_kernels(params, cfg),
+      platform,
   )
 
 
@@ -266,12 +270,6 @@ def _consecutive(first_bo, weights_bot):
   return first_bo[..., None] + jnp.arange(weights_bot.shape[-1]), weights_bot
 
 
-def _gathers_win():
-  """Whether the views resample by gathering rows (CPU) or by dense matmuls (GPU/TPU: the
-  matrix units do the extra work faster than gathers, which are slow on TPU)."""
-  return jax.default_backend() == "cpu"
-
-
 def _resample(x_bhwc, rows_boh, cols_bpw):
   """out[b,o,p] = sum_{h,w} rows[b,o,h] x[b,h,w] cols[b,p,w] (two small contractions)."""
   highest = jax.lax.Precision.HIGHEST
@@ -291,15 +289,15 @@ def _banded_resample(x, sources_ot, weights_ot, axis: int):
   )
 
 
-def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk):
+def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk, platform):
   """x blurred by `blur_kernels_bk`, clamped to [0, 1] (P's last two ops), then resampled by
   the banded `rows` and `cols` ((first, weights) pairs); without kernels, x resampled.
 
   The blur folds into the resampling: each output row's taps are its resampling weights
   convolved with the blur's, read from the reflected rows, so a 640 -> 320 view reads 14
   rows per output row where a blur pass and then the resize would read 13 + 2 at 640 and the
-  dense contraction all 640 (about 5x faster on CPU; on GPU/TPU the same taps make dense
-  matrices, `_gathers_win`). Images come here; differentiated feature maps take the dense
+  dense contraction all 640 (about 5x faster on CPU; on GPU/TPU, per `platform`, the same taps
+  make dense matrices: the matrix units do the extra work faster than gathers, slow on TPU). Images come here; differentiated feature maps take the dense
   `_resample`, whose transpose is a matmul, not a scatter.
   """
   _, height, width, _ = x_bhwc.shape
@@ -323,7 +321,7 @@ def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk):
     return (size - 1) - jnp.abs((size - 1) - jnp.mod(sources, period)), taps
 
   rows, cols = blurred(*rows, height), blurred(*cols, width)
-  if not _gathers_win():
+  if not platform_lib.uses_cpu_forms(platform):
     return jnp.clip(_resample(x_bhwc, _dense(*rows, height), _dense(*cols, width)), 0.0, 1.0)
   # The first pass is a loop over the batch: as one vmapped expression XLA-CPU fuses it into
   # every tap of the second pass and computes it 14 times over (15x slower).
@@ -332,12 +330,13 @@ def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk):
   return jnp.clip(x, 0.0, 1.0)
 
 
-def apply_geometric(x_bhwc, params, out_size: int, blur_kernels_bk=None):
+def apply_geometric(x_bhwc, params, out_size: int, blur_kernels_bk=None, platform=platform_lib.CPU):
   """G on square maps of side S: crop, bilinear resize to out_size, then flips.
 
   `blur_kernels_bk` (from `blur_kernels`) blurs x first, as P's last op: G(P(x)) is
   `apply_geometric(apply_colour(x), g, size, blur_kernels(p))`, within float rounding (the
   blur of values in [0, 1] stays there, so P's final clamp is moved after the resize).
+  `platform` (platform.platform_of(mesh)) picks the blurred resample's form.
 
   Crop side c = floor(scale*S), top = round((S-c)*offset_y), left = round((S-c)*offset_x),
   rounding half to even (numpy/Python `round`, as the official code's int(round(...))).
@@ -357,26 +356,26 @@ def apply_geometric(x_bhwc, params, out_size: int, blur_kernels_bk=None):
     )
 
   rows, cols = jax.vmap(taps)(params)
-  return _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk)
+  return _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk, platform)
 
 
 def _batched(taps, batch):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), taps)
 
 
-def resize_bilinear(images_bhwc, out_size: int, blur_kernels_bk=None):
+def resize_bilinear(images_bhwc, out_size: int, blur_kernels_bk=None, platform=platform_lib.CPU):
   """Whole-image bilinear resize to (out_size, out_size), torch half-pixel, no antialias;
-  `blur_kernels_bk` as in `apply_geometric`."""
+  `blur_kernels_bk` and `platform` as in `apply_geometric`."""
   batch, height, width, _ = images_bhwc.shape
   no_flip = jnp.zeros((), bool)
   rows = _crop_resize_taps(height, out_size, 0, jnp.int32(height), no_flip)
   cols = _crop_resize_taps(width, out_size, 0, jnp.int32(width), no_flip)
   return _resample_blurred(
-      images_bhwc, _batched(rows, batch), _batched(cols, batch), blur_kernels_bk
+      images_bhwc, _batched(rows, batch), _batched(cols, batch), blur_kernels_bk, platform
   )
 
 
-def resize_antialiased(images_bhwc, out_size: int, blur_kernels_bk=None):
+def resize_antialiased(images_bhwc, out_size: int, blur_kernels_bk=None, platform=platform_lib.CPU):
   """Whole-image resize to (out_size, out_size) as PIL's Image.resize(BILINEAR): a triangle
   filter widened by the downscale factor (antialiased), weights renormalised at the borders.
   reference_quirks resizes view 2 so, as the official loader does (PIL, 640 -> 320).
@@ -399,4 +398,4 @@ def resize_antialiased(images_bhwc, out_size: int, blur_kernels_bk=None):
         (jnp.asarray(first), jnp.asarray(np.take_along_axis(matrix, columns, 1))), batch
     )
 
-  return _resample_blurred(images_bhwc, taps(height), taps(width), blur_kernels_bk)
+  return _resample_blurred(images_bhwc, taps(height), taps(width), blur_kernels_bk, platform)

@@ -12,9 +12,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from picie_jax import platform as platform_lib
 from picie_jax.models.layers import BatchNorm
-from picie_jax.models.layers import Conv
 from picie_jax.models.layers import DepthwiseConv
+from picie_jax.models.layers import conv
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per stage, as
 # EfficientNet-B0 (Lite0 has the same width and depth multipliers, 1.0 and 1.0).
@@ -42,8 +43,8 @@ def normalize_input(images_01_bhwc):
   return (images_01_bhwc * 255.0 - 127.0) / 128.0
 
 
-def _conv(features, kernel_size, stride, dtype, name):
-  return Conv(
+def _conv(features, kernel_size, stride, dtype, platform, name):
+  return conv(
       features,
       (kernel_size, kernel_size),
       strides=(stride, stride),
@@ -51,6 +52,7 @@ def _conv(features, kernel_size, stride, dtype, name):
       use_bias=False,
       dtype=dtype,
       kernel_init=_conv_kernel_init,
+      platform=platform,
       name=name,
   )
 
@@ -64,6 +66,7 @@ class MBConvBlock(nn.Module):
   stride: int
   out_channels: int
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   @nn.compact
   def __call__(self, x_bhwc, train: bool):
@@ -71,13 +74,18 @@ class MBConvBlock(nn.Module):
     hidden = in_channels * self.expand_ratio
     y = x_bhwc
     if self.expand_ratio != 1:
-      y = _conv(hidden, 1, 1, self.dtype, "expand_conv")(y)
+      y = _conv(hidden, 1, 1, self.dtype, self.platform, "expand_conv")(y)
       y = nn.relu6(BatchNorm(**_BN, dtype=self.dtype, name="bn0")(y, not train))
     y = DepthwiseConv(
-        self.kernel_size, self.stride, _conv_kernel_init, self.dtype, name="depthwise_conv"
+        self.kernel_size,
+        self.stride,
+        _conv_kernel_init,
+        self.dtype,
+        self.platform,
+        name="depthwise_conv",
     )(y)
     y = nn.relu6(BatchNorm(**_BN, dtype=self.dtype, name="bn1")(y, not train))
-    y = _conv(self.out_channels, 1, 1, self.dtype, "project_conv")(y)
+    y = _conv(self.out_channels, 1, 1, self.dtype, self.platform, "project_conv")(y)
     y = BatchNorm(**_BN, dtype=self.dtype, name="bn2")(y, not train)
     if self.stride == 1 and in_channels == self.out_channels:
       y = y + x_bhwc
@@ -93,10 +101,13 @@ class EfficientNetLite0(nn.Module):
 
   num_classes: int = 0
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   @nn.compact
   def __call__(self, images_bhwc, train: bool):
-    x = _conv(STEM_CHANNELS, 3, 2, self.dtype, "conv_stem")(images_bhwc.astype(self.dtype))
+    x = _conv(STEM_CHANNELS, 3, 2, self.dtype, self.platform, "conv_stem")(
+        images_bhwc.astype(self.dtype)
+    )
     x = nn.relu6(BatchNorm(**_BN, dtype=self.dtype, name="bn0")(x, not train))
     block_to_level = {b: level for level, b in LEVEL_BLOCKS.items()}
     features = {}
@@ -109,13 +120,14 @@ class EfficientNetLite0(nn.Module):
             stride if i == 0 else 1,
             out_channels,
             self.dtype,
+            self.platform,
             name=f"blocks_{index}",
         )(x, train)
         if index in block_to_level:
           features[block_to_level[index]] = x
         index += 1
     if self.num_classes:
-      x = _conv(HEAD_CHANNELS, 1, 1, self.dtype, "conv_head")(x)
+      x = _conv(HEAD_CHANNELS, 1, 1, self.dtype, self.platform, "conv_head")(x)
       x = nn.relu6(BatchNorm(**_BN, dtype=self.dtype, name="bn1")(x, not train))
       pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
       features["logits"] = nn.Dense(self.num_classes, name="fc")(pooled)

@@ -7,9 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from picie_jax import platform as platform_lib
 from picie_jax.models import efficientnet
 from picie_jax.models import resnet
-from picie_jax.models.layers import Conv
+from picie_jax.models.layers import conv
 from picie_jax.models.resnet import ARCHITECTURES
 
 
@@ -42,15 +43,17 @@ class FPNDecoder(nn.Module):
 
   out_channels: int = 128
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   def _lateral(self, x_bhwc, name):
-    return Conv(
+    return conv(
         self.out_channels,
         (1, 1),
         use_bias=True,
         dtype=self.dtype,
         kernel_init=_torch_default_kernel_init,
         bias_init=_torch_uniform_bias_init(x_bhwc.shape[-1]),
+        platform=self.platform,
         name=name,
     )(x_bhwc)
 
@@ -79,6 +82,7 @@ class PiCIENet(nn.Module):
   width: int = 64  # ResNet only
   out_channels: int = 128
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   def setup(self):
     if self.backbone_name not in BACKBONES:
@@ -87,12 +91,17 @@ class PiCIENet(nn.Module):
           f"{', '.join(BACKBONES)}"
       )
     if self.backbone_name == "efficientnet_lite0":
-      self.backbone = efficientnet.EfficientNetLite0(dtype=self.dtype)
+      self.backbone = efficientnet.EfficientNetLite0(dtype=self.dtype, platform=self.platform)
     else:
       self.backbone = resnet.ResNet(
-          depth=int(self.backbone_name[len("resnet") :]), width=self.width, dtype=self.dtype
+          depth=int(self.backbone_name[len("resnet") :]),
+          width=self.width,
+          dtype=self.dtype,
+          platform=self.platform,
       )
-    self.decoder = FPNDecoder(out_channels=self.out_channels, dtype=self.dtype)
+    self.decoder = FPNDecoder(
+        out_channels=self.out_channels, dtype=self.dtype, platform=self.platform
+    )
 
   def __call__(self, images_01_bhwc, train: bool):
     normalize = (
@@ -106,8 +115,9 @@ class PiCIENet(nn.Module):
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def model_from_config(cfg):
-  """PiCIENet from the model config (fields backbone, width, fpn_channels, dtype)."""
+def model_from_config(cfg, platform):
+  """PiCIENet from the model config (fields backbone, width, fpn_channels, dtype), with the forms
+  of `platform` (platform.platform_of(mesh): the devices it will be compiled for)."""
   if cfg.backbone not in BACKBONES:
     raise ValueError(
         f"model.backbone={cfg.backbone!r} is not supported; use one of " f"{', '.join(BACKBONES)}"
@@ -125,4 +135,5 @@ def model_from_config(cfg):
       width=cfg.width,
       out_channels=cfg.fpn_channels,
       dtype=COMPUTE_DTYPES[cfg.dtype],
+      platform=platform,
   )

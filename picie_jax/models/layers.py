@@ -8,6 +8,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from picie_jax import platform as platform_lib
+
 
 class BatchNorm(nn.Module):
   """torch.nn.BatchNorm2d on NHWC: normalises with the biased batch variance, tracks the unbiased one.
@@ -104,6 +106,7 @@ class DepthwiseConv(nn.Module):
   stride: int
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   @nn.compact
   def __call__(self, x_bhwc):
@@ -112,7 +115,7 @@ class DepthwiseConv(nn.Module):
         "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), jnp.float32
     )
     x, kernel = x_bhwc.astype(self.dtype), kernel.astype(self.dtype)
-    if jax.default_backend() == "cpu":
+    if platform_lib.uses_cpu_forms(self.platform):
       return depthwise_conv_taps(x, kernel, self.stride)
     return jax.lax.conv_general_dilated(
         x,
@@ -138,15 +141,18 @@ def conv_general_dilated(
     dimension_numbers=None,
     feature_group_count=1,
     precision=None,
+    *,
+    platform,
 ):
-  """`lax.conv_general_dilated` for nn.Conv, with 1x1 NHWC convolutions as a strided matmul on CPU.
+  """`lax.conv_general_dilated` for nn.Conv, with 1x1 NHWC convolutions as a strided matmul on CPU
+  (`platform`, the platform compiled for).
 
   XLA-CPU's weight gradient of a 1x1 convolution is 2-13x slower than the matmul's (e.g. 64 ->
   128 channels at 80^2, batch 8: 232 vs 149 ms of CPU time for forward + backward); the
   values are the same. Every other case goes to lax unchanged.
   """
   plain = (
-      jax.default_backend() == "cpu"
+      platform_lib.uses_cpu_forms(platform)
       and rhs.shape[:2] == (1, 1)
       and tuple(dimension_numbers or ()) == ("NHWC", "HWIO", "NHWC")
       and feature_group_count == 1
@@ -169,7 +175,13 @@ def conv_general_dilated(
   return jnp.einsum("bhwc,co->bhwo", lhs[:, ::sh, ::sw], rhs[0, 0], precision=precision)
 
 
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+def conv(*args, platform, **kwargs):
+  """nn.Conv whose convolutions take the forms of `platform` (conv_general_dilated above)."""
+  return nn.Conv(
+      *args,
+      conv_general_dilated=functools.partial(conv_general_dilated, platform=platform),
+      **kwargs,
+  )
 
 
 def _pool_taps(x_padded, out_h, out_w):
@@ -234,12 +246,12 @@ def _max_pool_bwd(residuals, g):
 _max_pool_tap_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool_3x3_s2(x_bhwc):
+def max_pool_3x3_s2(x_bhwc, platform):
   """torchvision's stem max-pool (3x3, stride 2, padding 1 with -inf).
 
-  On CPU the backward is built from the window's taps: XLA-CPU's select-and-scatter takes
+  On CPU (`platform`, the platform compiled for) the backward is built from the window's taps: XLA-CPU's select-and-scatter takes
   about twice as long (8 x 160^2 x 64: 404 vs 188 ms of CPU time).
   """
-  if jax.default_backend() == "cpu":
+  if platform_lib.uses_cpu_forms(platform):
     return _max_pool_tap_grad(x_bhwc)
   return _max_pool_xla(x_bhwc)

@@ -10,8 +10,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from picie_jax import platform as platform_lib
 from picie_jax.models.layers import BatchNorm
-from picie_jax.models.layers import Conv
+from picie_jax.models.layers import conv
 from picie_jax.models.layers import max_pool_3x3_s2
 
 # depth -> (bottleneck blocks?, blocks per stage), as torchvision's resnet{18,34,50,101,152}.
@@ -33,10 +34,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features, kernel_size, stride, dtype, name):
+def _conv(features, kernel_size, stride, dtype, platform, name):
   """Bias-free square conv with torchvision's padding (k // 2 on each side, not 'SAME')."""
   pad = kernel_size // 2
-  return Conv(
+  return conv(
       features,
       (kernel_size, kernel_size),
       strides=(stride, stride),
@@ -44,6 +45,7 @@ def _conv(features, kernel_size, stride, dtype, name):
       use_bias=False,
       dtype=dtype,
       kernel_init=_conv_kernel_init,
+      platform=platform,
       name=name,
   )
 
@@ -59,6 +61,7 @@ class ResidualBlock(nn.Module):
   stride: int
   bottleneck: bool
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   @nn.compact
   def __call__(self, x_bhwc, train: bool):
@@ -72,14 +75,16 @@ class ResidualBlock(nn.Module):
       convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
     y = x_bhwc
     for i, (features, kernel_size, stride) in enumerate(convs, start=1):
-      y = _conv(features, kernel_size, stride, self.dtype, name=f"conv{i}")(y)
+      y = _conv(features, kernel_size, stride, self.dtype, self.platform, name=f"conv{i}")(y)
       y = BatchNorm(dtype=self.dtype, name=f"bn{i}")(y, use_running_average=not train)
       if i < len(convs):
         y = nn.relu(y)
     out_channels = convs[-1][0]
     shortcut = x_bhwc
     if self.stride != 1 or x_bhwc.shape[-1] != out_channels:
-      shortcut = _conv(out_channels, 1, self.stride, self.dtype, name="downsample_0")(x_bhwc)
+      shortcut = _conv(
+          out_channels, 1, self.stride, self.dtype, self.platform, name="downsample_0"
+      )(x_bhwc)
       shortcut = BatchNorm(dtype=self.dtype, name="downsample_1")(
           shortcut, use_running_average=not train
       )
@@ -98,6 +103,7 @@ class ResNet(nn.Module):
   width: int = 64
   dtype: Any = jnp.float32
   num_stages: int = 4
+  platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   @nn.compact
   def __call__(self, images_bhwc, train: bool):
@@ -106,9 +112,11 @@ class ResNet(nn.Module):
           f"ResNet depth {self.depth} is not supported; use one of " f"{sorted(ARCHITECTURES)}"
       )
     bottleneck, blocks_per_stage = ARCHITECTURES[self.depth]
-    x = _conv(self.width, 7, 2, self.dtype, name="conv1")(images_bhwc.astype(self.dtype))
+    x = _conv(self.width, 7, 2, self.dtype, self.platform, name="conv1")(
+        images_bhwc.astype(self.dtype)
+    )
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, use_running_average=not train))
-    x = max_pool_3x3_s2(x)
+    x = max_pool_3x3_s2(x, self.platform)
     features = {}
     for stage, num_blocks in enumerate(blocks_per_stage[: self.num_stages], start=1):
       for block in range(num_blocks):
@@ -118,6 +126,7 @@ class ResNet(nn.Module):
             stride,
             bottleneck,
             self.dtype,
+            self.platform,
             name=f"layer{stage}_{block}",
         )(x, train)
       features[f"res{stage + 1}"] = x
