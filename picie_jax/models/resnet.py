@@ -151,6 +151,7 @@ class TruncatedResNetNet(nn.Module):
   backbone_name: str = "resnet18_res12"
   width: int = 64
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU
 
   @nn.compact
   def __call__(self, images_01_bhwc, train: bool):
@@ -160,7 +161,7 @@ class TruncatedResNetNet(nn.Module):
           f"{', '.join(TRUNCATED)}"
       )
     depth, num_stages = TRUNCATED[self.backbone_name]
-    features = ResNet(depth, self.width, self.dtype, num_stages, name="backbone")(
+    features = ResNet(depth, self.width, self.dtype, num_stages, self.platform, name="backbone")(
         normalize_input(images_01_bhwc), train
     )
     return features[f"res{num_stages + 1}"].astype(jnp.float32)
