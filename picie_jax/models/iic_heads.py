@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from picie_jax.models.layers import Conv
+from picie_jax import platform as platform_lib
+from picie_jax.models import layers
 
 OVERCLUSTER_K = 45  # PiCIE §4.2: IIC "with the auxiliary overclustering loss with K = 45"
 
@@ -29,12 +30,19 @@ class IICHeads(nn.Module):
   num_classes: int
   num_overcluster: int = OVERCLUSTER_K
   dtype: Any = jnp.float32
+  platform: str = platform_lib.CPU
 
   @nn.compact
   def __call__(self, features_bhwc):
     def head(k, name):
-      logits = Conv(
-          k, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=_head_kernel_init, name=name
+      logits = layers.conv(
+          k,
+          (1, 1),
+          use_bias=False,
+          dtype=self.dtype,
+          kernel_init=_head_kernel_init,
+          platform=self.platform,
+          name=name,
       )(features_bhwc.astype(self.dtype))
       return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
