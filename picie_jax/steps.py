@@ -17,7 +17,6 @@ from picie_jax.core import kmeans
 from picie_jax.core import losses
 from picie_jax.core import metrics
 from picie_jax.core import transforms as T
-from picie_jax.models import fpn
 
 FEATURE_STRIDE = 4
 
@@ -402,7 +401,7 @@ def eval_step(model, variables, classifier_kc1, batch, *, method, num_true):
   z = with_bias_column(plain_features(model, variables, batch["image"], method))
   logits = losses.prototype_logits(z, classifier_kc1)
   _, h, w = batch["label"].shape
-  logits = fpn.resize_bilinear(logits, (h, w))
+  logits = T.resize_bilinear(logits, (h, w))
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   hist = metrics.confusion_histogram(
       batch["label"],
@@ -428,5 +427,5 @@ def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, method
 @functools.partial(jax.jit, static_argnames="size_hw")
 def upsampled_argmax(logits_hwk, size_hw):
   """int32 (H, W) argmax of one image's logits upsampled bilinearly to `size_hw`, as eval_step."""
-  logits = fpn.resize_bilinear(logits_hwk[None], size_hw)[0]
+  logits = T.resize_bilinear(logits_hwk[None], size_hw)[0]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -364,16 +364,16 @@ def _batched(taps, batch):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), taps)
 
 
-def resize_bilinear(images_bhwc, out_size: int, blur_kernels_bk=None):
-  """Whole-image bilinear resize to (out_size, out_size), torch half-pixel, no antialias;
-  `blur_kernels_bk` as in `apply_geometric`."""
-  batch, height, width, _ = images_bhwc.shape
+def resize_bilinear(x_bhwc, out_size, blur_kernels_bk=None):
+  """Whole-map bilinear resize to `out_size` (side of a square, or (height, width)) as torch
+  F.interpolate(bilinear, align_corners=False, no antialias); `blur_kernels_bk` as in
+  `apply_geometric`. The one resize of images, feature maps (the FPN) and logits."""
+  batch, height, width, _ = x_bhwc.shape
+  out_height, out_width = (out_size, out_size) if isinstance(out_size, int) else out_size
   no_flip = jnp.zeros((), bool)
-  rows = _crop_resize_taps(height, out_size, 0, jnp.int32(height), no_flip)
-  cols = _crop_resize_taps(width, out_size, 0, jnp.int32(width), no_flip)
-  return _resample_blurred(
-      images_bhwc, _batched(rows, batch), _batched(cols, batch), blur_kernels_bk
-  )
+  rows = _crop_resize_taps(height, out_height, 0, jnp.int32(height), no_flip)
+  cols = _crop_resize_taps(width, out_width, 0, jnp.int32(width), no_flip)
+  return _resample_blurred(x_bhwc, _batched(rows, batch), _batched(cols, batch), blur_kernels_bk)
 
 
 def resize_antialiased(images_bhwc, out_size: int, blur_kernels_bk=None):

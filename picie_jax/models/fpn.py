@@ -7,16 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from picie_jax.core import transforms
 from picie_jax.models import efficientnet
 from picie_jax.models import resnet
 from picie_jax.models.layers import Conv
 from picie_jax.models.resnet import ARCHITECTURES
-
-
-def resize_bilinear(x_bhwc, size_hw):
-  """Bilinear resize with half-pixel centres, as torch F.interpolate(align_corners=False)."""
-  batch, _, _, channels = x_bhwc.shape
-  return jax.image.resize(x_bhwc, (batch, *size_hw, channels), method="bilinear", antialias=False)
 
 
 def _torch_uniform_bias_init(fan_in):
@@ -59,7 +54,7 @@ class FPNDecoder(nn.Module):
     out = self._lateral(feats["res5"], "layer1")
     for name, level in (("layer2", "res4"), ("layer3", "res3"), ("layer4", "res2")):
       lateral = self._lateral(feats[level], name)
-      out = resize_bilinear(out, lateral.shape[1:3]) + lateral
+      out = transforms.resize_bilinear(out, lateral.shape[1:3]) + lateral
     return out
 
 
