@@ -175,7 +175,6 @@ def segment_images(workdir, out_dir, paths, progress=None):
   sizes = [image_size(path) for path in images]  # an unreadable file fails before any work
   run, variables, classifier, names = _restore_classifier(workdir)
   k = classifier.shape[0]
-  label_dtype = np.uint8 if k <= 256 else np.uint16
   stems = output_stems(images)
   groups = collections.defaultdict(list)
   for i, (height, width) in enumerate(sizes):
@@ -202,7 +201,7 @@ def segment_images(workdir, out_dir, paths, progress=None):
       for row, (i, image) in enumerate(zip(chunk, originals)):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))
         label_paths[i] = os.path.join(out_dir, f"{stems[i]}_labels.png")
-        visualize.save_png(label_paths[i], labels.astype(label_dtype))
+        visualize.save_png(label_paths[i], labels.astype(steps.label_dtype(k)))
         visualize.save_png(
             os.path.join(out_dir, f"{stems[i]}_overlay.png"),
             visualize.overlay_panel(image, labels, names),

@@ -272,8 +272,9 @@ def labels_for_batch(model, targets, batch, epoch, key, method):
 
 
 def label_dtype(k):
-  """The smallest integer dtype holding cluster indices 0..k-1 (the label cache's dtype)."""
-  return jnp.uint8 if k <= 256 else jnp.int16 if k <= 32768 else jnp.int32
+  """The smallest integer dtype holding cluster indices 0..k-1: uint8, uint16 (K <= 65536; a
+  PNG's 8- and 16-bit grayscale), else int32. The label cache's and segment's label maps'."""
+  return jnp.uint8 if k <= 256 else jnp.uint16 if k <= 65536 else jnp.int32
 
 
 @functools.partial(jax.jit, static_argnames=("model", "method", "k"))
