@@ -3,6 +3,7 @@
 `validate` needs no devices; `check_batch_sizes` is called where the run's mesh is known.
 """
 
+from picie_jax.data import datasets
 from picie_jax.models import fpn
 
 IGNORE_VALUE = 255  # the label value image folders use for unlabelled pixels
@@ -10,16 +11,9 @@ _BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans"),
-    "dataset.name": (
-        "synthetic",
-        "coco_stuff27",
-        "coco_stuff15",
-        "coco_thing12",
-        "cityscapes27",
-        "image_folder",
-    ),
+    "dataset.name": tuple(datasets.DATASETS),
     "kmeans.metric": ("cosine", "l2"),
-    "model.backbone": fpn.BACKBONES,
+    "model.backbone": tuple(fpn.BACKBONES),
     "model.init": ("random", "imagenet", "checkpoint"),
     "model.dtype": tuple(fpn.COMPUTE_DTYPES),
     "kmeans.init": ("random", "kmeans++"),
