@@ -12,7 +12,6 @@ import os
 
 import jax
 import numpy as np
-from PIL import ExifTags
 from PIL import Image
 from PIL import ImageOps
 import tensorflow as tf
@@ -23,10 +22,9 @@ from picie_jax import reporting
 from picie_jax import steps
 from picie_jax import train
 from picie_jax import visualize
+from picie_jax.data import formats
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _STRIDE = 32  # the backbone's: network inputs are multiples of it
-_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange height and width
 
 
 def find_images(paths):
@@ -38,10 +36,10 @@ def find_images(paths):
       files = [
           os.path.join(path, name)
           for name in sorted(os.listdir(path))
-          if name.lower().endswith(IMAGE_SUFFIXES)
+          if name.lower().endswith(formats.IMAGE_SUFFIXES)
       ]
       if not files:
-        raise FileNotFoundError(f"{path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        raise FileNotFoundError(f"{path} holds no {'/'.join(formats.IMAGE_SUFFIXES)} files")
     elif os.path.isfile(path):
       files = [path]
     else:
@@ -86,7 +84,9 @@ def image_size(path):
   try:
     with Image.open(path) as image:
       width, height = image.size
-      swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPED_ORIENTATIONS
+      swapped = (
+          image.getexif().get(formats.EXIF_ORIENTATION_TAG, 1) in formats.TRANSPOSED_ORIENTATIONS
+      )
   except OSError as e:
     raise _unreadable(path, e) from None
   return (width, height) if swapped else (height, width)

@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from picie_jax.data import cityscapes
 from picie_jax.data import coco_stuff
+from picie_jax.data import formats
 from picie_jax.data import pipeline
 from picie_jax.data import prepared
 from picie_jax.data import scan
@@ -39,8 +40,6 @@ from picie_jax.data import synthetic
 
 _INVALID = -2  # table entry for a label value the dataset does not define
 _LABEL_TABLE_SIZE = 1 << 16  # every value a 16-bit PNG can hold
-_PNG_SIGNATURE = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 class Dataset(NamedTuple):
@@ -150,7 +149,9 @@ def decode_label_png(png_bytes, file_name, table):
   """
   header = tf.io.decode_raw(tf.strings.substr(png_bytes + b"\0" * 26, 0, 26), tf.uint8)
   bit_depth, colour_type = tf.cast(header[24], tf.int32), header[25]
-  is_gray_png = tf.logical_and(tf.reduce_all(header[:8] == _PNG_SIGNATURE), colour_type == 0)
+  is_gray_png = tf.logical_and(
+      tf.reduce_all(header[:8] == np.frombuffer(formats.PNG_SIGNATURE, np.uint8)), colour_type == 0
+  )
   check_format = tf.debugging.Assert(
       is_gray_png,
       [
@@ -352,7 +353,7 @@ def _image_folder(dcfg, split):
   """Image files read directly from config.dataset.root/<split>/images (and labels)."""
   root = _require_dir(os.path.join(dcfg.root, split), "config.dataset.root")
   image_dir = _require_dir(os.path.join(root, "images"), "config.dataset.root")
-  names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(_IMAGE_EXTENSIONS))
+  names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(formats.IMAGE_SUFFIXES))
   names = names[: _limit(len(names), dcfg.num_train if split == "train" else dcfg.num_val)]
   images = [os.path.join(image_dir, f) for f in names]
   label_dir = os.path.join(root, "labels")
@@ -382,7 +383,7 @@ def _image_folder(dcfg, split):
         progress,
     )
 
-  mapping = {**{v: v for v in range(dcfg.num_classes)}, 255: pipeline.IGNORE_LABEL}
+  mapping = {**{v: v for v in range(dcfg.num_classes)}, formats.IGNORE_VALUE: pipeline.IGNORE_LABEL}
   return _encoded_source(
       dcfg,
       f"image_folder/{split}",
