@@ -23,8 +23,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from picie_jax import parallel
@@ -65,7 +63,7 @@ def _sds(shape, dtype, sharding):
 
 
 def _abstract_batch(mesh, batch_size, side, labels_shape=None, eval_labels=False):
-  rows = parallel.batch_sharded(mesh)
+  rows = parallel.rows_sharded(mesh)
   batch = {
       "image": _sds((batch_size, side, side, 3), jnp.uint8, rows),
       "index": _sds((batch_size,), jnp.int32, rows),
@@ -116,7 +114,7 @@ def epoch_steps(config, mesh):
   train_batch = _abstract_batch(mesh, config.train.batch_size, config.res2, labels_shape)
   eval_batch = _abstract_batch(mesh, config.eval.batch_size, config.eval.res, eval_labels=True)
   points = config.kmeans.batch_size * side * side
-  rows = parallel.batch_sharded(mesh)
+  rows = parallel.rows_sharded(mesh)
   channels = 3 if step_config.pixels else config.model.fpn_channels
   kmeans_state = _replicated_shapes(
       kmeans.MiniBatchState(
@@ -127,7 +125,7 @@ def epoch_steps(config, mesh):
   buffer_batches = config.kmeans.num_init_batches
   per_image = config.kmeans.init_pixels_per_image or side * side
   buffer_rows = config.kmeans.batch_size * per_image
-  buffer_spec = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+  buffer_spec = parallel.rows_sharded(mesh, axis=1)
   buffer_dtype = jnp.dtype(config.kmeans.buffer_dtype)
   per_epoch = {
       "cluster": COCO_TRAIN_IMAGES / config.kmeans.batch_size,

@@ -52,9 +52,10 @@ def fitters(points_nd, init_kd, iters, impls=IMPLEMENTATIONS):
   if "picie_jax" in impls:
     import jax  # pylint: disable=import-outside-toplevel
 
+    from picie_jax import parallel  # pylint: disable=import-outside-toplevel
     from picie_jax.core import kmeans  # pylint: disable=import-outside-toplevel
 
-    mesh = kmeans.data_mesh()
+    mesh = parallel.make_mesh()
     points_dev = jax.device_put(points_nd)
     mask_dev = jax.device_put(np.ones(n, bool))
 

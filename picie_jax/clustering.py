@@ -12,8 +12,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from picie_jax import parallel
@@ -119,7 +117,7 @@ def _fill(buffer_bnd, buffer_mask_bn, points_nd, mask_n, batch_number):
 
 def _empty_buffer(num_batches, rows, channels, dtype, mesh):
   """Zero (num_batches, rows, channels) points and a False mask, sharded along the rows."""
-  sharding = NamedSharding(mesh, P(None, kmeans.DATA_AXIS))
+  sharding = parallel.rows_sharded(mesh, axis=1)
   return jax.jit(
       lambda: (
           jnp.zeros((num_batches, rows, channels), dtype),

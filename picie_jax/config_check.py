@@ -3,28 +3,23 @@
 `validate` needs no devices; `check_batch_sizes` is called where the run's mesh is known.
 """
 
+from picie_jax.data import datasets
+from picie_jax.data import formats
+from picie_jax.data import pipeline
 from picie_jax.models import fpn
 
-IGNORE_VALUE = 255  # the label value image folders use for unlabelled pixels
 _BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans"),
-    "dataset.name": (
-        "synthetic",
-        "coco_stuff27",
-        "coco_stuff15",
-        "coco_thing12",
-        "cityscapes27",
-        "image_folder",
-    ),
+    "dataset.name": tuple(datasets.DATASETS),
     "kmeans.metric": ("cosine", "l2"),
-    "model.backbone": fpn.BACKBONES,
+    "model.backbone": tuple(fpn.BACKBONES),
     "model.init": ("random", "imagenet", "checkpoint"),
     "model.dtype": tuple(fpn.COMPUTE_DTYPES),
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),
-    "dataset.on_bad_file": ("error", "skip"),
+    "dataset.on_bad_file": pipeline.ON_BAD_FILE,
     "train.labels": ("cached", "recompute"),
     "kmeans.buffer_dtype": ("float32", "bfloat16"),
 }
@@ -106,10 +101,10 @@ def validate(config):
         "are cut from the res2 base image and resized to res1"
     )
   num_classes = config.dataset.num_classes
-  if not isinstance(num_classes, int) or not 0 <= num_classes <= IGNORE_VALUE:
+  if not isinstance(num_classes, int) or not 0 <= num_classes <= formats.IGNORE_VALUE:
     errors.append(
         f"config.dataset.num_classes={num_classes!r} must be an integer in "
-        f"0..{IGNORE_VALUE} (label value {IGNORE_VALUE} marks unlabelled pixels)"
+        f"0..{formats.IGNORE_VALUE} (label value {formats.IGNORE_VALUE} marks unlabelled pixels)"
     )
   if config.dataset.name == "image_folder" and not config.dataset.root:
     errors.append(

@@ -1,15 +1,19 @@
-"""Device mesh, shardings and multi-host set-up: one data-parallel axis named 'data'."""
+"""Device mesh, shardings and multi-host set-up: one data-parallel axis named 'data'.
+
+The home of the mesh and its shardings for every module (k-means included); it imports only
+jax and numpy, so core modules can depend on it.
+"""
 
 import collections
 import os
 
 import jax
+from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from picie_jax.core import kmeans
-from picie_jax.core.kmeans import DATA_AXIS
+DATA_AXIS = "data"
 
 
 def maybe_initialize_distributed():
@@ -32,23 +36,32 @@ def maybe_initialize_distributed():
     jax.distributed.initialize()
 
 
-def make_mesh(devices=None):
-  """A 1-D mesh over `devices`, default every device of every process (the k-means mesh: axis
-  'data')."""
-  return kmeans.data_mesh(devices)
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with axis 'data' (AxisType.Auto) over `devices`, default every device of every
+  process."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh(
+      (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
+
+
+def rows_spec(axis=0):
+  """PartitionSpec splitting dimension `axis` over 'data': a batch (B, ...) along 0, batches
+  of rows (B, N_b, ...) along 1."""
+  return P(*(None,) * axis, DATA_AXIS)
+
+
+def rows_sharded(mesh, axis=0):
+  return NamedSharding(mesh, rows_spec(axis))
 
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh):
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
 def shard_host_batch(host_batch, mesh):
   """Assembles each host's numpy batch (local slice of the global batch) into global arrays."""
-  sharding = batch_sharded(mesh)
+  sharding = rows_sharded(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
   )

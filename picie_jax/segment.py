@@ -12,7 +12,6 @@ import os
 
 import jax
 import numpy as np
-from PIL import ExifTags
 from PIL import Image
 from PIL import ImageOps
 import tensorflow as tf
@@ -24,10 +23,9 @@ from picie_jax import reporting
 from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import visualize
+from picie_jax.data import formats
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _STRIDE = 32  # the backbone's: network inputs are multiples of it
-_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange height and width
 
 
 def find_images(paths):
@@ -39,10 +37,10 @@ def find_images(paths):
       files = [
           os.path.join(path, name)
           for name in sorted(os.listdir(path))
-          if name.lower().endswith(IMAGE_SUFFIXES)
+          if name.lower().endswith(formats.IMAGE_SUFFIXES)
       ]
       if not files:
-        raise FileNotFoundError(f"{path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        raise FileNotFoundError(f"{path} holds no {'/'.join(formats.IMAGE_SUFFIXES)} files")
     elif os.path.isfile(path):
       files = [path]
     else:
@@ -87,7 +85,9 @@ def image_size(path):
   try:
     with Image.open(path) as image:
       width, height = image.size
-      swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPED_ORIENTATIONS
+      swapped = (
+          image.getexif().get(formats.EXIF_ORIENTATION_TAG, 1) in formats.TRANSPOSED_ORIENTATIONS
+      )
   except OSError as e:
     raise _unreadable(path, e) from None
   return (width, height) if swapped else (height, width)
@@ -176,7 +176,6 @@ def segment_images(workdir, out_dir, paths, progress=None):
   sizes = [image_size(path) for path in images]  # an unreadable file fails before any work
   run, variables, classifier, names = _restore_classifier(workdir)
   k = classifier.shape[0]
-  label_dtype = np.uint8 if k <= 256 else np.uint16
   stems = output_stems(images)
   groups = collections.defaultdict(list)
   for i, (height, width) in enumerate(sizes):
@@ -203,7 +202,7 @@ def segment_images(workdir, out_dir, paths, progress=None):
       for row, (i, image) in enumerate(zip(chunk, originals)):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))
         label_paths[i] = os.path.join(out_dir, f"{stems[i]}_labels.png")
-        visualize.save_png(label_paths[i], labels.astype(label_dtype))
+        visualize.save_png(label_paths[i], labels.astype(steps.label_dtype(k)))
         visualize.save_png(
             os.path.join(out_dir, f"{stems[i]}_overlay.png"),
             visualize.overlay_panel(image, labels, names),

@@ -19,7 +19,6 @@ from picie_jax.core import kmeans
 from picie_jax.core import losses
 from picie_jax.core import metrics
 from picie_jax.core import transforms as T
-from picie_jax.models import fpn
 
 FEATURE_STRIDE = 4
 
@@ -345,8 +344,9 @@ def labels_for_batch(model, targets, batch, epoch, key, step_config):
 
 
 def label_dtype(k):
-  """The smallest integer dtype holding cluster indices 0..k-1 (the label cache's dtype)."""
-  return jnp.uint8 if k <= 256 else jnp.int16 if k <= 32768 else jnp.int32
+  """The smallest integer dtype holding cluster indices 0..k-1: uint8, uint16 (K <= 65536; a
+  PNG's 8- and 16-bit grayscale), else int32. The label cache's and segment's label maps'."""
+  return jnp.uint8 if k <= 256 else jnp.uint16 if k <= 65536 else jnp.int32
 
 
 @functools.partial(jax.jit, static_argnames=("model", "step_config", "k"))
@@ -467,7 +467,7 @@ def eval_step(model, variables, classifier_kc1, batch, *, step_config, num_true)
   z = with_bias_column(plain_features(model, variables, batch["image"], step_config))
   logits = losses.prototype_logits(z, classifier_kc1)
   _, h, w = batch["label"].shape
-  logits = fpn.resize_bilinear(logits, (h, w))
+  logits = T.resize_bilinear(logits, (h, w))
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   hist = metrics.confusion_histogram(
       batch["label"],
@@ -493,5 +493,5 @@ def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, step_c
 @functools.partial(jax.jit, static_argnames="size_hw")
 def upsampled_argmax(logits_hwk, size_hw):
   """int32 (H, W) argmax of one image's logits upsampled bilinearly to `size_hw`, as eval_step."""
-  logits = fpn.resize_bilinear(logits_hwk[None], size_hw)[0]
+  logits = T.resize_bilinear(logits_hwk[None], size_hw)[0]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)

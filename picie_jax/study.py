@@ -18,6 +18,7 @@ import re
 import shlex
 import time
 
+import flax.traverse_util
 import ml_collections
 import numpy as np
 
@@ -399,16 +400,14 @@ def _run_name(point, seed):
   return "_".join(parts + [f"seed{seed}"])
 
 
-def _numbers(tree, prefix=""):
+def _numbers(tree):
   """{'fresh': {'acc': 1.0, 'per_class_iou': [...]}} -> {'fresh.acc': 1.0}: the numbers (and
   nulls, i.e. NaN) of nested dicts; lists and strings are left out."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_numbers(value, f"{prefix}{key}."))
-    elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-      out[f"{prefix}{key}"] = _finite_or_none(value)
-  return out
+  return {
+      key: _finite_or_none(value)
+      for key, value in flax.traverse_util.flatten_dict(tree, sep=".").items()
+      if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+  }
 
 
 def _finite_or_none(value):

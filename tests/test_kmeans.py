@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from picie_jax import parallel
 from picie_jax.core import kmeans as km
 
-MESH = km.data_mesh()
+MESH = parallel.make_mesh()
 
 
 def brute_force_nearest(points, centroids):
@@ -237,9 +238,10 @@ def test_bad_metric_or_init_names_the_value():
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
+    from picie_jax import clustering, parallel
     from picie_jax.core import kmeans as km
     assert jax.device_count() == 8, jax.devices()
-    one, eight = km.data_mesh(jax.devices()[:1]), km.data_mesh()
+    one, eight = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2003, 16)).astype(np.float32)  # 2003 = 8 * 250 + 3: padded and masked
     mask = rng.uniform(size=2003) > 0.1
@@ -268,11 +270,10 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # The init buffer's layout: batches of rows (B, N_b, D) sharded along N_b, read in batch
     # order; bfloat16 storage is clustered as its float32 values.
-    from picie_jax import clustering, parallel
     buf = clustering._empty_buffer(3, 400, 16, jnp.bfloat16, eight)
     for i in range(3):
       rows = jax.device_put((x[400 * i:400 * (i + 1)], mask[400 * i:400 * (i + 1)]),
-                            parallel.batch_sharded(eight))
+                            parallel.rows_sharded(eight))
       buf = clustering._fill(*buf, *rows, i)
     flat = x[:1200].astype(jnp.bfloat16).astype(np.float32), mask[:1200]
     start = km.random_init_from_batches(jax.random.key(2), *buf, 8, mesh=eight)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from picie_jax.convert import torch_names
+from picie_jax.core.transforms import resize_bilinear
 from picie_jax.models import efficientnet
 from picie_jax.models import layers
 from picie_jax.models import resnet
 from picie_jax.models.fpn import FPNDecoder
 from picie_jax.models.fpn import PiCIENet
 from picie_jax.models.fpn import model_from_config
-from picie_jax.models.fpn import resize_bilinear
 from picie_jax.models.layers import BatchNorm
 from picie_jax.models.layers import DepthwiseConv
 from picie_jax.models.layers import depthwise_conv_taps

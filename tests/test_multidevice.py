@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from picie_jax import parallel
 from picie_jax.core import kmeans as km
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,7 +263,6 @@ def kmeans_outputs(data, rows, whole, mesh):
 _MULTI_HOST_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
     address, process_id, data_path, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     jax.distributed.initialize(address, num_processes=2, process_id=process_id,
                                initialization_timeout=120)
@@ -275,12 +275,12 @@ _MULTI_HOST_SCRIPT = textwrap.dedent("""
     def rows(a):  # this process holds its half, as the input pipeline loads it
       half = len(a) // 2
       local = a[process_id * half:(process_id + 1) * half]
-      out = jax.make_array_from_process_local_data(parallel.batch_sharded(mesh), local)
+      out = jax.make_array_from_process_local_data(parallel.rows_sharded(mesh), local)
       assert not out.is_fully_addressable
       return out
 
     def whole(a):  # every process holds all rows: a global array replicated over 4 devices
-      return jax.device_put(a, NamedSharding(mesh, P()))
+      return parallel.replicate(a, mesh)
 
     out = kmeans_outputs(dict(np.load(data_path)), rows, whole, mesh)
     out = {k: parallel.to_host(v) for k, v in out.items()}  # a collective: both processes call it
@@ -331,7 +331,8 @@ def test_kmeans_on_two_processes_matches_one_device(tmp_path):
   )
   got = dict(np.load(out_path))
   expect = jax.tree.map(
-      np.asarray, kmeans_outputs(data, _unchanged, _unchanged, km.data_mesh(jax.devices()[:1]))
+      np.asarray,
+      kmeans_outputs(data, _unchanged, _unchanged, parallel.make_mesh(jax.devices()[:1])),
   )
   assert set(got) == set(expect)
   for key in ("init", "centroids", "mb_centroids", "odd_centroids"):

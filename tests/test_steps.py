@@ -82,3 +82,12 @@ def test_pixel_features_average_stride_cells():
   x = np.random.default_rng(1).random((2, 8, 12, 3)).astype(np.float32)
   expect = x.reshape(2, 2, 4, 3, 4, 3).mean(axis=(2, 4))
   np.testing.assert_allclose(steps.pixel_features(jnp.asarray(x)), expect, rtol=1e-6)
+
+
+def test_label_dtype_is_the_smallest_png_dtype_holding_every_cluster():
+  """uint8 or uint16 (what segment's label PNGs can hold), int32 beyond; every id survives."""
+  for k, want in ((2, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16)):
+    dtype = np.dtype(steps.label_dtype(k))
+    assert dtype == want, k
+    np.testing.assert_array_equal(np.arange(k).astype(dtype), np.arange(k))
+  assert np.dtype(steps.label_dtype(65537)) == np.int32

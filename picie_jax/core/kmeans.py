@@ -14,13 +14,12 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from picie_jax import parallel
 from picie_jax import platform as platform_lib
+from picie_jax.parallel import DATA_AXIS
 
-DATA_AXIS = "data"
 _HIGHEST = lax.Precision.HIGHEST
 # faiss's relative perturbation of the two halves of a split cluster.
 _SPLIT_EPS = 1.0 / 1024.0
@@ -53,14 +52,6 @@ class _PassStats(NamedTuple):
   sums_kd: jax.Array  # (K, D) float32 sum of the valid points per cluster
   counts_k: jax.Array  # (K,) int32 valid points per cluster
   sq_dist_sum: jax.Array  # () float32 sum of sq_dist_n over the valid points
-
-
-def data_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis 'data' (AxisType.Auto) over `devices`, default all devices."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh(
-      (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-  )
 
 
 def normalize_features(x, axis=-1, eps=1e-10):
@@ -176,7 +167,7 @@ def assign_to_nearest(points_nd, centroids_kd, *, mesh, chunk_size=0):
     stats = _chunked_pass(points_nd, centroids_kd, chunk_size, platform_lib.platform_of(mesh))
     return stats.labels_n, stats.sq_dist_n
 
-  rows = P(DATA_AXIS)
+  rows = parallel.rows_spec()
   labels_n, sq_dist_n = jax.shard_map(
       local, mesh=mesh, in_specs=(rows, P()), out_specs=(rows, rows)
   )(points_nd, centroids_kd.astype(jnp.float32))
@@ -240,7 +231,7 @@ def random_init_from_batches(key, points_bnd, valid_bn, k, *, mesh):
     rows_kd = points_bnd[batch_k, jnp.clip(row_k - start, 0, local_rows - 1)].astype(jnp.float32)
     return lax.psum(jnp.where(here_k[:, None], rows_kd, 0.0), DATA_AXIS)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(), P()), out_specs=P())(
+  return jax.shard_map(local, mesh=mesh, in_specs=(parallel.rows_spec(1), P(), P()), out_specs=P())(
       points_bnd, batch_k, row_k
   )
 
@@ -283,11 +274,6 @@ def _global_pass(points_nd, mask_n, centroids_kd, chunk_size, platform):
   return stats._replace(sums_kd=sums_kd, counts_k=counts_k, sq_dist_sum=sq_dist_sum)
 
 
-def _row_spec(ndim):
-  """Rows over 'data': (N, D) points along N, (B, N_b, D) batches of rows along N_b."""
-  return P(DATA_AXIS) if ndim == 1 else P(None, DATA_AXIS)
-
-
 def _on_mesh(points, mask, mesh):
   """float32 (or bfloat16, kept as stored: distances are float32 per chunk) points (N, D) or
   (B, N_b, D) and their bool mask, rows padded to a multiple of the mesh size and sharded."""
@@ -299,14 +285,11 @@ def _on_mesh(points, mask, mesh):
   if pad:
     points = jnp.pad(points, [(0, 0)] * (points.ndim - 2) + [(0, pad), (0, 0)])
     mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
-  return jax.device_put((points, mask), NamedSharding(mesh, _row_spec(mask.ndim)))
+  return jax.device_put((points, mask), parallel.rows_sharded(mesh, mask.ndim - 1))
 
 
-def _replicated(tree, mesh):
-  """The float32 arrays of `tree`, copied to every device of the mesh."""
-  return jax.device_put(
-      jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree), NamedSharding(mesh, P())
-  )
+def _float32(tree):
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "mesh", "chunk_size"))
@@ -335,7 +318,7 @@ def _lloyd_on_mesh(points, mask, centroids_kd, num_iters, mesh, chunk_size):
         stats.counts_k,
     )
 
-  rows = _row_spec(mask.ndim)
+  rows = parallel.rows_spec(mask.ndim - 1)
   return jax.shard_map(
       local, mesh=mesh, in_specs=(rows, rows, P()), out_specs=KMeansResult(P(), rows, P(), P())
   )(points, mask, centroids_kd)
@@ -356,7 +339,12 @@ def lloyd(points_nd, mask_n, init_centroids_kd, num_iters, *, mesh, chunk_size=0
   n = mask_n.shape[-1]
   points_nd, mask_n = _on_mesh(points_nd, mask_n, mesh)
   result = _lloyd_on_mesh(
-      points_nd, mask_n, _replicated(init_centroids_kd, mesh), num_iters, mesh, chunk_size
+      points_nd,
+      mask_n,
+      parallel.replicate(_float32(init_centroids_kd), mesh),
+      num_iters,
+      mesh,
+      chunk_size,
   )
   return result._replace(assignments=result.assignments[..., :n])
 
@@ -401,7 +389,10 @@ def _minibatch_on_mesh(state, points_nd, mask_n, mesh, chunk_size):
     )
 
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P(), P())
+      local,
+      mesh=mesh,
+      in_specs=(P(), parallel.rows_spec(), parallel.rows_spec()),
+      out_specs=(P(), P(), P()),
   )(state, points_nd, mask_n)
 
 
@@ -416,4 +407,6 @@ def minibatch_update(state, points_nd, mask_n, *, mesh, chunk_size=0):
   update, number of valid points); their ratio is the reference's per-batch k-means loss.
   """
   points_nd, mask_n = _on_mesh(points_nd, mask_n, mesh)
-  return _minibatch_on_mesh(_replicated(state, mesh), points_nd, mask_n, mesh, chunk_size)
+  return _minibatch_on_mesh(
+      parallel.replicate(_float32(state), mesh), points_nd, mask_n, mesh, chunk_size
+  )

@@ -297,8 +297,9 @@ def _resample_blurred(x_bhwc, rows, cols, blur_kernels_bk, platform):
   convolved with the blur's, read from the reflected rows, so a 640 -> 320 view reads 14
   rows per output row where a blur pass and then the resize would read 13 + 2 at 640 and the
   dense contraction all 640 (about 5x faster on CPU; on GPU/TPU, per `platform`, the same taps
-  make dense matrices: the matrix units do the extra work faster than gathers, slow on TPU). Images come here; differentiated feature maps take the dense
-  `_resample`, whose transpose is a matmul, not a scatter.
+  make dense matrices: the matrix units do the extra work faster than gathers, slow on TPU).
+  Images come here; differentiated feature maps take the dense `_resample`, whose transpose is
+  a matmul, not a scatter.
   """
   _, height, width, _ = x_bhwc.shape
   if blur_kernels_bk is None:
@@ -363,15 +364,18 @@ def _batched(taps, batch):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), taps)
 
 
-def resize_bilinear(images_bhwc, out_size: int, blur_kernels_bk=None, platform=platform_lib.CPU):
-  """Whole-image bilinear resize to (out_size, out_size), torch half-pixel, no antialias;
-  `blur_kernels_bk` and `platform` as in `apply_geometric`."""
-  batch, height, width, _ = images_bhwc.shape
+def resize_bilinear(x_bhwc, out_size, blur_kernels_bk=None, platform=platform_lib.CPU):
+  """Whole-map bilinear resize to `out_size` (side of a square, or (height, width)) as torch
+  F.interpolate(bilinear, align_corners=False, no antialias); `blur_kernels_bk` and
+  `platform` as in `apply_geometric`. The one resize of images, feature maps (the FPN) and logits.
+  """
+  batch, height, width, _ = x_bhwc.shape
+  out_height, out_width = (out_size, out_size) if isinstance(out_size, int) else out_size
   no_flip = jnp.zeros((), bool)
-  rows = _crop_resize_taps(height, out_size, 0, jnp.int32(height), no_flip)
-  cols = _crop_resize_taps(width, out_size, 0, jnp.int32(width), no_flip)
+  rows = _crop_resize_taps(height, out_height, 0, jnp.int32(height), no_flip)
+  cols = _crop_resize_taps(width, out_width, 0, jnp.int32(width), no_flip)
   return _resample_blurred(
-      images_bhwc, _batched(rows, batch), _batched(cols, batch), blur_kernels_bk, platform
+      x_bhwc, _batched(rows, batch), _batched(cols, batch), blur_kernels_bk, platform
   )
 
 

@@ -23,13 +23,16 @@ a prepared split's first and last records (that the split is complete and readab
 wrote it from the checked archives) and, likewise, its label values.
 """
 
+from collections.abc import Callable
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from picie_jax.data import cityscapes
 from picie_jax.data import coco_stuff
+from picie_jax.data import formats
 from picie_jax.data import pipeline
 from picie_jax.data import prepared
 from picie_jax.data import scan
@@ -37,32 +40,24 @@ from picie_jax.data import synthetic
 
 _INVALID = -2  # table entry for a label value the dataset does not define
 _LABEL_TABLE_SIZE = 1 << 16  # every value a 16-bit PNG can hold
-_PNG_SIGNATURE = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_BUILDERS = {
-    "coco_stuff27": coco_stuff.PicieCocoStuff,
-    "coco_stuff15": coco_stuff.PicieCocoStuff,
-    "coco_thing12": coco_stuff.PicieCocoStuff,
-    "cityscapes27": cityscapes.PicieCityscapes,
-}
+
+
+class Dataset(NamedTuple):
+  """A DATASETS entry: `read(config.dataset, split)` is a split's Source; `builder` the TFDS
+  builder `prepare` writes the splits with (None: read directly, nothing to prepare)."""
+
+  read: Callable[[Any, str], pipeline.Source]
+  builder: type | None = None
 
 
 def build_source(config, split):
   """The `split` ('train' or 'val') of the dataset named by config.dataset.name."""
-  readers = {
-      "synthetic": _synthetic,
-      "coco_stuff27": _coco_stuff,
-      "coco_stuff15": _coco_stuff,
-      "coco_thing12": _coco_stuff,
-      "cityscapes27": _cityscapes27,
-      "image_folder": _image_folder,
-  }
   name = config.dataset.name
-  if name not in readers:
-    raise ValueError(f"config.dataset.name={name!r} is not one of {sorted(readers)}")
+  if name not in DATASETS:
+    raise ValueError(f"config.dataset.name={name!r} is not one of {sorted(DATASETS)}")
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-  return readers[name](config.dataset, split)
+  return DATASETS[name].read(config.dataset, split)
 
 
 def evaluation_source(config):
@@ -97,13 +92,14 @@ def prepare(config):
   """Writes the prepared splits of config.dataset.name from config.dataset.manual_dir into
   config.dataset.data_dir (TFDS's default if empty); returns the dataset's directory."""
   name = config.dataset.name
-  if name not in _BUILDERS:
+  builder = DATASETS[name].builder if name in DATASETS else None
+  if builder is None:
     raise ValueError(
-        f"config.dataset.name={name!r} needs no prepare step (it is read "
-        f"directly); prepare is for {sorted(_BUILDERS)}"
+        f"config.dataset.name={name!r} needs no prepare step (it is read directly); prepare "
+        f"is for {sorted(n for n, dataset in DATASETS.items() if dataset.builder)}"
     )
   manual_dir = _require_dir(config.dataset.manual_dir, "config.dataset.manual_dir")
-  return prepared.prepare(_BUILDERS[name], config.dataset.data_dir, manual_dir).data_dir
+  return prepared.prepare(builder, config.dataset.data_dir, manual_dir).data_dir
 
 
 def _limit(count, limit):
@@ -153,7 +149,9 @@ def decode_label_png(png_bytes, file_name, table):
   """
   header = tf.io.decode_raw(tf.strings.substr(png_bytes + b"\0" * 26, 0, 26), tf.uint8)
   bit_depth, colour_type = tf.cast(header[24], tf.int32), header[25]
-  is_gray_png = tf.logical_and(tf.reduce_all(header[:8] == _PNG_SIGNATURE), colour_type == 0)
+  is_gray_png = tf.logical_and(
+      tf.reduce_all(header[:8] == np.frombuffer(formats.PNG_SIGNATURE, np.uint8)), colour_type == 0
+  )
   check_format = tf.debugging.Assert(
       is_gray_png,
       [
@@ -295,7 +293,7 @@ def _prepared_source(
     dcfg, split, table, has_labels, num_classes, class_names=(), thing_classes=None
 ):
   """A Source over a prepared split of config.dataset.name, read by index."""
-  records = prepared.open_split(_BUILDERS[dcfg.name], dcfg.data_dir, split)
+  records = prepared.open_split(DATASETS[dcfg.name].builder, dcfg.data_dir, split)
   count = _limit(len(records), dcfg.num_train if split == "train" else dcfg.num_val)
 
   def scan_records(source, labels, progress):
@@ -355,7 +353,7 @@ def _image_folder(dcfg, split):
   """Image files read directly from config.dataset.root/<split>/images (and labels)."""
   root = _require_dir(os.path.join(dcfg.root, split), "config.dataset.root")
   image_dir = _require_dir(os.path.join(root, "images"), "config.dataset.root")
-  names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(_IMAGE_EXTENSIONS))
+  names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(formats.IMAGE_SUFFIXES))
   names = names[: _limit(len(names), dcfg.num_train if split == "train" else dcfg.num_val)]
   images = [os.path.join(image_dir, f) for f in names]
   label_dir = os.path.join(root, "labels")
@@ -385,7 +383,7 @@ def _image_folder(dcfg, split):
         progress,
     )
 
-  mapping = {**{v: v for v in range(dcfg.num_classes)}, 255: pipeline.IGNORE_LABEL}
+  mapping = {**{v: v for v in range(dcfg.num_classes)}, formats.IGNORE_VALUE: pipeline.IGNORE_LABEL}
   return _encoded_source(
       dcfg,
       f"image_folder/{split}",
@@ -398,3 +396,14 @@ def _image_folder(dcfg, split):
       scan_fn=scan_files,
       honour_exif=True,
   )
+
+
+# config.dataset.name -> its Dataset; config_check takes the valid names from here.
+DATASETS = {
+    "synthetic": Dataset(_synthetic),
+    "coco_stuff27": Dataset(_coco_stuff, coco_stuff.PicieCocoStuff),
+    "coco_stuff15": Dataset(_coco_stuff, coco_stuff.PicieCocoStuff),
+    "coco_thing12": Dataset(_coco_stuff, coco_stuff.PicieCocoStuff),
+    "cityscapes27": Dataset(_cityscapes27, cityscapes.PicieCityscapes),
+    "image_folder": Dataset(_image_folder),
+}

@@ -16,11 +16,9 @@ from PIL import Image
 import tensorflow as tf
 import tqdm
 
+from picie_jax.data import formats
 from picie_jax.data import pipeline
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
 _THREADS = 16  # header reads are I/O bound (network file systems): overlap them
 
 
@@ -32,7 +30,7 @@ def exif_orientation(image):
     return 1
   exif = Image.Exif()
   exif.load(exif_bytes)
-  orientation = exif.get(_ORIENTATION_TAG, 1)
+  orientation = exif.get(formats.EXIF_ORIENTATION_TAG, 1)
   return orientation if orientation in range(1, 9) else 1
 
 
@@ -67,7 +65,7 @@ def check_header(image, label, image_name, label_name, honour_exif):
   try:
     with _open(image) as opened:
       width, height = opened.size
-      if honour_exif and exif_orientation(opened) in _TRANSPOSED:
+      if honour_exif and exif_orientation(opened) in formats.TRANSPOSED_ORIENTATIONS:
         width, height = height, width
   except (OSError, SyntaxError, ValueError) as e:
     return True, image_name, f"not a readable JPEG/PNG image ({e})"
@@ -77,7 +75,7 @@ def check_header(image, label, image_name, label_name, honour_exif):
     head = _head(label, 26)
   except OSError as e:
     return True, label_name, f"cannot read it ({e})"
-  if len(head) < 26 or head[:8] != _PNG_SIGNATURE:
+  if len(head) < 26 or head[:8] != formats.PNG_SIGNATURE:
     return True, label_name, "not a PNG file"
   if head[25] != 0:
     return (

@@ -1,23 +1,18 @@
 """PiCIE's Panoptic-FPN-style decoder and the full network f_theta (DESIGN §1 "Model")."""
 
+from collections.abc import Callable
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from picie_jax import platform as platform_lib
+from picie_jax.core import transforms
 from picie_jax.models import efficientnet
 from picie_jax.models import resnet
 from picie_jax.models.layers import conv
-from picie_jax.models.resnet import ARCHITECTURES
-
-
-def resize_bilinear(x_bhwc, size_hw):
-  """Bilinear resize with half-pixel centres, as torch F.interpolate(align_corners=False)."""
-  batch, _, _, channels = x_bhwc.shape
-  return jax.image.resize(x_bhwc, (batch, *size_hw, channels), method="bilinear", antialias=False)
 
 
 def _torch_uniform_bias_init(fan_in):
@@ -62,11 +57,42 @@ class FPNDecoder(nn.Module):
     out = self._lateral(feats["res5"], "layer1")
     for name, level in (("layer2", "res4"), ("layer3", "res3"), ("layer4", "res2")):
       lateral = self._lateral(feats[level], name)
-      out = resize_bilinear(out, lateral.shape[1:3]) + lateral
+      out = transforms.resize_bilinear(out, lateral.shape[1:3]) + lateral
     return out
 
 
-BACKBONES = tuple(f"resnet{d}" for d in ARCHITECTURES) + ("efficientnet_lite0",)
+class Backbone(NamedTuple):
+  """A backbone config.model.backbone can name: `make(width, dtype, platform)` builds the module
+  (a dict res2..res5 of features); `normalize_input` maps images in [0, 1] as its pretrained
+  weights expect."""
+
+  make: Callable[[int, Any, str], nn.Module]
+  normalize_input: Callable[[jax.Array], jax.Array]
+
+
+def _resnet(depth):
+  def make(width, dtype, platform):
+    return resnet.ResNet(depth=depth, width=width, dtype=dtype, platform=platform)
+
+  return Backbone(make, resnet.normalize_input)
+
+
+def _efficientnet_lite0(width, dtype, platform):
+  del width  # the architecture's own
+  return efficientnet.EfficientNetLite0(dtype=dtype, platform=platform)
+
+
+BACKBONES = {
+    **{f"resnet{depth}": _resnet(depth) for depth in resnet.ARCHITECTURES},
+    "efficientnet_lite0": Backbone(_efficientnet_lite0, efficientnet.normalize_input),
+}
+
+
+def backbone_spec(name):
+  """The BACKBONES entry of config.model.backbone `name`; a ValueError listing the names else."""
+  if name not in BACKBONES:
+    raise ValueError(f"model.backbone={name!r} is not supported; use one of {', '.join(BACKBONES)}")
+  return BACKBONES[name]
 
 
 class PiCIENet(nn.Module):
@@ -85,30 +111,13 @@ class PiCIENet(nn.Module):
   platform: str = platform_lib.CPU  # the platform compiled for (platform.platform_of(mesh))
 
   def setup(self):
-    if self.backbone_name not in BACKBONES:
-      raise ValueError(
-          f"model.backbone={self.backbone_name!r} is not supported; use one of "
-          f"{', '.join(BACKBONES)}"
-      )
-    if self.backbone_name == "efficientnet_lite0":
-      self.backbone = efficientnet.EfficientNetLite0(dtype=self.dtype, platform=self.platform)
-    else:
-      self.backbone = resnet.ResNet(
-          depth=int(self.backbone_name[len("resnet") :]),
-          width=self.width,
-          dtype=self.dtype,
-          platform=self.platform,
-      )
+    self.backbone = backbone_spec(self.backbone_name).make(self.width, self.dtype, self.platform)
     self.decoder = FPNDecoder(
         out_channels=self.out_channels, dtype=self.dtype, platform=self.platform
     )
 
   def __call__(self, images_01_bhwc, train: bool):
-    normalize = (
-        efficientnet.normalize_input
-        if self.backbone_name == "efficientnet_lite0"
-        else resnet.normalize_input
-    )
+    normalize = BACKBONES[self.backbone_name].normalize_input
     return self.decoder(self.backbone(normalize(images_01_bhwc), train)).astype(jnp.float32)
 
 
@@ -118,10 +127,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def model_from_config(cfg, platform):
   """PiCIENet from the model config (fields backbone, width, fpn_channels, dtype), with the forms
   of `platform` (platform.platform_of(mesh): the devices it will be compiled for)."""
-  if cfg.backbone not in BACKBONES:
-    raise ValueError(
-        f"model.backbone={cfg.backbone!r} is not supported; use one of " f"{', '.join(BACKBONES)}"
-    )
+  backbone_spec(cfg.backbone)
   for key in ("width", "fpn_channels"):
     value = getattr(cfg, key)
     if not isinstance(value, int) or value < 1:
