@@ -100,6 +100,10 @@ def get_config():
   c.eval.batch_size = 64
   c.eval.k_test = 27
   c.eval.overcluster_k = 0  # >0: also report many-to-one matching with this many clusters
+  # BatchNorm of the fresh clusters' pass: 'eval' (running averages, left untouched) | 'train'
+  # (the official code: batch statistics, and every batch of the pass moves the running
+  # averages that the final evaluation then uses; see docs/design.md)
+  c.eval.fresh_bn = "eval"
   c.eval.every_epochs = 1
   c.eval.num_vis = 8  # validation images drawn as PNG panels each epoch
 
