@@ -86,8 +86,9 @@ def get_config():
   c.augment.blur_p = 0.5
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.blur_max_radius = 6
-  # True: the official code's deviations: no grayscale, blur radius tied to its draw, view 2
-  # resized with PIL (antialiased), and on Cityscapes view 1 trained without its jitter
+  # True: the official code's deviations: no grayscale, blur radius tied to its draw, the colour
+  # jitter in PIL's uint8 arithmetic, view 2 resized with PIL (antialiased), and on Cityscapes
+  # view 1 trained without its jitter (docs/design.md lists what remains different)
   c.augment.reference_quirks = False
   c.augment.geometric = True
   c.augment.min_scale = 0.5
@@ -100,6 +101,10 @@ def get_config():
   c.eval.batch_size = 64
   c.eval.k_test = 27
   c.eval.overcluster_k = 0  # >0: also report many-to-one matching with this many clusters
+  # BatchNorm of the fresh clusters' pass: 'eval' (running averages, left untouched) | 'train'
+  # (the official code: batch statistics, and every batch of the pass moves the running
+  # averages that the final evaluation then uses; see docs/design.md)
+  c.eval.fresh_bn = "eval"
   c.eval.every_epochs = 1
   c.eval.num_vis = 8  # validation images drawn as PNG panels each epoch
 

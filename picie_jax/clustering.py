@@ -147,7 +147,9 @@ def minibatch_kmeans(
   in the metric's space (L2-normalised for cosine); `for_init` is True for the batches that go
   into the init buffer (the caller may subsample them). keys[v] seeds view v's init. Returns
   (centroids (V, K, C), [stats per view]): the init loss, the online loss (mean squared
-  distance over the online batches, before each update) and the init buffer's bytes.
+  distance over the online batches, before each update), the reference's logged loss (the
+  unweighted mean of the init loss and each online batch's mean, its AverageMeter) and the
+  init buffer's bytes.
   """
   initialise = functools.partial(
       _initialise_all,
@@ -177,24 +179,42 @@ def minibatch_kmeans(
       if filled == num_init_batches:
         states, stats = initialise(buffers, filled)
         buffers = None
-        online = [[0.0, 0] for _ in views]
+        online = [_OnlineLoss() for _ in views]
     else:
       for view, (points, mask) in enumerate(views):
         states[view], sq_sum, count = kmeans.minibatch_update(
             states[view], points, mask, mesh=mesh, chunk_size=chunk_size
         )
-        online[view][0] += float(sq_sum)
-        online[view][1] += int(count)
+        online[view].add(float(sq_sum), int(count))
     if progress is not None:
       progress.update(1)
   if states is None:  # fewer batches than num_init_batches: the init sees all of them
     if not filled:
       raise ValueError("k-means got no batches: the dataset split is empty")
     states, stats = initialise(buffers, filled)
-    online = [[0.0, 0] for _ in states]
-  for view_stats, (sq_sum, count) in zip(stats, online):
-    view_stats["online_loss"] = sq_sum / count if count else float("nan")
+    online = [_OnlineLoss() for _ in states]
+  for view_stats, view_online in zip(stats, online):
+    view_stats["online_loss"] = (
+        view_online.sq_sum / view_online.count if view_online.count else float("nan")
+    )
+    view_stats["reference_loss"] = float(
+        np.mean([view_stats["init_loss"], *view_online.batch_means])
+    )
   return jnp.stack([s.centroids for s in states]), stats
+
+
+class _OnlineLoss:
+  """One view's online squared distances: their sum and count over the pass, and each batch's
+  mean (what the reference's AverageMeter averages)."""
+
+  def __init__(self):
+    self.sq_sum, self.count, self.batch_means = 0.0, 0, []
+
+  def add(self, sq_sum, count):
+    self.sq_sum += sq_sum
+    self.count += count
+    if count:
+      self.batch_means.append(sq_sum / count)
 
 
 def _initialise_all(buffers, filled, *, num_init_batches, k, iters, init, keys, mesh, chunk_size):

@@ -22,6 +22,7 @@ _CHOICES = {
     "dataset.on_bad_file": pipeline.ON_BAD_FILE,
     "train.labels": ("cached", "recompute"),
     "kmeans.buffer_dtype": ("float32", "bfloat16"),
+    "eval.fresh_bn": ("eval", "train"),
 }
 _POSITIVE_INTS = (
     "res1",

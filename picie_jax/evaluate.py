@@ -106,14 +106,26 @@ def _write_pictures(prefix, vis, mapping, hist, source):
 
 
 def fresh_centroids(model, variables, source, config, mesh, step_config, k, key, progress=True):
-  """k-means with `k` clusters on un-augmented eval-mode features of `source` (fresh clusters).
+  """k-means with `k` clusters on un-augmented features of `source` (fresh clusters); returns
+  (centroids (K, C), stats, variables).
 
-  Its init buffer is checked, subsampled and stored as the cluster phase's
-  (kmeans.init_pixels_per_image, kmeans.buffer_dtype), with one view.
+  The images are read as evaluation reads them (config.eval.res, steps.evaluation_input), in a
+  seeded shuffled order (pipeline.FRESH_ORDER), as the reference's shuffled loader over the
+  train split with its evaluation transform. config.eval.fresh_bn='train' runs BatchNorm on
+  batch statistics and moves the running averages with every batch (the reference, under
+  model.train()); the returned variables carry them ('eval': `variables` unchanged). The init
+  buffer is checked, subsampled and stored as the cluster phase's (one view).
   """
   batch_size = config.kmeans.batch_size
-  batches = pipeline.pass_batches(
-      source, batch_size, config.res2, num_hosts=jax.process_count(), host_id=jax.process_index()
+  batches = pipeline.train_batches(
+      source,
+      batch_size,
+      config.eval.res,
+      seed=config.seed,
+      epoch=0,
+      stream=pipeline.FRESH_ORDER,
+      num_hosts=jax.process_count(),
+      host_id=jax.process_index(),
   )
   side = config.res1 // steps.FEATURE_STRIDE
   clustering.check_init_buffer(
@@ -130,10 +142,14 @@ def fresh_centroids(model, variables, source, config, mesh, step_config, k, key,
       batch_size,
       enabled=progress,
   )
+  moved = dict(variables)
 
   def features_fn(host_batch, for_init):
     batch = parallel.shard_host_batch(host_batch, mesh)
-    views = [steps.fresh_features(model, variables, batch, step_config=step_config)]
+    points, moved["batch_stats"] = steps.fresh_features(
+        model, moved, batch, step_config=step_config, train=config.eval.fresh_bn == "train"
+    )
+    views = [points]
     if for_init:  # the init buffer's subset, as the cluster phase keeps it
       views = clustering.init_subset(
           views, batch["index"], jax.random.fold_in(key, 1), config.kmeans.init_pixels_per_image
@@ -154,7 +170,7 @@ def fresh_centroids(model, variables, source, config, mesh, step_config, k, key,
       progress=bar,
   )
   bar.close()
-  return centroids[0], stats[0]
+  return centroids[0], stats[0], moved
 
 
 def final_evaluation(
@@ -169,13 +185,16 @@ def final_evaluation(
     out_dir,
     progress=True,
 ):
-  """The run's final numbers: fresh clusters (K = eval.k_test), optionally overclustering."""
+  """The run's final numbers: fresh clusters (K = eval.k_test), optionally overclustering.
+
+  Each is one fresh k-means pass from the trained `variables` and the evaluation that follows
+  it (with eval.fresh_bn='train', on the running averages its pass moved)."""
   results = {}
   runs = [("fresh", config.eval.k_test, False)]
   if config.eval.overcluster_k:
     runs.append(("overcluster", config.eval.overcluster_k, True))
   for name, k, many_to_one in runs:
-    centroids, stats = fresh_centroids(
+    centroids, stats, fresh_variables = fresh_centroids(
         model,
         variables,
         train_source,
@@ -188,7 +207,7 @@ def final_evaluation(
     )
     scores, _ = evaluate(
         model,
-        variables,
+        fresh_variables,
         steps.classifier_from_centroids(centroids, config.kmeans.metric),
         val_source,
         config,
@@ -202,6 +221,7 @@ def final_evaluation(
         "k": k,
         "kmeans_init_loss": stats["init_loss"],
         "kmeans_online_loss": stats["online_loss"],
+        "kmeans_loss_reference": stats["reference_loss"],
         **scores,
     }
   return results
@@ -226,6 +246,7 @@ EVAL_OVERRIDABLE = (
     "eval.k_test",
     "eval.overcluster_k",
     "eval.num_vis",
+    "eval.fresh_bn",
     "progress",
     # the fresh clusters' k-means and its init buffer's memory
     "kmeans.batch_size",

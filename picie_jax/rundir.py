@@ -7,6 +7,7 @@ Training (train.py), evaluation of a finished run (evaluate.py), the official-ch
 
 import dataclasses
 import json
+import math
 import os
 
 import flax.traverse_util
@@ -35,6 +36,8 @@ class ClusterStats:
   init_buffer_bytes: int  # the k-means init buffers' size, all views
   init_loss: tuple  # per view: the k-means init's loss on its buffer
   online_loss: tuple  # per view: the mean squared distance over the pass
+  # per view: the unweighted mean of the init loss and every online batch's (the reference's log)
+  reference_loss: tuple
   label_counts: list  # (V, K) pixels per cluster in the label pass
 
   @classmethod
@@ -44,15 +47,22 @@ class ClusterStats:
         init_buffer_bytes=sum(s["init_buffer_bytes"] for s in view_stats),
         init_loss=tuple(s["init_loss"] for s in view_stats),
         online_loss=tuple(s["online_loss"] for s in view_stats),
+        reference_loss=tuple(s["reference_loss"] for s in view_stats),
         label_counts=label_counts.tolist(),
     )
 
   def record(self):
-    """The metrics row's fields: kmeans_init_buffer_bytes, kmeans_{init,online}_loss_view<v>."""
+    """The metrics row's fields: kmeans_init_buffer_bytes, kmeans_{init,online}_loss_view<v>,
+    kmeans_loss_reference_view<v>."""
     record = {"kmeans_init_buffer_bytes": self.init_buffer_bytes}
-    for view, (init, online) in enumerate(zip(self.init_loss, self.online_loss)):
+    losses = zip(self.init_loss, self.online_loss, self.reference_loss)
+    for view, (init, online, reference) in enumerate(losses, start=1):
       record.update(
-          {f"kmeans_init_loss_view{view + 1}": init, f"kmeans_online_loss_view{view + 1}": online}
+          {
+              f"kmeans_init_loss_view{view}": init,
+              f"kmeans_online_loss_view{view}": online,
+              f"kmeans_loss_reference_view{view}": reference,
+          }
       )
     return record
 
@@ -66,6 +76,8 @@ class ClusterStats:
         init_buffer_bytes=tree["kmeans_init_buffer_bytes"],
         init_loss=tuple(tree[f"kmeans_init_loss_view{v}"] for v in views),
         online_loss=tuple(tree[f"kmeans_online_loss_view{v}"] for v in views),
+        # a checkpoint written before the reference loss was recorded has none
+        reference_loss=tuple(tree.get(f"kmeans_loss_reference_view{v}", math.nan) for v in views),
         label_counts=tree["label_counts"],
     )
 

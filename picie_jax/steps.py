@@ -276,12 +276,20 @@ def view_features(
   return feats, (chains if per_view else chains[0])
 
 
+def evaluation_input(images_uint8, step_config):
+  """The network input of evaluation and of the fresh clusters (one path, so the fresh
+  centroids are fit on the images they are scored on): the eval-resolution batch in [0, 1],
+  resized to res1."""
+  return T.resize_bilinear(_to_float_images(images_uint8), step_config.res1)
+
+
 def plain_features(model, variables, images_uint8, step_config, resize=True):
-  """Features of un-augmented images in eval BN: resized to res1 (evaluation and fresh
-  clusters), or with `resize=False` at their own size (segment's whole photos)."""
-  images = _to_float_images(images_uint8)
+  """Features of un-augmented images in eval BN: the evaluation input, or with `resize=False`
+  the images at their own size (segment's whole photos)."""
   if resize:
-    images = T.resize_bilinear(images, step_config.res1)
+    images = evaluation_input(images_uint8, step_config)
+  else:
+    images = _to_float_images(images_uint8)
   z, _ = _raw_features(model, variables, images, step_config, train=False)
   return _in_metric_space(z, step_config)
 
@@ -316,12 +324,15 @@ def cluster_features(
   return [flatten_with_mask(z, batch["mask"]) for z in feats], chains
 
 
-@functools.partial(jax.jit, static_argnames=("model", "step_config"))
-def fresh_features(model, variables, batch, *, step_config):
-  """Fresh-cluster pass: un-augmented features in eval mode, flattened with their mask."""
-  return flatten_with_mask(
-      plain_features(model, variables, batch["image"], step_config), batch["mask"]
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "train"))
+def fresh_features(model, variables, batch, *, step_config, train=False):
+  """Fresh-cluster pass: features of the evaluation input, flattened with their mask, and the
+  batch statistics: in eval BN (left as they are), or with `train` in batch-statistics mode,
+  the running averages moved by the batch (the reference's fresh clusters, under model.train())."""
+  z, batch_stats = _raw_features(
+      model, variables, evaluation_input(batch["image"], step_config), step_config, train
   )
+  return flatten_with_mask(_in_metric_space(z, step_config), batch["mask"]), batch_stats
 
 
 def labels_for_batch(model, targets, batch, epoch, key, step_config):

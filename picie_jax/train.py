@@ -42,6 +42,10 @@ def cluster_phase(run, state, epoch):
   """Mini-batch k-means of every view from one pass of train-mode features; returns
   (state, centroids (V, K, C), per-view k-means stats).
 
+  The pass reads the train split in the epoch's seeded order (pipeline.CLUSTER_ORDER), as the
+  reference reshuffles its dataset every epoch: the Lloyd init sees a new random subset of
+  num_init_batches batches each epoch and the online updates a new order.
+
   The reference runs one pass per view under model.train(), so the BN running averages move
   through view 1's batches, then view 2's. Train-mode features do not depend on the running
   averages, and these follow r <- m r + (1 - m) s per pass; so one pass carries a chain per
@@ -64,7 +68,15 @@ def cluster_phase(run, state, epoch):
   features = _ClusterFeatures(run, state, epoch, kmeans_key)
   centroids, view_stats = clustering.minibatch_kmeans(
       parallel.prefetch_to_device(
-          pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
+          pipeline.train_batches(
+              run.train_source,
+              cfg.kmeans.batch_size,
+              cfg.res2,
+              seed=cfg.seed,
+              epoch=epoch,
+              stream=pipeline.CLUSTER_ORDER,
+              **run.hosts,
+          ),
           run.mesh,
       ),
       features,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from picie_jax import clustering
 from picie_jax import parallel
 from picie_jax.core import kmeans as km
 
@@ -292,3 +293,43 @@ def test_eight_devices_match_one_device():
       [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
   )
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_reference_loss_is_the_unweighted_mean_of_the_init_and_each_online_batch(monkeypatch):
+  """The official AverageMeter: one update for the init loss and one per online batch, each
+  of weight 1, whereas online_loss weights every point equally."""
+  rng = np.random.default_rng(4)
+  sizes = [40, 40, 40, 7, 33]  # valid points per batch: uneven, so the two means differ
+  batches = []
+  for b, size in enumerate(sizes):
+    mask = np.zeros(40, bool)
+    mask[rng.permutation(40)[:size]] = True
+    batches.append((gaussian_points(20 + b, 40, 3) * (1 + b), mask))
+  updates = []
+  real_update = km.minibatch_update
+
+  def recording_update(*args, **kwargs):
+    out = real_update(*args, **kwargs)
+    updates.append((float(out[1]), int(out[2])))
+    return out
+
+  monkeypatch.setattr(km, "minibatch_update", recording_update)
+  _, (stats,) = clustering.minibatch_kmeans(
+      batches,
+      lambda batch, for_init: [batch],
+      k=3,
+      num_init_batches=2,
+      iters=4,
+      init="random",
+      keys=[jax.random.PRNGKey(0)],
+      mesh=MESH,
+      chunk_size=0,
+  )
+  assert [count for _, count in updates] == sizes[2:]
+  batch_means = [sq / count for sq, count in updates]
+  np.testing.assert_allclose(
+      stats["reference_loss"], np.mean([stats["init_loss"], *batch_means]), rtol=1e-6
+  )
+  online = sum(sq for sq, _ in updates) / sum(sizes[2:])
+  np.testing.assert_allclose(stats["online_loss"], online, rtol=1e-6)
+  assert abs(np.mean(batch_means) - online) > 1e-3 * online

@@ -51,6 +51,35 @@ def test_epoch_order_is_a_seeded_permutation():
   assert not np.array_equal(a, pipeline.epoch_order(50, seed=1, epoch=4))
 
 
+@pytest.mark.parametrize("stream", [pipeline.CLUSTER_ORDER, pipeline.FRESH_ORDER])
+def test_pass_orders_are_per_epoch_and_the_same_for_any_host_split(tmp_path, stream):
+  """The cluster pass's and fresh clusters' orders: a permutation of the split per (seed, epoch,
+  stream), new each epoch and unlike the train order; the global batches are the same read
+  by one host or split over two (so over any device count), and again from a resume."""
+  _write_folder(tmp_path, "train", 11, with_labels=False)
+  source = datasets.build_source(_folder_config(tmp_path), "train")
+  order = pipeline.epoch_order(11, seed=3, epoch=1, stream=stream)
+  assert sorted(order) == list(range(11)) and not np.array_equal(order, np.arange(11))
+  assert not np.array_equal(order, pipeline.epoch_order(11, seed=3, epoch=2, stream=stream))
+  assert not np.array_equal(order, pipeline.epoch_order(11, seed=3, epoch=1))
+
+  def read(**hosts):
+    return [
+        b["index"][b["mask"]]
+        for b in pipeline.train_batches(source, 4, 8, seed=3, epoch=1, stream=stream, **hosts)
+    ]
+
+  one_host = read()
+  np.testing.assert_array_equal(np.concatenate(one_host), order)
+  two_hosts = [
+      np.concatenate(pair)
+      for pair in zip(read(num_hosts=2, host_id=0), read(num_hosts=2, host_id=1))
+  ]
+  for a, b in zip(one_host, two_hosts):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(np.concatenate(read()), order)  # a resume reads it again
+
+
 def test_resize_shorter_and_center_crop_against_pil_geometry():
   # A 20x30 image whose columns encode their x coordinate: the crop must keep the centre columns.
   image = np.tile(np.arange(30, dtype=np.float32)[None, :, None], (20, 1, 3))

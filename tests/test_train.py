@@ -139,7 +139,14 @@ def _two_pass_cluster_reference(run, state, epoch):
       return [points]
 
     mu, stats = clustering.minibatch_kmeans(
-        pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2),
+        # the epoch's cluster order, as the reference's reshuffled dataset
+        pipeline.make_batches(
+            run.train_source,
+            pipeline.epoch_order(
+                run.train_source.num_examples, cfg.seed, epoch, pipeline.CLUSTER_ORDER
+            ).reshape(-1, cfg.kmeans.batch_size),
+            cfg.res2,
+        ),
         features_fn,
         k=run.k,
         num_init_batches=cfg.kmeans.num_init_batches,

@@ -196,12 +196,85 @@ def blur_kernels(params, cfg: PhotometricConfig):
   return _gaussian_kernels(params["blur_sigma"], cfg.blur_max_radius)
 
 
+def _pil_luma(u_bhwc):
+  """PIL's convert('L') of 0..255 integer-valued RGB: (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+  u = u_bhwc.astype(jnp.int32)
+  return ((u[..., :1] * 19595 + u[..., 1:2] * 38470 + u[..., 2:] * 7471 + 32768) >> 16).astype(
+      jnp.float32
+  )
+
+
+def _pil_blend(degenerate, u_bhwc, factor_b):
+  """Pillow's ImagingBlend (ImageEnhance): degenerate + f (image - degenerate), clipped to
+  0..255 and truncated to uint8."""
+  blended = degenerate + factor_b[:, None, None, None] * (u_bhwc - degenerate)
+  return jnp.floor(jnp.clip(blended, 0.0, 255.0))
+
+
+def _pil_round(x):
+  """C's round() of non-negative values (half away from zero), as Pillow's HSV -> RGB."""
+  return jnp.floor(x + 0.5)
+
+
+def _pil_hue_shift(u_bhwc, shift_b):
+  """torchvision's PIL adjust_hue: Pillow's 8-bit HSV (its rgb2hsv / hsv2rgb), h += uint8(shift
+  * 255) modulo 256, back to RGB; 0..255 integer values in and out."""
+  r, g, b = u_bhwc[..., 0], u_bhwc[..., 1], u_bhwc[..., 2]
+  maxc = jnp.maximum(jnp.maximum(r, g), b)
+  chroma = maxc - jnp.minimum(jnp.minimum(r, g), b)
+  grey = chroma == 0
+  safe_chroma, safe_max = jnp.where(grey, 1.0, chroma), jnp.where(grey, 1.0, maxc)
+  rc, gc, bc = ((maxc - c) / safe_chroma for c in (r, g, b))
+  h6 = jnp.where(r == maxc, bc - gc, jnp.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
+  h = _wrap(h6 / 6.0 + 1.0, 1.0)
+  hue = jnp.where(grey, 0.0, jnp.floor(h * 255.0))
+  sat = jnp.where(grey, 0.0, jnp.floor(chroma / safe_max * 255.0))
+  hue = _wrap(hue + jnp.trunc(shift_b * 255.0)[:, None, None], 256.0)
+  sector = jnp.floor(hue * 6.0 / 255.0)
+  frac = hue * 6.0 / 255.0 - sector
+  fs = sat / 255.0
+  p, q, t = (_pil_round(maxc * (1.0 - fs * w)) for w in (1.0, frac, 1.0 - frac))
+  sector = jnp.mod(sector, 6.0)[..., None]
+  rgb = [
+      jnp.stack(channels, axis=-1)
+      for channels in (
+          (maxc, t, p),
+          (q, maxc, p),
+          (p, maxc, t),
+          (p, q, maxc),
+          (t, p, maxc),
+          (maxc, p, q),
+      )
+  ]
+  out = rgb[5]
+  for i in range(4, -1, -1):
+    out = jnp.where(sector == i, rgb[i], out)
+  return jnp.where((sat == 0)[..., None], maxc[..., None], out)
+
+
+def _pil_colour(images_bhwc, params):
+  """apply_colour as the official code runs it (reference_quirks): torchvision's PIL ops on
+  uint8 images, each result truncated to uint8 (Pillow's blends), greys as convert('L'), the
+  contrast grey int(mean + 0.5), the hue through Pillow's 8-bit HSV (an op not drawn is skipped,
+  as the official code skips it). Grayscale is never applied under the quirks."""
+  u = jnp.round(images_bhwc * 255.0)
+  u = _pil_blend(0.0, u, params["brightness"])
+  contrast_grey = jnp.floor(jnp.mean(_pil_luma(u), axis=(1, 2, 3), keepdims=True) + 0.5)
+  u = _pil_blend(contrast_grey, u, params["contrast"])
+  u = _pil_blend(_pil_luma(u), u, params["saturation"])
+  u = jnp.where((params["hue"] != 0)[:, None, None, None], _pil_hue_shift(u, params["hue"]), u)
+  return u / 255.0
+
+
 def apply_colour(images_bhwc, params, cfg: PhotometricConfig):
   """P without its blur: brightness, contrast, saturation, hue, grayscale, each clamped to
-  [0,1] as torchvision's tensor ops are. The blur is linear, so the views apply it inside
-  their resampling (`blur_kernels`); `apply_photometric` is the whole P."""
+  [0,1] as torchvision's tensor ops are (with reference_quirks, on uint8 values as its PIL ops
+  are: `_pil_colour`). The blur is linear, so the views apply it inside their resampling
+  (`blur_kernels`); `apply_photometric` is the whole P."""
   if not cfg.enabled:
     return images_bhwc
+  if cfg.reference_quirks:
+    return _pil_colour(images_bhwc, params)
   x = jnp.clip(images_bhwc * params["brightness"][:, None, None, None], 0.0, 1.0)
   gray_mean = jnp.mean(_grayscale(x), axis=(1, 2, 3), keepdims=True)
   x = _blend(x, gray_mean, params["contrast"])

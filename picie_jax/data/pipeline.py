@@ -2,8 +2,10 @@
 
 A dataset is a `Source`: a number of examples and a TF function loading example `i`. Batches
 are built from index lists, so the order is exact and reproducible: a pass over the data in
-fixed order (cluster, label, evaluation phases) or a seeded shuffle per epoch (training),
-both with the last batch padded (index -1, mask False) so no example is dropped or counted
+fixed order (label and evaluation phases) or a seeded shuffle per (epoch, stream): the train
+phase, the cluster phase and the fresh clusters each draw their own, as the reference's loaders
+reshuffle (the permutation is of the whole split, so any host or device count sees the same
+global batches), both with the last batch padded (index -1, mask False) so no example is dropped or counted
 twice. Each host loads only its own slice of every global batch.
 
 A batch that fails to load is re-read one example at a time (only then, so it costs nothing
@@ -112,9 +114,16 @@ def batch_indices(indices, global_batch, num_hosts, host_id):
   return padded.reshape(num_batches, num_hosts, local)[:, host_id]
 
 
-def epoch_order(num_examples, seed, epoch):
-  """The training order of one epoch: a permutation drawn from (seed, epoch) only."""
-  return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
+# The passes that read the train split in a seeded order of their own (epoch_order's `stream`).
+TRAIN_ORDER = 0x5EED
+CLUSTER_ORDER = 0xC1057E5
+FRESH_ORDER = 0xF5E54
+
+
+def epoch_order(num_examples, seed, epoch, stream=TRAIN_ORDER):
+  """The order of one pass of `stream` in `epoch`: a permutation drawn from (seed, epoch, stream)
+  only, so every host, device count and resume sees the same one."""
+  return np.random.default_rng([seed, epoch, stream]).permutation(num_examples)
 
 
 def make_batches(source, host_indices, side, with_labels=False):
@@ -196,11 +205,21 @@ def pass_batches(
 
 
 def train_batches(
-    source, global_batch, side, *, seed, epoch, num_hosts=1, host_id=0, start_batch=0
+    source,
+    global_batch,
+    side,
+    *,
+    seed,
+    epoch,
+    stream=TRAIN_ORDER,
+    num_hosts=1,
+    host_id=0,
+    start_batch=0,
 ):
-  """All examples once in the seeded order of `epoch`, from batch `start_batch` on (resume)."""
+  """All examples once in the seeded order of (`epoch`, `stream`), from batch `start_batch` on
+  (resume)."""
   idx = batch_indices(
-      epoch_order(source.num_examples, seed, epoch), global_batch, num_hosts, host_id
+      epoch_order(source.num_examples, seed, epoch, stream), global_batch, num_hosts, host_id
   )
   return make_batches(source, idx[start_batch:], side)
 
