@@ -5,7 +5,6 @@
 
 import dataclasses
 import os
-import shlex
 import sys
 import textwrap
 import traceback
@@ -208,8 +207,7 @@ def _one_line(exc):
   from picie_jax import reporting  # pylint: disable=g-import-not-at-top
 
   if isinstance(exc, preemption.Stopped):
-    command = shlex.join(["picie-jax", *sys.argv[1:]])
-    return f"{exc}; resume with: {command}", exc.exit_code
+    return preemption.resume_line(exc), exc.exit_code
   if isinstance(exc, reporting.UserError):
     return f"error: {exc}", 1
   full = reporting.no_space_error(exc)
