@@ -30,6 +30,9 @@ _OVERCLUSTER_K = flags.DEFINE_integer(
     "overcluster_k", None, "Also score K-cluster many-to-one matching."
 )
 _OUT = flags.DEFINE_string("out", None, "Directory for the label and overlay PNGs.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False, "Stop at an unreadable image (default: skip it with a warning)."
+)
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "The seeds of every sweep point.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "KEY=V1,V2,... a config field and its values; repeat for a grid."
@@ -85,13 +88,16 @@ _COMMANDS = {
     ),
     "segment": _Command(
         summary="Label images (files or folders) with a run's network and clusters.",
-        usage="picie-jax segment --workdir RUN --out DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...]",
-        flags=("workdir", "out", "verbose"),
+        usage="picie-jax segment --workdir RUN --out DIR [--strict] IMAGE_OR_DIR "
+        "[IMAGE_OR_DIR ...]",
+        flags=("workdir", "out", "strict", "verbose"),
         examples=("picie-jax segment --workdir runs/demo --out labelled/ photo.jpg photos/",),
         min_args=1,
         max_args=None,
         details="Writes NAME_labels.png (cluster ids, named by the run's matching.json) and "
-        "NAME_overlay.png per image into --out.",
+        "NAME_overlay.png per image into --out. An unreadable image is skipped with a warning "
+        "and named again at the end; the exit is non-zero when none could be labelled (or "
+        "with --strict, at the first).",
     ),
     "convert": _Command(
         summary="Import an official PiCIE checkpoint (.pth.tar) as a new run.",
@@ -140,6 +146,7 @@ _METAVARS = {
     "sweep": "KEY=V1,V2",
     "only": "I",
     "list": "",
+    "strict": "",
     "verbose": "",
 }
 
@@ -268,7 +275,7 @@ def _run_command(argv):
   if command == "segment":
     from picie_jax import segment  # pylint: disable=g-import-not-at-top
 
-    written = segment.segment_images(_WORKDIR.value, _OUT.value, positional)
+    written = segment.segment_images(_WORKDIR.value, _OUT.value, positional, strict=_STRICT.value)
     print(f"wrote {len(written)} label maps and overlays to {_OUT.value}")
     return
   if command == "study":
