@@ -50,7 +50,7 @@ _NO_SPACE_TEXTS = (
 MIN_FREE_BYTES = 1 << 20
 
 
-def _chain(exc):
+def exception_chain(exc):
   """`exc` and the exceptions of its __cause__/__context__ chain."""
   seen = set()
   while exc is not None and id(exc) not in seen:
@@ -61,10 +61,18 @@ def _chain(exc):
 
 def no_space_error(exc):
   """The no-space error in `exc`'s __cause__/__context__ chain (libraries wrap it), or None."""
-  for e in _chain(exc):
+  for e in exception_chain(exc):
     if (isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS) or _says_no_space(str(e)):
       return e
   return None
+
+
+def _another_os_error(exc):
+  """Whether `exc`'s chain holds an OSError that names a cause other than space (EROFS...)."""
+  return any(
+      isinstance(e, OSError) and e.errno is not None and e.errno not in _NO_SPACE_ERRNOS
+      for e in exception_chain(exc)
+  )
 
 
 def _says_no_space(text):
@@ -106,7 +114,9 @@ def writing(what, path=None, needed_bytes=MIN_FREE_BYTES):
     yield
   except Exception as e:
     free = free_bytes(path)
-    if no_space_error(e) is not None or free < max(needed_bytes, MIN_FREE_BYTES):
+    if no_space_error(e) is not None or (
+        free < max(needed_bytes, MIN_FREE_BYTES) and not _another_os_error(e)
+    ):
       raise DiskFull(what, free) from e
     raise
   for name in _QUIETED_LOGGERS:

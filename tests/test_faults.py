@@ -4,13 +4,16 @@ slow first step runs, and path errors (a regular file, a read-only mount, anothe
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import types
 
+from absl import flags
 from conftest import TINY_OVERRIDES
 import numpy as np
 import pytest
@@ -202,3 +205,87 @@ def test_full_disk_while_writing_metrics_pictures_and_final_json_is_one_line(mou
   assert reporting.recorded_epochs(str(disk)) == {0}
   assert json.loads((disk / "final.json").read_text()) == {"acc": 1}
   assert (disk / "vis" / "epoch000_confusion.png").exists()
+
+
+def _cli_error(argv, capsys, as_user=None):
+  """Runs main.main in this process (flags parsed as app.run would: the config's overrides are
+  read from sys.argv), as `as_user` (a uid) when given; returns (exit code, last stderr line)."""
+  argv = ["picie-jax", *argv]
+  saved_argv, sys.argv = sys.argv, argv
+  defined = set(flags.FLAGS)
+  try:
+    parsed = flags.FLAGS(argv)
+    if as_user is not None:
+      os.seteuid(as_user)
+    try:
+      with pytest.raises(SystemExit) as e:
+        main.main(parsed)
+    finally:
+      if as_user is not None:
+        os.seteuid(0)
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in set(flags.FLAGS) - defined:  # the --config.* overrides: defined per parse
+      delattr(flags.FLAGS, name)
+    sys.argv = saved_argv
+  return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+_TINY_FLAGS = [
+    f"--config={ROOT}/configs/synthetic.py",
+    *(f"--config.{key}={value}" for key, value in TINY_OVERRIDES.items()),
+]
+
+
+def test_path_errors_are_one_line_naming_the_argument(tmp_path, mount_tmpfs, capsys):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  assert _cli_error(["train", f"--workdir={a_file}/run", *_TINY_FLAGS], capsys) == (
+      1,
+      f"picie-jax: error: {a_file}/run (--workdir): Not a directory; a part of it is a file, "
+      "not a directory: choose another path",
+  )
+  read_only = mount_tmpfs("read_only", "ro,size=1m")
+  assert _cli_error(["train", f"--workdir={read_only}/run", *_TINY_FLAGS], capsys) == (
+      1,
+      f"picie-jax: error: {read_only}/run (--workdir): Read-only file system; choose a path on "
+      "a writable file system",
+  )
+  for checkpoint, reason, hint in (
+      (tmp_path / "missing.pth", "No such file or directory", "check the path"),
+      (tmp_path / "no_such_dir" / "c.pth", "No such file or directory", "check the path"),
+      (tmp_path, "Is a directory", "name a file, not a directory"),
+  ):
+    assert _cli_error(["convert", f"--workdir={tmp_path}/new", str(checkpoint)], capsys) == (
+        1,
+        f"picie-jax: error: {checkpoint} (the convert argument): {reason}; {hint}",
+    )
+
+
+def test_permission_denied_is_one_line(capsys):
+  """Root passes permission bits, so the commands run as another user (nobody) when the test
+  runs as root: a workdir in a directory it cannot write, a dataset root it cannot read."""
+  as_user = 65534 if os.geteuid() == 0 else None
+  base = tempfile.mkdtemp()
+  try:
+    os.chmod(base, 0o755)  # mkdtemp's is 0o700
+    os.mkdir(os.path.join(base, "not_writable"), 0o555)
+    images = os.path.join(base, "photos", "train", "images")
+    os.makedirs(images)
+    os.chmod(images, 0o000)
+    workdir = os.path.join(base, "not_writable", "run")
+    assert _cli_error(["train", f"--workdir={workdir}", *_TINY_FLAGS], capsys, as_user) == (
+        1,
+        f"picie-jax: error: {workdir} (--workdir): Permission denied; give this user access to "
+        "it or choose another path",
+    )
+    dataset = ["--config.dataset.name=image_folder", f"--config.dataset.root={base}/photos"]
+    run = os.path.join(base, "run")
+    assert _cli_error(["train", f"--workdir={run}", *_TINY_FLAGS, *dataset], capsys, as_user) == (
+        1,
+        f"picie-jax: error: {images} (under --config.dataset.root {base}/photos): Permission "
+        "denied; give this user access to it or choose another path",
+    )
+  finally:
+    os.chmod(images, 0o755)
+    shutil.rmtree(base)

@@ -197,6 +197,28 @@ def test_segment_labels_the_good_photos_and_names_the_bad_ones(run_dir, photos, 
     flags.FLAGS.unparse_flags()
 
 
+def test_an_out_dir_under_a_regular_file_is_one_line(run_dir, photos, tmp_path, capsys):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  argv = [
+      "picie-jax",
+      "segment",
+      f"--workdir={run_dir}",
+      f"--out={a_file}/out",
+      str(photos["tall"]),
+  ]
+  try:
+    with pytest.raises(SystemExit) as e:
+      main.main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert e.value.code == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"picie-jax: error: {a_file}/out (--out): Not a directory; a part of it is a file, not a "
+      "directory: choose another path"
+  )
+
+
 def test_segment_errors_name_the_file(run_dir, photos, tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.jpg is neither"):
     segment.segment_images(str(run_dir), str(tmp_path / "out"), [str(tmp_path / "missing.jpg")])
