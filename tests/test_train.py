@@ -441,7 +441,8 @@ def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finish
 
   code, stderr = stop(1, 1, signal.SIGINT, signal.SIGINT)
   assert code == 130, stderr
-  assert "second SIGINT: exiting now" in stderr
+  # The first SIGINT exits at once too when it lands before the next step finished.
+  assert "second SIGINT: exiting now" in stderr or "nothing to save" in stderr, stderr
   assert not (killed / "final.json").exists()
 
   out = subprocess.run(
