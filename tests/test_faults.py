@@ -15,9 +15,11 @@ import types
 
 from absl import flags
 from conftest import TINY_OVERRIDES
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from picie_jax import checkpoint
 from picie_jax import evaluate
 from picie_jax import main
 from picie_jax import reporting
@@ -149,10 +151,9 @@ def _fill(directory):
 def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(
     tiny_config, mount_tmpfs, caplog
 ):
-  """A 4 MB tmpfs holds a checkpoint or two, not three: orbax's write fails in
-  tensorstore (a ValueError 'RESOURCE_EXHAUSTED: ...' after each writing thread logged its
-  traceback). One line, exit 1, no logged tracebacks; after remounting larger the same call
-  resumes from the label phase's checkpoint and finishes."""
+  """A 4 MB tmpfs holds a checkpoint or two, not three: orbax's write fails (in tensorstore or
+  in its metadata writes, by the layout). One line, exit 1, no logged tracebacks; after
+  remounting larger the same call resumes from the last checkpoint and finishes."""
   tiny_config.update_from_flattened_dict(
       {"num_epochs": 1, "dataset.num_train": 32, "kmeans.num_init_batches": 1}
   )
@@ -160,7 +161,6 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(
   workdir = disk / "run"
   with pytest.raises(reporting.DiskFull) as full:
     train.train_and_evaluate(tiny_config, str(workdir))
-  assert "RESOURCE_EXHAUSTED" in str(full.value.__cause__)  # what tensorstore really raises
   line, code = main._one_line(full.value)  # pylint: disable=protected-access
   assert code == 1
   assert re.fullmatch(
@@ -176,6 +176,26 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(
   final = train.train_and_evaluate(tiny_config, str(workdir))
   assert "fresh" in final and (workdir / "final.json").exists()
   assert reporting.recorded_epochs(str(workdir)) == {0}
+
+
+def test_tensorstores_full_disk_is_recognised_and_not_logged(mount_tmpfs, caplog):
+  """An array larger than the disk: tensorstore raises ValueError('RESOURCE_EXHAUSTED: Error
+  writing "x/0" in OCDBT database ...: No space left on device [os_error_code='28']'), no
+  OSError in the chain, after orbax's threads logged their tracebacks."""
+  disk = mount_tmpfs("disk", "size=256k")
+  ckpt = checkpoint.Checkpointer(str(disk / "checkpoints"))
+  incompressible = np.random.default_rng(0).random(100_000).astype(np.float32)  # 400 kB
+  with pytest.raises(reporting.DiskFull) as full:
+    ckpt.save({"x": jnp.asarray(incompressible)}, {"epoch": 0})
+  cause = full.value.__cause__
+  assert type(cause) is ValueError and str(cause).startswith("RESOURCE_EXHAUSTED: Error writing")
+  assert not [e for e in reporting.exception_chain(cause) if isinstance(e, OSError)]
+  assert str(full.value) == (
+      f"No space left on device while writing checkpoint 1 in {disk}/checkpoints (0.2 MiB free "
+      "there); free space and rerun the same command to resume"
+  )
+  assert not [r for r in caplog.records if "RESOURCE_EXHAUSTED" in r.getMessage()]
+  ckpt.close()
 
 
 def test_full_disk_while_writing_metrics_pictures_and_final_json_is_one_line(mount_tmpfs):
@@ -224,10 +244,11 @@ def _cli_error(argv, capsys, as_user=None):
       if as_user is not None:
         os.seteuid(0)
   finally:
-    flags.FLAGS.unparse_flags()
+    sys.argv = saved_argv
     for name in set(flags.FLAGS) - defined:  # the --config.* overrides: defined per parse
       delattr(flags.FLAGS, name)
-    sys.argv = saved_argv
+    flags.FLAGS(["picie-jax", f"--config={ROOT}/configs/synthetic.py"])  # forgets the overrides
+    flags.FLAGS.unparse_flags()
   return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -251,14 +272,14 @@ def test_path_errors_are_one_line_naming_the_argument(tmp_path, mount_tmpfs, cap
       f"picie-jax: error: {read_only}/run (--workdir): Read-only file system; choose a path on "
       "a writable file system",
   )
-  for checkpoint, reason, hint in (
+  for pth_file, reason, hint in (
       (tmp_path / "missing.pth", "No such file or directory", "check the path"),
       (tmp_path / "no_such_dir" / "c.pth", "No such file or directory", "check the path"),
       (tmp_path, "Is a directory", "name a file, not a directory"),
   ):
-    assert _cli_error(["convert", f"--workdir={tmp_path}/new", str(checkpoint)], capsys) == (
+    assert _cli_error(["convert", f"--workdir={tmp_path}/new", str(pth_file)], capsys) == (
         1,
-        f"picie-jax: error: {checkpoint} (the convert argument): {reason}; {hint}",
+        f"picie-jax: error: {pth_file} (the convert argument): {reason}; {hint}",
     )
 
 
