@@ -8,6 +8,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from picie_jax import preemption
 from picie_jax import reporting
 
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -45,12 +46,15 @@ class Checkpointer:
 
   def save(self, tree, meta):
     step = (self._manager.latest_step() or 0) + 1
-    with reporting.writing(f"checkpoint {step} in {self._manager.directory}"):
+    directory = str(self._manager.directory)
+    size = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
+    with reporting.writing(f"checkpoint {step} in {directory}", directory, size):
       self._manager.save(
           step,
           args=ocp.args.Composite(tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
       )
       self._manager.wait_until_finished()
+    preemption.checkpoint_saved()
     return step
 
   def latest_path(self):

@@ -87,22 +87,23 @@ def evaluate(
 
 
 def _write_pictures(prefix, vis, mapping, hist, source):
-  os.makedirs(os.path.dirname(prefix), exist_ok=True)
-  if vis["image"]:
-    matched = [np.where(p >= 0, np.asarray(mapping)[p], -1) for p in vis["pred"]]
-    panel = visualize.segmentation_panel(
-        np.stack(vis["image"]),
-        np.stack(vis["label"]),
-        np.stack(matched),
-        source.num_classes,
-        class_names=source.class_names or None,
+  with reporting.writing(f"{prefix}_*.png", os.path.dirname(prefix)):
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    if vis["image"]:
+      matched = [np.where(p >= 0, np.asarray(mapping)[p], -1) for p in vis["pred"]]
+      panel = visualize.segmentation_panel(
+          np.stack(vis["image"]),
+          np.stack(vis["label"]),
+          np.stack(matched),
+          source.num_classes,
+          class_names=source.class_names or None,
+      )
+      visualize.save_png(f"{prefix}_segmentation.png", panel)
+    matched_hist = metrics.remap_histogram(hist, mapping, source.num_classes)
+    visualize.save_png(
+        f"{prefix}_confusion.png",
+        visualize.confusion_matrix_image(matched_hist, source.class_names or None),
     )
-    visualize.save_png(f"{prefix}_segmentation.png", panel)
-  matched_hist = metrics.remap_histogram(hist, mapping, source.num_classes)
-  visualize.save_png(
-      f"{prefix}_confusion.png",
-      visualize.confusion_matrix_image(matched_hist, source.class_names or None),
-  )
 
 
 def fresh_centroids(model, variables, source, config, mesh, step_config, k, key, progress=True):

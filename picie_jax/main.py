@@ -4,8 +4,8 @@
 """
 
 import dataclasses
+import errno
 import os
-import shlex
 import sys
 import textwrap
 import traceback
@@ -31,6 +31,9 @@ _OVERCLUSTER_K = flags.DEFINE_integer(
     "overcluster_k", None, "Also score K-cluster many-to-one matching."
 )
 _OUT = flags.DEFINE_string("out", None, "Directory for the label and overlay PNGs.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False, "Stop at an unreadable image (default: skip it with a warning)."
+)
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "The seeds of every sweep point.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "KEY=V1,V2,... a config field and its values; repeat for a grid."
@@ -86,13 +89,16 @@ _COMMANDS = {
     ),
     "segment": _Command(
         summary="Label images (files or folders) with a run's network and clusters.",
-        usage="picie-jax segment --workdir RUN --out DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...]",
-        flags=("workdir", "out", "verbose"),
+        usage="picie-jax segment --workdir RUN --out DIR [--strict] IMAGE_OR_DIR "
+        "[IMAGE_OR_DIR ...]",
+        flags=("workdir", "out", "strict", "verbose"),
         examples=("picie-jax segment --workdir runs/demo --out labelled/ photo.jpg photos/",),
         min_args=1,
         max_args=None,
         details="Writes NAME_labels.png (cluster ids, named by the run's matching.json) and "
-        "NAME_overlay.png per image into --out.",
+        "NAME_overlay.png per image into --out. An unreadable image is skipped with a warning "
+        "and named again at the end; the exit is non-zero when none could be labelled (or "
+        "with --strict, at the first).",
     ),
     "convert": _Command(
         summary="Import an official PiCIE checkpoint (.pth.tar) as a new run.",
@@ -141,6 +147,7 @@ _METAVARS = {
     "sweep": "KEY=V1,V2",
     "only": "I",
     "list": "",
+    "strict": "",
     "verbose": "",
 }
 
@@ -200,22 +207,77 @@ _PACKAGE_DIRS = tuple(
 )
 # Raised by our code for the user (bad config, missing files, a diverging run): one line.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+# What to do about an OSError on a path (a missing one only when it is or is under a path the
+# user gave: elsewhere it may be ours).
+_PATH_ERROR_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of it is a file, not a directory: choose another path",
+    errno.EISDIR: "name a file, not a directory",
+    errno.EACCES: "give this user access to it or choose another path",
+    errno.EPERM: "give this user access to it or choose another path",
+    errno.EROFS: "choose a path on a writable file system",
+}
 
 
-def _one_line(exc):
+def _given_paths(argv):
+  """(argument, absolute path) of every path given on the command line."""
+  if not flags.FLAGS.is_parsed():
+    return []
+  config = _CONFIG.value
+  given = [("--workdir", _WORKDIR.value), ("--out", _OUT.value)]
+  for section, key in (
+      ("dataset", "root"),
+      ("dataset", "data_dir"),
+      ("dataset", "manual_dir"),
+      ("model", "init_checkpoint"),
+  ):
+    given.append((f"--config.{section}.{key}", config.get(section, {}).get(key)))
+  if len(argv) > 1:
+    given += [(f"the {argv[1]} argument", path) for path in argv[2:]]
+  return [(argument, os.path.abspath(path)) for argument, path in given if path]
+
+
+def _path_error(exc, argv):
+  """One line for an OSError about a path (naming the argument it is, or is under), or None."""
+  from picie_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  error = next(
+      (
+          e
+          for e in reporting.exception_chain(exc)
+          if isinstance(e, OSError) and e.errno in _PATH_ERROR_HINTS and e.filename
+      ),
+      None,
+  )
+  if error is None:
+    return None
+  path = os.path.abspath(os.fsdecode(error.filename))
+  within = [(a, p) for a, p in _given_paths(argv) if path == p or path.startswith(p + os.sep)]
+  if not within and error.errno == errno.ENOENT:
+    return None
+  where = ""
+  if within:
+    argument, given = max(within, key=lambda w: len(w[1]))
+    where = f" ({argument})" if given == path else f" (under {argument} {given})"
+  return f"error: {path}{where}: {error.strerror}; {_PATH_ERROR_HINTS[error.errno]}"
+
+
+def _one_line(exc, argv=()):
   """(message, exit code) for an error the user can act on, or None for a bug (traceback)."""
   from picie_jax import preemption  # pylint: disable=g-import-not-at-top
   from picie_jax import reporting  # pylint: disable=g-import-not-at-top
 
   if isinstance(exc, preemption.Stopped):
-    command = shlex.join(["picie-jax", *sys.argv[1:]])
-    return f"{exc}; resume with: {command}", exc.exit_code
+    return preemption.resume_line(exc), exc.exit_code
   if isinstance(exc, reporting.UserError):
     return f"error: {exc}", 1
   full = reporting.no_space_error(exc)
   if full is not None:
     what = getattr(full, "filename", None) or "the run's outputs"
     return f"error: {reporting.DiskFull(what)}", 1
+  path_error = _path_error(exc, argv)
+  if path_error is not None:
+    return path_error, 1
   raised_at = traceback.extract_tb(exc.__traceback__)[-1].filename if exc.__traceback__ else ""
   if isinstance(exc, _USER_ERRORS) and os.path.abspath(raised_at).startswith(_PACKAGE_DIRS):
     return f"error: {exc}", 1
@@ -226,7 +288,7 @@ def main(argv):
   try:
     _run_command(argv)
   except Exception as e:  # pylint: disable=broad-except
-    reported = _one_line(e)
+    reported = _one_line(e, argv)
     if reported is None:
       raise
     if _VERBOSE.value:
@@ -270,7 +332,7 @@ def _run_command(argv):
   if command == "segment":
     from picie_jax import segment  # pylint: disable=g-import-not-at-top
 
-    written = segment.segment_images(_WORKDIR.value, _OUT.value, positional)
+    written = segment.segment_images(_WORKDIR.value, _OUT.value, positional, strict=_STRICT.value)
     print(f"wrote {len(written)} label maps and overlays to {_OUT.value}")
     return
   if command == "study":

@@ -4,8 +4,10 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -29,35 +31,96 @@ class UserError(Exception):
 class DiskFull(UserError):
   """No space left on the device while writing `what`; the run resumes once space is freed."""
 
-  def __init__(self, what):
+  def __init__(self, what, free_bytes=None):
+    free = "" if free_bytes is None else f" ({free_bytes / 2**20:.1f} MiB free there)"
     super().__init__(
-        f"No space left on device while writing {what}; free space and rerun the "
+        f"No space left on device while writing {what}{free}; free space and rerun the "
         "same command to resume"
     )
 
 
-def no_space_error(exc):
-  """The ENOSPC error in `exc`'s __cause__/__context__ chain (libraries wrap it), or None."""
+# How a full disk reads: an OSError's errno, or its text where a library (tensorstore under
+# orbax) re-raises it as a ValueError('RESOURCE_EXHAUSTED: ... [os_error_code=\'28\']').
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXTS = (
+    *(os.strerror(e) for e in _NO_SPACE_ERRNOS),
+    *(f"os_error_code='{e}'" for e in _NO_SPACE_ERRNOS),
+)
+# A save that fails with less free space than this (or than it was writing) ran out of space.
+MIN_FREE_BYTES = 1 << 20
+
+
+def exception_chain(exc):
+  """`exc` and the exceptions of its __cause__/__context__ chain."""
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
-    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(
-        exc
-    ):
-      return exc
+    yield exc
     exc = exc.__cause__ or exc.__context__
+
+
+def no_space_error(exc):
+  """The no-space error in `exc`'s __cause__/__context__ chain (libraries wrap it), or None."""
+  for e in exception_chain(exc):
+    if (isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS) or _says_no_space(str(e)):
+      return e
   return None
 
 
+def _another_os_error(exc):
+  """Whether `exc`'s chain holds an OSError that names a cause other than space (EROFS...)."""
+  return any(
+      isinstance(e, OSError) and e.errno is not None and e.errno not in _NO_SPACE_ERRNOS
+      for e in exception_chain(exc)
+  )
+
+
+def _says_no_space(text):
+  return any(words in text for words in _NO_SPACE_TEXTS)
+
+
+def free_bytes(path):
+  """Bytes free to this user on the file system that holds (or would hold) `path`."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+class _DropDiskFullLogs(logging.Filter):
+  """Drops log records of a full disk. Orbax logs each failing write thread's traceback before
+  the save raises, and asyncio one "Future exception was never retrieved" per array when the
+  save's futures are collected, later: a thousand lines for a real model, where writing()
+  says it in one."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return no_space_error(exc) is None and not _says_no_space(record.getMessage())
+
+
+_DROP_DISK_FULL_LOGS = _DropDiskFullLogs()
+_QUIETED_LOGGERS = ("absl", "asyncio")
+
+
 @contextlib.contextmanager
-def writing(what):
-  """Turns a full disk while writing `what` into one DiskFull line."""
+def writing(what, path=None, needed_bytes=MIN_FREE_BYTES):
+  """Turns a full disk while writing `what` (to `path`, by default `what` itself) into one
+  DiskFull line: an error that says so, or any error while fewer than `needed_bytes` are free.
+  After a full disk, the libraries' own reports of it stay silenced."""
+  path = what if path is None else path
+  for name in _QUIETED_LOGGERS:
+    logging.getLogger(name).addFilter(_DROP_DISK_FULL_LOGS)
   try:
     yield
   except Exception as e:
-    if no_space_error(e) is None:
-      raise
-    raise DiskFull(what) from e
+    free = free_bytes(path)
+    if no_space_error(e) is not None or (
+        free < max(needed_bytes, MIN_FREE_BYTES) and not _another_os_error(e)
+    ):
+      raise DiskFull(what, free) from e
+    raise
+  for name in _QUIETED_LOGGERS:
+    logging.getLogger(name).removeFilter(_DROP_DISK_FULL_LOGS)
 
 
 def recorded_epochs(workdir):
@@ -119,7 +182,7 @@ class MetricWriter:
   def _write_events(self, record, step):
     """Scalars written and fsynced here: tensorboardX's SummaryWriter queues events for a
     thread that flushes every 2 minutes, so its flush() can leave an epoch's scalars unwritten."""
-    with writing(f"TensorBoard events in {self._tb_dir}"):
+    with writing(f"TensorBoard events in {self._tb_dir}", self._tb_dir):
       if self._events is None:
         os.makedirs(self._tb_dir, exist_ok=True)
         self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, "events"))

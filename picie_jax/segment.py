@@ -161,36 +161,56 @@ def _restore_classifier(workdir):
   )
 
 
-def segment_images(workdir, out_dir, paths, progress=None):
+def _read_all(paths, read, strict, unreadable):
+  """{path: read(path)} of the paths that read; each failure is reported and recorded in
+  `unreadable` ({path: reason}), or raised when `strict`."""
+  results = {}
+  for path in paths:
+    try:
+      results[path] = read(path)
+    except ValueError as e:
+      if strict:
+        raise
+      reporting.say(f"warning: skipping {e}")
+      unreadable[path] = str(e)
+  return results
+
+
+def segment_images(workdir, out_dir, paths, progress=None, strict=False):
   """Labels every image of `paths` (files or directories) with the run in `workdir`.
 
   Writes `<stem>_labels.png` (cluster id per pixel at the original size; uint8, or uint16 for
   K > 256) and `<stem>_overlay.png` (image | segmentation over it, with a legend) to `out_dir`.
-  Returns the label PNG paths, in the order of the images.
+  An image that cannot be read (a truncated JPEG, a text file named .jpg) is skipped with a
+  warning and named again in a summary at the end; with `strict`, or when no image could be
+  labelled, that is an error. Returns the label PNG paths of the images labelled, in order.
   """
   if jax.process_count() > 1:
     raise ValueError(
         "picie-jax segment runs in one process: unset PICIE_COORDINATOR and " "PICIE_DISTRIBUTED"
     )
   images = find_images(paths)
-  sizes = [image_size(path) for path in images]  # an unreadable file fails before any work
+  unreadable = {}
+  sizes = _read_all(images, image_size, strict, unreadable)  # header only: before any work
+  if not sizes:
+    raise ValueError(f"none of the {len(images)} images could be read (the warnings say why)")
   run, variables, classifier, names = _restore_classifier(workdir)
   k = classifier.shape[0]
-  stems = output_stems(images)
+  stems = dict(zip(images, output_stems(images)))
   groups = collections.defaultdict(list)
-  for i, (height, width) in enumerate(sizes):
-    groups[network_input_size(height, width, run.config.eval.res)].append(i)
+  for path, (height, width) in sizes.items():
+    groups[network_input_size(height, width, run.config.eval.res)].append(path)
   bar = reporting.Progress(
-      "segment", len(images), 1, enabled=run.config.progress if progress is None else progress
+      "segment", len(sizes), 1, enabled=run.config.progress if progress is None else progress
   )
-  label_paths = [None] * len(images)
+  label_paths = {}
   for input_hw, members in groups.items():
     batch_size = group_batch_size(len(members), run.config.eval.batch_size, jax.device_count())
     for start in range(0, len(members), batch_size):
       chunk = members[start : start + batch_size]
-      originals = [load_rgb(images[i]) for i in chunk]
-      batch = np.zeros((batch_size, *input_hw, 3), np.uint8)  # rows past the chunk: padding
-      for row, image in enumerate(originals):
+      originals = _read_all(chunk, load_rgb, strict, unreadable)  # pixels: truncation shows
+      batch = np.zeros((batch_size, *input_hw, 3), np.uint8)  # rows past the images: padding
+      for row, image in enumerate(originals.values()):
         batch[row] = network_input(image, input_hw)
       logits = steps.whole_image_logits(
           run.model,
@@ -199,14 +219,20 @@ def segment_images(workdir, out_dir, paths, progress=None):
           parallel.shard_host_batch(batch, run.mesh),
           step_config=run.step_config,
       )
-      for row, (i, image) in enumerate(zip(chunk, originals)):
+      for row, (path, image) in enumerate(originals.items()):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))
-        label_paths[i] = os.path.join(out_dir, f"{stems[i]}_labels.png")
-        visualize.save_png(label_paths[i], labels.astype(steps.label_dtype(k)))
+        label_paths[path] = os.path.join(out_dir, f"{stems[path]}_labels.png")
+        visualize.save_png(label_paths[path], labels.astype(steps.label_dtype(k)))
         visualize.save_png(
-            os.path.join(out_dir, f"{stems[i]}_overlay.png"),
+            os.path.join(out_dir, f"{stems[path]}_overlay.png"),
             visualize.overlay_panel(image, labels, names),
         )
       bar.update(len(chunk))
   bar.close()
-  return label_paths
+  if unreadable:
+    skipped = [path for path in images if path in unreadable]
+    summary = f"could not label {len(skipped)} of {len(images)} images: " + ", ".join(skipped)
+    if not label_paths:
+      raise ValueError(f"{summary} (the warnings above say why)")
+    reporting.say(f"warning: {summary}")
+  return [label_paths[path] for path in images if path in label_paths]

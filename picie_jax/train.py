@@ -300,6 +300,7 @@ def train_phase(run, state, targets, labels, epoch, ckpt, meta):
         run.model, state, targets, batch, epoch, run.augment_key, step_config=run.step_config
     )
     pending.append(out)
+    preemption.step_dispatched(out)
     done = batch_index + 1
     stop = preemption.requested()
     save = stop or (done < total and done % cfg.checkpoint_every_steps == 0)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 from conftest import TINY_OVERRIDES
 import jax
@@ -77,6 +78,26 @@ def _run_together(commands, log_dir, kill_when=None):
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def _run_together_retrying_once(make_commands, log_dir):
+  """_run_together(make_commands(), ...), run once more (on a new port) when it fails, with a
+  warning that says why.
+
+  Each new collective of a 2-process run waits 30 s (gloo's fixed timeout, not configurable
+  from jax) for the peer to reach it; on a shared machine under load one process can be later
+  than that. The processes resume from their last checkpoint, so a retry ends as the first
+  attempt would have; a real fault fails both attempts.
+  """
+  try:
+    _run_together(make_commands(), log_dir)
+  except AssertionError as failed:
+    warnings.warn(
+        f"a 2-process run failed (a peer late for gloo's 30 s rendezvous on a loaded machine?); "
+        f"retrying it once. The failure: {str(failed)[-3000:]}",
+        stacklevel=2,
+    )
+    _run_together(make_commands(), log_dir)
 
 
 _TRAIN_SCRIPT = textwrap.dedent("""
@@ -201,7 +222,7 @@ def test_two_processes_train_like_one_process_and_resume(one_process_runs, tmp_p
   whole, killed = tmp_path / "whole", tmp_path / "killed"
   whole_logs = tmp_path / "whole_logs"
   whole_logs.mkdir()
-  _run_together(_two_process_commands(whole, cache, _free_port()), whole_logs)
+  _run_together_retrying_once(lambda: _two_process_commands(whole, cache, _free_port()), whole_logs)
   reference = one_process_runs / "d4"
   records = _records(whole)
   assert [r["epoch"] for r in records] == [0]
@@ -221,7 +242,7 @@ def test_two_processes_train_like_one_process_and_resume(one_process_runs, tmp_p
   _run_together(commands, logs, kill_when=(killed / "checkpoints/2").is_dir)
   metrics = killed / "metrics.jsonl"  # created empty at the start, a row after the epoch
   assert not (metrics.exists() and metrics.read_text().strip()), "the kill landed too late"
-  _run_together(commands, logs)
+  _run_together_retrying_once(lambda: _two_process_commands(killed, cache, _free_port()), logs)
   log0 = (logs / "process0.log").read_text()
   assert "resuming from" in log0 and "train batch" in log0, log0[-2000:]
   assert _without_speed(_records(killed)) == _without_speed(_records(whole))

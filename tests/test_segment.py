@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+from absl import flags
 from conftest import TINY_OVERRIDES
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from picie_jax import evaluate
+from picie_jax import main
 from picie_jax import rundir
 from picie_jax import segment
 from picie_jax import steps
@@ -55,6 +57,15 @@ def _photo(path, height, width, seed, mode="RGB"):
   return path
 
 
+def _truncated_jpeg(path):
+  """A photo cut off mid-file, as an interrupted copy leaves it: its header reads, its pixels
+  do not."""
+  _photo(path, 120, 160, 7)
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) * 2 // 3])
+  return path
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
   root = tmp_path_factory.mktemp("photos")
@@ -69,6 +80,7 @@ def photos(tmp_path_factory):
       "dir": root / "more",
       "dup": _photo(root / "more" / "wide.png", 64, 64, 3),
       "other": _photo(root / "more" / "other.jpeg", 50, 70, 4),
+      "broken": _truncated_jpeg(root / "more" / "broken.jpg"),  # skipped with a warning
   }
 
 
@@ -136,11 +148,78 @@ def test_segment_writes_labels_at_original_size_equal_to_a_direct_computation(
     assert len(np.unique(got)) > 1  # a real segmentation, not one cluster everywhere
 
 
+def test_segment_labels_the_good_photos_and_names_the_bad_ones(run_dir, photos, tmp_path, capsys):
+  """A folder with a truncated JPEG, a text file named .png and a non-image file among good
+  photos: the good ones are labelled, the bad ones warned about and summarised; --strict, or a
+  folder where nothing could be labelled, is an error (one line from the CLI)."""
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  shutil.copy(photos["wide"], folder / "a.png")
+  shutil.copy(photos["tall"], folder / "b.jpg")
+  shutil.copy(photos["broken"], folder / "broken.jpg")
+  (folder / "not_a.png").write_text("not a png")
+  (folder / "notes.txt").write_text("ignored, as train ignores it")
+  out = tmp_path / "out"
+  written = segment.segment_images(str(run_dir), str(out), [str(folder)])
+  assert written == [str(out / "a_labels.png"), str(out / "b_labels.png")]
+  assert sorted(os.listdir(out)) == [
+      f"{s}_{kind}.png" for s in ("a", "b") for kind in ("labels", "overlay")
+  ]
+  stdout = capsys.readouterr().out
+  assert f"warning: skipping {folder}/not_a.png: not a readable image (cannot identify" in stdout
+  assert f"warning: skipping {folder}/broken.jpg: not a readable image (image file is trunc" in (
+      stdout
+  )
+  assert stdout.strip().splitlines()[-1] == (
+      f"warning: could not label 2 of 4 images: {folder}/broken.jpg, {folder}/not_a.png"
+  )
+
+  with pytest.raises(ValueError, match=r"broken\.jpg: not a readable image \(image file is trun"):
+    segment.segment_images(str(run_dir), str(out), [str(folder / "broken.jpg")], strict=True)
+  with pytest.raises(ValueError, match=r"none of the 1 images could be read"):
+    segment.segment_images(str(run_dir), str(out), [str(folder / "not_a.png")])
+  try:
+    for args, expected in (
+        ([str(folder / "broken.jpg")], f"could not label 1 of 1 images: {folder}/broken.jpg"),
+        (["--strict", str(folder)], f"{folder}/not_a.png: not a readable image (cannot ide"),
+    ):
+      argv = flags.FLAGS(["picie-jax", "segment", f"--workdir={run_dir}", f"--out={out}", *args])
+      with pytest.raises(SystemExit) as e:
+        main.main(argv)
+      assert e.value.code == 1
+      assert (
+          capsys.readouterr()
+          .err.strip()
+          .splitlines()[-1]
+          .startswith(f"picie-jax: error: {expected}")
+      )
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_an_out_dir_under_a_regular_file_is_one_line(run_dir, photos, tmp_path, capsys):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  argv = [
+      "picie-jax",
+      "segment",
+      f"--workdir={run_dir}",
+      f"--out={a_file}/out",
+      str(photos["tall"]),
+  ]
+  try:
+    with pytest.raises(SystemExit) as e:
+      main.main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert e.value.code == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"picie-jax: error: {a_file}/out (--out): Not a directory; a part of it is a file, not a "
+      "directory: choose another path"
+  )
+
+
 def test_segment_errors_name_the_file(run_dir, photos, tmp_path):
-  bad = tmp_path / "bad.png"
-  bad.write_text("not a png")
-  with pytest.raises(ValueError, match=r"bad\.png: not a readable image"):
-    segment.segment_images(str(run_dir), str(tmp_path / "out"), [str(photos["wide"]), str(bad)])
   with pytest.raises(FileNotFoundError, match="missing.jpg is neither"):
     segment.segment_images(str(run_dir), str(tmp_path / "out"), [str(tmp_path / "missing.jpg")])
   empty = tmp_path / "empty"
@@ -215,6 +294,7 @@ def test_cli_segment(run_dir, photos, tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"wrote 3 label maps and overlays to {out}" in result.stdout
+  assert f"could not label 1 of 4 images: {photos['broken']}" in result.stdout
   assert sorted(os.listdir(out)) == sorted(
       f"{s}_{kind}.png" for s in ("tall", "other", "wide") for kind in ("labels", "overlay")
   )

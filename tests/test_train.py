@@ -414,9 +414,10 @@ def _wait_for_checkpoint(proc, workdir, epoch, min_next_batch):
 def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finished_run, tmp_path):
   """Also the CLI test: train, stop, train again (resumes), then `eval` the finished run.
 
-  SIGTERM as epoch 0's train phase starts (its first step compiles for seconds) must stop after
-  that step with a checkpoint at batch 1 and exit 143; two SIGINTs in epoch 1 exit at once (130)
-  with no save, like a kill. The workdir is a relative path, as a user types it.
+  SIGTERM as epoch 0's train phase starts must exit 143 with the stop line (at once when no step
+  finished since the last checkpoint, else after saving: test_faults.py makes each happen);
+  two SIGINTs in epoch 1 exit at once (130) with no save, like a kill. The workdir is a
+  relative path, as a user types it.
   """
   clean, killed = finished_run[0], tmp_path / "killed"
   command = _cli("train", workdir="killed")
@@ -440,14 +441,15 @@ def test_sigterm_then_double_sigint_then_resume_matches_uninterrupted_run(finish
   assert code == 143, stderr
   assert "Traceback" not in stderr
   line = stderr.strip().splitlines()[-1]
-  assert line.startswith("picie-jax: stopped by SIGTERM at epoch 0 batch 1: saved "), line
+  assert line.startswith("picie-jax: stopped by SIGTERM "), line
   assert line.endswith("; resume with: picie-jax " + shlex.join(command[3:])), line
-  assert _latest_meta(killed) == {**_latest_meta(killed), "epoch": 0, "next_batch": 1}
+  assert _latest_meta(killed)["epoch"] == 0
   assert not (killed / "train.lock").exists()
 
   code, stderr = stop(1, 1, signal.SIGINT, signal.SIGINT)
   assert code == 130, stderr
-  assert "second SIGINT: exiting now" in stderr
+  # The first SIGINT exits at once too when it lands before the next step finished.
+  assert "second SIGINT: exiting now" in stderr or "nothing to save" in stderr, stderr
   assert not (killed / "final.json").exists()
 
   out = subprocess.run(
