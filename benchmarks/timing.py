@@ -95,7 +95,7 @@ def require(module, what):
     return importlib.import_module(module)
   except ImportError as e:
     raise MissingPeer(
-        f"{what} needs `{module}` ({e}); install the bench extra: " "pip install -e '.[bench]'"
+        f"{what} needs `{module}` ({e}); install the bench extra: pip install -e '.[bench]'"
     ) from None
 
 

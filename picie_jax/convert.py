@@ -238,7 +238,7 @@ def _load_msgpack(variables, path):
     restored = flax.serialization.from_state_dict(variables, loaded)
   except (ValueError, KeyError) as e:
     raise ValueError(
-        f"config.model.init_checkpoint={path!r} does not fit config.model: " f"{e}"
+        f"config.model.init_checkpoint={path!r} does not fit config.model: {e}"
     ) from None
 
   def shapes(tree):

@@ -187,7 +187,7 @@ def segment_images(workdir, out_dir, paths, progress=None, strict=False):
   """
   if jax.process_count() > 1:
     raise ValueError(
-        "picie-jax segment runs in one process: unset PICIE_COORDINATOR and " "PICIE_DISTRIBUTED"
+        "picie-jax segment runs in one process: unset PICIE_COORDINATOR and PICIE_DISTRIBUTED"
     )
   images = find_images(paths)
   unreadable = {}

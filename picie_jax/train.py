@@ -430,7 +430,7 @@ def _train_and_evaluate(run, writer, ckpt):
     )
     if preemption.requested():
       raise preemption.stopped(
-          f"at the end of epoch {epoch}, before its evaluation: saved " f"{ckpt.latest_path()}"
+          f"at the end of epoch {epoch}, before its evaluation: saved {ckpt.latest_path()}"
       )
     _evaluate_epoch(run, state, targets, epoch, record, writer)
     start_batch = None

@@ -214,7 +214,7 @@ def test_eval_overrides_apply_report_and_refuse(pixel_run, monkeypatch, capsys):
   test_train.py; here it is replaced by a stub that reports what it was given)."""
   with pytest.raises(
       ValueError,
-      match=r"config.model.width cannot be changed at eval " r"\(8 -> 16\): it changes the model",
+      match=r"config.model.width cannot be changed at eval \(8 -> 16\): it changes the model",
   ):
     evaluate.evaluate_workdir(pixel_run, {"model.width": 16, "eval.k_test": 4})
   checkpoint_state = types.SimpleNamespace(variables={"params": {}, "batch_stats": {}})

@@ -29,7 +29,7 @@ class PicieCityscapes(prepared.RawFilesBuilder):
   RELEASE_NOTES = {"1.0.0": "Original files' bytes, sorted paths."}
   HOMEPAGE = "https://www.cityscapes-dataset.com"
   CITATION = (
-      "Cordts et al. The Cityscapes Dataset for Semantic Urban Scene Understanding. " "CVPR 2016."
+      "Cordts et al. The Cityscapes Dataset for Semantic Urban Scene Understanding. CVPR 2016."
   )
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Extract into the manual directory (config.dataset.manual_dir), keeping the archives' folders:

@@ -43,9 +43,7 @@ class PicieCocoStuff(prepared.RawFilesBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Original files' bytes, curated list order."}
   HOMEPAGE = "https://github.com/nightrome/cocostuff"
-  CITATION = (
-      "Caesar, Uijlings, Ferrari. COCO-Stuff: Thing and Stuff Classes in Context. " "CVPR 2018."
-  )
+  CITATION = "Caesar, Uijlings, Ferrari. COCO-Stuff: Thing and Stuff Classes in Context. CVPR 2018."
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Put the extracted archives in the manual directory (config.dataset.manual_dir) like this:
     images/train2017/<id>.jpg        from {_IMAGE_ARCHIVES['train2017']}

@@ -74,7 +74,7 @@ def evaluation_source(config):
         )
         if config.dataset.num_classes:
           raise FileNotFoundError(
-              f"{why}, or set config.dataset.num_classes=0 to train " "without evaluation"
+              f"{why}, or set config.dataset.num_classes=0 to train without evaluation"
           )
         return None, why
   return build_source(config, "val"), None

@@ -165,7 +165,7 @@ def check_example(source, index, error):
   bad = source.unreadable_file(index) if source.unreadable_file else None
   if bad is None:
     raise ValueError(
-        f"{source.name}: cannot use {source.describe(index)}: " f"{error.message}"
+        f"{source.name}: cannot use {source.describe(index)}: {error.message}"
     ) from None
   source.bad_files.report(source.name, *bad)
 
@@ -183,7 +183,7 @@ def _reread_batch(source, prepare, indices, batch_number, error, side, with_labe
   if not skipped:
     names = ", ".join(source.describe(int(i)) for i in indices if i >= 0)
     raise ValueError(
-        f"{source.name}: could not read batch {batch_number} (one of: {names}): " f"{error.message}"
+        f"{source.name}: could not read batch {batch_number} (one of: {names}): {error.message}"
     ) from None
   return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 

@@ -134,7 +134,7 @@ def model_from_config(cfg, platform):
       raise ValueError(f"model.{key}={value!r} must be a positive integer")
   if cfg.dtype not in COMPUTE_DTYPES:
     raise ValueError(
-        f"model.dtype={cfg.dtype!r} is not supported; use one of " f"{', '.join(COMPUTE_DTYPES)}"
+        f"model.dtype={cfg.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}"
     )
   return PiCIENet(
       backbone_name=cfg.backbone,

@@ -109,7 +109,7 @@ class ResNet(nn.Module):
   def __call__(self, images_bhwc, train: bool):
     if self.depth not in ARCHITECTURES:
       raise ValueError(
-          f"ResNet depth {self.depth} is not supported; use one of " f"{sorted(ARCHITECTURES)}"
+          f"ResNet depth {self.depth} is not supported; use one of {sorted(ARCHITECTURES)}"
       )
     bottleneck, blocks_per_stage = ARCHITECTURES[self.depth]
     x = _conv(self.width, 7, 2, self.dtype, self.platform, name="conv1")(
