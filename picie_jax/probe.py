@@ -84,7 +84,7 @@ def supervised_run(workdir, overrides, block):
 
   `overrides` ({dotted key: value}) may change `block`.* and what `eval` may change
   (evaluate.EVAL_OVERRIDABLE). The network is the latest checkpoint's or, for a run of 0
-  epochs (none saved), the init its config names (config.model.init: the ImageNet
+  epochs (it saves none), the init its config names (config.model.init: the ImageNet
   features of configs/imagenet_kmeans_synthetic.py, or a random network).
   """
   config = rundir.saved_config(workdir)
@@ -102,7 +102,7 @@ def supervised_run(workdir, overrides, block):
   require_train_labels(run.train_source)
   if run.val_source is None:
     raise FileNotFoundError(f"nothing to score the {block} on: {run.no_evaluation_reason}")
-  if config.num_epochs == 0 and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if config.num_epochs == 0:  # never trained, nothing saved
     variables = convert.initial_variables(rundir.random_variables(run), config.model)
     return run, parallel.replicate(variables, run.mesh), f"init ({config.model.init})"
   state, _, meta = rundir.restore_latest(run)
