@@ -108,8 +108,9 @@ def test_probe_of_a_trained_run_end_to_end(tmp_path):
   assert len(scores["train_loss"]) == 3 and scores["train_loss"][-1] < scores["train_loss"][0]
   for name in ("probe_segmentation.png", "probe_confusion.png"):
     assert os.path.isfile(os.path.join(workdir, "probe", name)), name
-  # the run's saved config is left as it was
+  # the run's saved config is left as it was, and the probe's settings never block a resume
   assert rundir.saved_config(workdir).probe.epochs == 10
+  assert not rundir.config_changes(_tiny_config(num_epochs=1, **{"probe.epochs": 3}), workdir)
 
 
 def test_finetune_from_a_random_init_end_to_end(tmp_path):
