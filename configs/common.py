@@ -114,7 +114,8 @@ def get_config():
   c.finetune = ml_collections.ConfigDict()
   c.finetune.labelled_fraction = 1.0  # share of the train images whose labels are used
   c.finetune.epochs = 10
-  c.finetune.lr = 1e-4
+  c.finetune.lr = 1e-4  # the network's
+  c.finetune.head_lr = 1e-2  # the new head's, as the probe's (it starts at zero)
   c.finetune.batch_size = 32
 
   c.log_every_steps = 20

@@ -85,7 +85,7 @@ def validate(config):
     value = _get(config, key)
     if not 0.0 <= value <= 1.0:
       errors.append(f"config.{key}={value!r} must be a probability in [0, 1]")
-  for key in ("train.lr", "probe.lr", "finetune.lr"):
+  for key in ("train.lr", "probe.lr", "finetune.lr", "finetune.head_lr"):
     if _get(config, key) <= 0:
       errors.append(f"config.{key}={_get(config, key)!r} must be > 0")
   if not 0.0 < config.finetune.labelled_fraction <= 1.0:

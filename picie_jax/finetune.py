@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from picie_jax import parallel
 from picie_jax import probe
@@ -35,6 +36,16 @@ def labelled_subset(num_examples, fraction, seed):
   count = max(1, round(fraction * num_examples))
   order = np.random.default_rng([seed, 0x1ABE1]).permutation(num_examples)
   return np.sort(order[:count])
+
+
+@functools.cache
+def finetune_optimizer(lr, head_lr):
+  """Adam over the network at `lr` and over the new head at `head_lr` (cached: it is static in
+  the jitted step, as steps.make_optimizer)."""
+  return optax.partition(
+      {"network": optax.adam(lr), "classifier": optax.adam(head_lr)},
+      {"network": "network", "classifier": "classifier"},
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "step_config"), donate_argnums=(1,))
@@ -75,7 +86,7 @@ def finetune_workdir(workdir, out, overrides=None):
       probe.head_state(
           run.train_source.num_classes,
           config.model.fpn_channels,
-          config.finetune.lr,
+          finetune_optimizer(config.finetune.lr, config.finetune.head_lr),
           network=jax.device_get(variables),
       ),
       run.mesh,

@@ -53,13 +53,13 @@ def head_loss(head_kc1, features_bhwc, labels_bhw, mask_b):
   return losses.weighted_cross_entropy(logits, labels, uniform, mask_b[:, None, None])
 
 
-def head_state(num_classes, channels, lr, network=None):
-  """A TrainState of a zero (num_classes, channels+1) head and Adam(lr) over it and the
-  `network` variables (the fine-tuned ones), or over the head alone (the probe: the frozen
+def head_state(num_classes, channels, tx, network=None):
+  """A TrainState of a zero (num_classes, channels+1) head and the optimizer `tx` over it and
+  the `network` variables (the fine-tuned ones), or over the head alone (the probe: the frozen
   network is passed apart)."""
   network = network or {"params": {}, "batch_stats": {}}
   head = jnp.zeros((num_classes, channels + 1), jnp.float32)
-  return steps.TrainState.create(network, head, steps.make_optimizer(lr, 0.0, True))
+  return steps.TrainState.create(network, head, tx)
 
 
 def probe_update(state, features_bhwc, labels_bhw, mask_b):
@@ -172,7 +172,10 @@ def probe_workdir(workdir, overrides=None):
   config = run.config
   channels = 3 if run.step_config.pixels else config.model.fpn_channels
   state = parallel.replicate(
-      head_state(run.train_source.num_classes, channels, config.probe.lr), run.mesh
+      head_state(
+          run.train_source.num_classes, channels, steps.make_optimizer(config.probe.lr, 0.0, True)
+      ),
+      run.mesh,
   )
   state, epoch_losses = train_head(
       run,

@@ -276,6 +276,7 @@ _RESUMABLE_CHANGES = (
     "finetune.labelled_fraction",
     "finetune.epochs",
     "finetune.lr",
+    "finetune.head_lr",
     "finetune.batch_size",
 )
 
