@@ -108,6 +108,21 @@ def get_config():
   c.eval.every_epochs = 1
   c.eval.num_vis = 8  # validation images drawn as PNG panels each epoch
 
+  # `picie-jax probe`: a 1x1 linear classifier (with bias) trained on the frozen network's
+  # features with the train split's labels (cross-entropy, Adam), scored on val (no matching).
+  c.probe = ml_collections.ConfigDict()
+  c.probe.epochs = 10
+  c.probe.lr = 1e-2  # the features are unit vectors (cosine): 1e-3 learns slowly on the demo
+  c.probe.batch_size = 64
+  # `picie-jax finetune`: the whole network and a linear head trained on a fixed subset (per
+  # seed) of the labelled train split, scored on val as the probe.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.labelled_fraction = 1.0  # share of the train images whose labels are used
+  c.finetune.epochs = 10
+  c.finetune.lr = 1e-4  # the network's
+  c.finetune.head_lr = 1e-2  # the new head's, as the probe's (it starts at zero)
+  c.finetune.batch_size = 32
+
   c.log_every_steps = 20
   c.checkpoint_every_steps = 500  # also at the end of every phase/epoch
   c.progress = True  # tqdm progress bars

@@ -40,6 +40,10 @@ _POSITIVE_INTS = (
     "checkpoint_every_steps",
     "model.width",
     "model.fpn_channels",
+    "probe.epochs",
+    "probe.batch_size",
+    "finetune.epochs",
+    "finetune.batch_size",
 )
 _NON_NEGATIVE_INTS = (
     "num_epochs",
@@ -82,8 +86,14 @@ def validate(config):
     value = _get(config, key)
     if not 0.0 <= value <= 1.0:
       errors.append(f"config.{key}={value!r} must be a probability in [0, 1]")
-  if config.train.lr <= 0:
-    errors.append(f"config.train.lr={config.train.lr!r} must be > 0")
+  for key in ("train.lr", "probe.lr", "finetune.lr", "finetune.head_lr"):
+    if _get(config, key) <= 0:
+      errors.append(f"config.{key}={_get(config, key)!r} must be > 0")
+  if not 0.0 < config.finetune.labelled_fraction <= 1.0:
+    errors.append(
+        f"config.finetune.labelled_fraction={config.finetune.labelled_fraction!r} must be in "
+        "(0, 1]: the share of the train split whose labels fine-tuning uses"
+    )
   a = config.augment
   if not 0.0 < a.min_scale <= a.max_scale <= 1.0:
     errors.append(
@@ -137,13 +147,14 @@ def validate(config):
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def check_batch_sizes(config, num_devices, num_hosts):
-  """Raises ValueError naming every batch size that does not split evenly over the hosts and
-  the devices of the mesh (JAX would fail mid-run, after an epoch, without naming the key)."""
+def check_batch_sizes(config, num_devices, num_hosts, keys=_BATCH_SIZES):
+  """Raises ValueError naming every batch size (of `keys`, a run's by default) that does not
+  split evenly over the hosts and the devices of the mesh (JAX would fail mid-run, after an
+  epoch, without naming the key)."""
   errors = [
       f"config.{key}={_get(config, key)!r} must be a multiple of the {num_devices} "
       f"devices (on {num_hosts} processes) of this run"
-      for key in _BATCH_SIZES
+      for key in keys
       if _get(config, key) % num_devices or _get(config, key) % num_hosts
   ]
   if errors:

@@ -30,13 +30,15 @@ def evaluate(
     step_config,
     *,
     many_to_one=False,
+    predicts_classes=False,
     vis_prefix=None,
     progress=True,
 ):
   """Scores the classifier's predictions on `source` (a labelled split).
 
   `classifier_kc1`: (K, C+1) weights (see steps.classifier_from_centroids). Matching is
-  Hungarian (one-to-one) or, with `many_to_one`, majority (overclustering). With `vis_prefix`,
+  Hungarian (one-to-one) or, with `many_to_one`, majority (overclustering); with
+  `predicts_classes` output k is class k (a supervised head: no matching). With `vis_prefix`,
   writes `<prefix>_segmentation.png` (image | ground truth | prediction for the first
   eval.num_vis images) and `<prefix>_confusion.png`. Returns (scores dict, histogram); the
   scores include the matching, `cluster_to_class` (class id per cluster, -1 if unmatched).
@@ -76,7 +78,10 @@ def evaluate(
       vis["pred"] += list(parallel.local_rows(pred)[:wanted][keep])
     bar.update(1)
   bar.close()
-  mapping = metrics.majority_match(hist) if many_to_one else metrics.hungarian_match(hist)
+  if predicts_classes:
+    mapping = np.arange(k)
+  else:
+    mapping = metrics.majority_match(hist) if many_to_one else metrics.hungarian_match(hist)
   scores = metrics.segmentation_scores(
       hist, mapping, class_names=source.class_names or None, thing_classes=source.thing_classes
   )

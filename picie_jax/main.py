@@ -30,7 +30,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _OVERCLUSTER_K = flags.DEFINE_integer(
     "overcluster_k", None, "Also score K-cluster many-to-one matching."
 )
-_OUT = flags.DEFINE_string("out", None, "Directory for the label and overlay PNGs.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output directory: segment's label and overlay PNGs, finetune's new run."
+)
 _STRICT = flags.DEFINE_bool(
     "strict", False, "Stop at an unreadable image (default: skip it with a warning)."
 )
@@ -124,6 +126,32 @@ _COMMANDS = {
         ),
         details="Writes study.md, study.json and study.png under --workdir. --list prints one "
         "--only command per run, for cluster jobs; a plain rerun aggregates.",
+    ),
+    "probe": _Command(
+        summary="Train and score a linear probe on a run's frozen features; writes probe.json.",
+        usage="picie-jax probe --workdir RUN [--config.probe.KEY=VALUE ...]",
+        flags=("workdir", "config", "verbose"),
+        examples=(
+            "picie-jax probe --workdir runs/demo",
+            "picie-jax probe --workdir runs/demo --config.probe.epochs=20 --config.probe.lr=1e-2",
+        ),
+        details="A 1x1 linear classifier is trained on the train split's labels (which the "
+        "dataset must have) and scored on val without matching. The run's saved config is used; "
+        "--config.KEY=VALUE may change config.probe.* and what eval may change. A run of 0 "
+        "epochs is probed at its init (e.g. the ImageNet features).",
+    ),
+    "finetune": _Command(
+        summary="Fine-tune a run's network with a linear head on labelled train images.",
+        usage="picie-jax finetune --workdir RUN --out NEW_RUN [--config.finetune.KEY=VALUE ...]",
+        flags=("workdir", "out", "config", "verbose"),
+        examples=(
+            "picie-jax finetune --workdir runs/demo --out runs/demo_ft10 "
+            "--config.finetune.labelled_fraction=0.1",
+        ),
+        details="Uses a fixed subset (per seed) of config.finetune.labelled_fraction of the "
+        "train labels; writes config.json, finetune.json and PNGs into --out. A run of 0 "
+        "epochs starts from its init: train one with configs/imagenet_kmeans_synthetic.py (and "
+        "--config.model.init=random) for the ImageNet (random) baseline.",
     ),
     "prepare": _Command(
         summary="Build a TFDS dataset from the user's local files (no download).",
@@ -321,8 +349,8 @@ def _run_command(argv):
     return
   if not _WORKDIR.value:
     _usage_error(f"{command} needs --workdir DIR", command)
-  if command == "segment" and not _OUT.value:
-    _usage_error("segment needs --out DIR", command)
+  if command in ("segment", "finetune") and not _OUT.value:
+    _usage_error(f"{command} needs --out DIR", command)
   import jax  # pylint: disable=g-import-not-at-top
 
   from picie_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -356,7 +384,16 @@ def _run_command(argv):
         f"into {_WORKDIR.value}; score it with: picie-jax eval --workdir {_WORKDIR.value}"
     )
     return
-  if command == "train":
+  if command in ("probe", "finetune"):
+    from picie_jax import finetune  # pylint: disable=g-import-not-at-top
+    from picie_jax import probe  # pylint: disable=g-import-not-at-top
+
+    overrides = dict(config_flags.get_override_values(flags.FLAGS["config"]))
+    if command == "probe":
+      final = {"probe": probe.probe_workdir(_WORKDIR.value, overrides)}
+    else:
+      final = {"finetune": finetune.finetune_workdir(_WORKDIR.value, _OUT.value, overrides)}
+  elif command == "train":
     from picie_jax import train  # pylint: disable=g-import-not-at-top
 
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -281,6 +281,15 @@ _RESUMABLE_CHANGES = (
     "dataset.scan_label_values",
     "dataset.on_bad_file",
     "num_epochs",
+    # read only by `probe` and `finetune` (a run saved before they existed lacks them)
+    "probe.epochs",
+    "probe.lr",
+    "probe.batch_size",
+    "finetune.labelled_fraction",
+    "finetune.epochs",
+    "finetune.lr",
+    "finetune.head_lr",
+    "finetune.batch_size",
 )
 
 
