@@ -14,7 +14,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -24,7 +23,6 @@ from picie_jax import reporting
 from picie_jax import rundir
 from picie_jax import steps
 from picie_jax.core import kmeans
-from picie_jax.core import transforms as T
 
 FINETUNE_FILE = "finetune.json"
 
@@ -52,7 +50,7 @@ def finetune_optimizer(lr, head_lr):
 def finetune_step(model, state, batch, *, step_config):
   """One Adam step of the network and the head (state.classifier) on a labelled batch, with
   train-mode features (BN statistics moved) in the metric's space; returns (state, loss)."""
-  images = T.resize_bilinear(batch["image"].astype(jnp.float32) / 255.0, step_config.res1)
+  images = steps.evaluation_input(batch["image"], step_config)
 
   def loss_fn(params):
     variables = {"params": params["network"], "batch_stats": state.batch_stats}
