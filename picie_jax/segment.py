@@ -157,7 +157,7 @@ def _restore_classifier(workdir):
       run,
       variables,
       parallel.replicate(classifier, run.mesh),
-      cluster_names(classifier.shape[0], matching, epoch),
+      cluster_names(steps.num_clusters(classifier), matching, epoch),
   )
 
 
@@ -175,7 +175,7 @@ def segment_images(workdir, out_dir, paths, progress=None):
   images = find_images(paths)
   sizes = [image_size(path) for path in images]  # an unreadable file fails before any work
   run, variables, classifier, names = _restore_classifier(workdir)
-  k = classifier.shape[0]
+  k = steps.num_clusters(classifier)
   stems = output_stems(images)
   groups = collections.defaultdict(list)
   for i, (height, width) in enumerate(sizes):
