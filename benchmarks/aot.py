@@ -84,12 +84,14 @@ def abstract_state(config, model, step_config, mesh):
   """(TrainState, EpochTargets) as ShapeDtypeStructs replicated over the mesh (nothing runs)."""
   num_views = step_config.num_views
   k = config.kmeans.k_train
-  channels = 3 if step_config.pixels else config.model.fpn_channels
-  tx = steps.make_optimizer(config.train.lr, config.train.weight_decay, step_config.parametric)
+  channels = step_config.feature_channels
+  tx = steps.make_optimizer(
+      config.train.lr, config.train.weight_decay, steps.trains_classifier(step_config)
+  )
 
   def build():
     variables = steps.init_variables(model, jax.random.key(0), config.res1)
-    classifier = steps.init_classifier(jax.random.key(1), num_views, k, channels)
+    classifier = steps.initial_classifier(jax.random.key(1), step_config, k)
     state = steps.TrainState.create(variables, classifier, tx)
     targets = steps.EpochTargets(
         frozen=dict(variables),
@@ -106,7 +108,7 @@ def epoch_steps(config, mesh):
   step_config = steps.step_config_from_config(config, mesh)
   model = fpn.model_from_config(config.model, platform.platform_of(mesh))
   state, targets = abstract_state(config, model, step_config, mesh)
-  k, side = config.kmeans.k_train, config.res1 // steps.FEATURE_STRIDE
+  k, side = config.kmeans.k_train, config.res1 // step_config.feature_stride
   scalar = _sds((), jnp.int32, parallel.replicated(mesh))
   key = _replicated_shapes(jax.eval_shape(lambda: jax.random.PRNGKey(0)), mesh)
   cluster_batch = _abstract_batch(mesh, config.kmeans.batch_size, config.res2)
@@ -115,7 +117,7 @@ def epoch_steps(config, mesh):
   eval_batch = _abstract_batch(mesh, config.eval.batch_size, config.eval.res, eval_labels=True)
   points = config.kmeans.batch_size * side * side
   rows = parallel.rows_sharded(mesh)
-  channels = 3 if step_config.pixels else config.model.fpn_channels
+  channels = step_config.feature_channels
   kmeans_state = _replicated_shapes(
       kmeans.MiniBatchState(
           jax.ShapeDtypeStruct((k, channels), jnp.float32), jax.ShapeDtypeStruct((k,), jnp.float32)
@@ -174,7 +176,7 @@ def epoch_steps(config, mesh):
       "label_counts": (
           steps.label_counts,
           (model, targets, cluster_batch, scalar, key),
-          {"step_config": step_config, "k": k},
+          {"step_config": step_config},
           per_epoch["cluster"],
       ),
       "train_step": (

@@ -19,6 +19,7 @@ from picie_jax import parallel
 from picie_jax import rundir
 from picie_jax import steps
 from picie_jax.core import kmeans
+from picie_jax.models import fpn
 
 # Where these shapes come from: the COCO recipe (configs/coco_stuff27.py) at CPU batch sizes,
 # and the demo (configs/synthetic.py) as it runs.
@@ -128,7 +129,6 @@ class JaxSteps:
           0,
           run.augment_key,
           step_config=run.step_config,
-          k=run.k,
       )[1]
     self.kmeans_state = kmeans.MiniBatchState(
         self.targets.centroids[0], jax.numpy.ones(run.k, jax.numpy.float32)
@@ -213,7 +213,6 @@ class JaxSteps:
         0,
         r.augment_key,
         step_config=r.step_config,
-        k=r.k,
     )
 
   def eval_step(self):
@@ -240,7 +239,7 @@ def torch_peers(config, seed=0):
         f"model.backbone={config.model.backbone!r} width {config.model.width}"
     )
   gen = torch.Generator().manual_seed(seed)
-  res1, stride = config.res1, steps.FEATURE_STRIDE
+  res1, stride = config.res1, fpn.backbone_spec(config.model.backbone).feature_stride
   k = config.kmeans.k_train
 
   def images(b, side):

@@ -8,7 +8,8 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 1
   # 'picie': two views, within+cross loss; 'mdc': one view (MDC baseline);
-  # 'pixel_kmeans': no network, k-means on raw pixel colours (a floor for any method).
+  # 'pixel_kmeans': no network, k-means on raw pixel colours (a floor for any method);
+  # 'iic': IIC's heads and mutual-information loss on the two views (no clustering; config.iic).
   c.method = "picie"
 
   c.dataset = ml_collections.ConfigDict()
@@ -31,7 +32,9 @@ def get_config():
   c.dataset.on_bad_file = "error"
 
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
+  # resnet18 | resnet34 | resnet50 | efficientnet_lite0 with the FPN (features at stride 4);
+  # resnet18_res12: ResNet-18's stem, layer1 and layer2, no FPN (IIC-res12: stride 8, 128 ch.)
+  c.model.backbone = "resnet18"
   c.model.width = 64  # ResNet base width; 64 is torchvision's (the ImageNet weights need it)
   c.model.fpn_channels = 128  # 128 for ResNet-18, 256 for ResNet-50 (DESIGN §1)
   # random | imagenet (backbone from init_checkpoint, a torchvision/EfficientNet-Lite0 .pth;
@@ -50,7 +53,10 @@ def get_config():
   c.num_epochs = 10
 
   c.kmeans = ml_collections.ConfigDict()
-  c.kmeans.k_train = 27
+  c.kmeans.k_train = 27  # also IIC's main head's classes
+  # PiCIE + H: > 0 adds a second clustering of the same features per epoch with this many
+  # clusters, and its within + cross loss, with equal weight, to the main one (docs/design.md)
+  c.kmeans.k_overcluster = 0
   c.kmeans.metric = "cosine"  # cosine (features L2-normalised) | l2
   c.kmeans.batch_size = 256  # images per clustering batch
   c.kmeans.num_init_batches = 20  # batches whose pixels seed the full Lloyd init
@@ -74,6 +80,19 @@ def get_config():
   # (res1/4)^2 bytes) and feeds them with the batch | recompute: the train step recomputes them
   # (two extra eval-mode forward passes per step; for datasets too large to hold).
   c.train.labels = "cached"
+
+  # IIC (method='iic'; Ji et al. 2019). Each epoch trains the overclustering head for a pass,
+  # then the main head (kmeans.k_train classes) for one, with IIC's segmentation loss.
+  c.iic = ml_collections.ConfigDict()
+  c.iic.overcluster_k = 45  # PiCIE §4.2: "auxiliary overclustering loss with K = 45"
+  # T: displacements of +-T feature pixels. IIC's COCO-Stuff commands use 10 of its 128 input
+  # pixels; at res1 320 and stride 4 (80 feature pixels) that is 6.
+  c.iic.half_window = 6
+  c.iic.lamb_overcluster = 1.0  # lambda of each head's loss (1 = minus the mutual information)
+  c.iic.lamb_main = 1.0
+  # True: the mean over displacements of each one's loss (IIC's "uncollapsed" form, which its
+  # segmentation commands use); False: one joint summed over the displacements
+  c.iic.per_displacement = True
 
   c.augment = ml_collections.ConfigDict()
   c.augment.photometric = True

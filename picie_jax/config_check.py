@@ -11,7 +11,7 @@ from picie_jax.models import fpn
 _BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
 
 _CHOICES = {
-    "method": ("picie", "mdc", "pixel_kmeans"),
+    "method": ("picie", "mdc", "pixel_kmeans", "iic"),
     "dataset.name": tuple(datasets.DATASETS),
     "kmeans.metric": ("cosine", "l2"),
     "model.backbone": tuple(fpn.BACKBONES),
@@ -36,6 +36,7 @@ _POSITIVE_INTS = (
     "eval.batch_size",
     "eval.k_test",
     "eval.every_epochs",
+    "iic.overcluster_k",
     "log_every_steps",
     "checkpoint_every_steps",
     "model.width",
@@ -54,6 +55,8 @@ _NON_NEGATIVE_INTS = (
     "augment.blur_max_radius",
     "kmeans.init_pixels_per_image",
     "kmeans.chunk_size",
+    "kmeans.k_overcluster",
+    "iic.half_window",
 )
 _PROBABILITIES = (
     "augment.jitter_p",
@@ -143,6 +146,26 @@ def validate(config):
     )
   if config.method != "pixel_kmeans" and config.num_epochs > 0 and config.kmeans.k_train < 2:
     errors.append("config.kmeans.k_train must be >= 2")
+  for key in ("iic.lamb_overcluster", "iic.lamb_main"):
+    if not _get(config, key) > 0:
+      errors.append(f"config.{key}={_get(config, key)!r} must be > 0")
+  if config.kmeans.k_overcluster == 1:
+    errors.append("config.kmeans.k_overcluster=1 must be 0 (off) or >= 2")
+  if config.kmeans.k_overcluster and config.train.classifier == "parametric":
+    errors.append(
+        "config.kmeans.k_overcluster (PiCIE + H) classifies with its centroids: set "
+        "config.train.classifier='nonparametric'"
+    )
+  if config.kmeans.k_overcluster and config.method != "picie":
+    errors.append(
+        f"config.kmeans.k_overcluster={config.kmeans.k_overcluster!r} (PiCIE + H) needs "
+        f"config.method='picie', not {config.method!r}: set it to 0"
+    )
+  if config.method == "iic" and config.train.classifier == "parametric":
+    errors.append(
+        "config.train.classifier='parametric' is MDC's; IIC (config.method='iic') classifies "
+        "with its own heads: set it to 'nonparametric'"
+    )
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -36,9 +36,10 @@ def evaluate(
 ):
   """Scores the classifier's predictions on `source` (a labelled split).
 
-  `classifier_kc1`: (K, C+1) weights (see steps.classifier_from_centroids). Matching is
-  Hungarian (one-to-one) or, with `many_to_one`, majority (overclustering); with
-  `predicts_classes` output k is class k (a supervised head: no matching). With `vis_prefix`,
+  `classifier_kc1`: (K, C+1) weights (see steps.classifier_from_centroids), or IIC's heads'
+  params (the main head predicts; steps.prediction_scores). Matching is Hungarian (one-to-one)
+  or, with `many_to_one`, majority (overclustering); with `predicts_classes` output k is class k
+  (a supervised head: no matching). With `vis_prefix`,
   writes `<prefix>_segmentation.png` (image | ground truth | prediction for the first
   eval.num_vis images) and `<prefix>_confusion.png`. Returns (scores dict, histogram); the
   scores include the matching, `cluster_to_class` (class id per cluster, -1 if unmatched).
@@ -46,7 +47,7 @@ def evaluate(
   if not source.has_labels:
     raise ValueError(f"{source.name} has no labels to evaluate against")
   num_true = source.num_classes
-  k = classifier_kc1.shape[0]
+  k = steps.num_clusters(classifier_kc1)
   hist = np.zeros((num_true, k), np.int64)
   classifier = parallel.replicate(classifier_kc1, mesh)
   vis = {"image": [], "label": [], "pred": []}
@@ -133,13 +134,13 @@ def fresh_centroids(model, variables, source, config, mesh, step_config, k, key,
       num_hosts=jax.process_count(),
       host_id=jax.process_index(),
   )
-  side = config.res1 // steps.FEATURE_STRIDE
+  side = config.res1 // step_config.feature_stride
   clustering.check_init_buffer(
       config,
       mesh=mesh,
       num_views=1,
       points_per_image=side * side,
-      channels=3 if step_config.pixels else config.model.fpn_channels,
+      channels=step_config.feature_channels,
       say=reporting.say,
   )
   bar = reporting.Progress(
@@ -233,8 +234,28 @@ def final_evaluation(
   return results
 
 
+def main_head_evaluation(run, state, out_dir):
+  """IIC's final numbers: the main head's argmax on the validation split, Hungarian-matched
+  (no k-means: IIC's clusters are its head's classes). {'main_head': {'k', scores...}}."""
+  scores, _ = evaluate(
+      run.model,
+      state.variables,
+      state.classifier,
+      run.val_source,
+      run.config,
+      run.mesh,
+      run.step_config,
+      vis_prefix=os.path.join(out_dir, "final_main_head"),
+      progress=run.config.progress,
+  )
+  return {"main_head": {"k": run.k, **scores}}
+
+
 def eval_classifier(run, state, targets):
-  """View 1's classifier: the centroids (non-parametric) or the learned 1x1 conv (MDC)."""
+  """View 1's classifier: the centroids (non-parametric), the learned 1x1 conv (MDC), or IIC's
+  heads' params (its main head predicts)."""
+  if run.step_config.iic is not None:
+    return state.classifier
   if run.step_config.parametric:
     return state.classifier[0]
   return steps.classifier_from_centroids(targets.centroids[0], run.config.kmeans.metric)
@@ -301,7 +322,7 @@ def _require_writable(workdir, out_dir, files):
 
 def evaluate_workdir(workdir, overrides=None):
   """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
-  optionally overclustering; writes `eval.json` and PNGs under workdir/eval.
+  optionally overclustering (IIC: its main head only); writes `eval.json` and PNGs under workdir/eval.
 
   `overrides` ({dotted key: value}, e.g. {'eval.k_test': 54}) change the saved config where
   that does not change the model (EVAL_OVERRIDABLE); each change is reported in one line.
@@ -322,7 +343,10 @@ def evaluate_workdir(workdir, overrides=None):
   state, targets, meta = rundir.restore_latest(run)
   variables = state.variables
   results = {}
-  if config.method != "pixel_kmeans" and meta.epoch > 0:
+  if run.step_config.iic is not None:
+    results.update(main_head_evaluation(run, state, out_dir))
+    rundir.write_matching(workdir, meta.centroids_epoch, results["main_head"], run.val_source)
+  elif config.method != "pixel_kmeans" and meta.epoch > 0:
     scores, _ = evaluate(
         run.model,
         variables,
@@ -336,20 +360,21 @@ def evaluate_workdir(workdir, overrides=None):
     )
     rundir.write_matching(workdir, meta.centroids_epoch, scores, run.val_source)
     results["epoch_clusters"] = {"k": run.k, **scores}
-  results.update(
-      final_evaluation(
-          run.model,
-          variables,
-          run.train_source,
-          run.val_source,
-          config,
-          run.mesh,
-          run.step_config,
-          run.keys[rundir.FRESH_STREAM],
-          out_dir,
-          progress=config.progress,
-      )
-  )
+  if run.step_config.iic is None:
+    results.update(
+        final_evaluation(
+            run.model,
+            variables,
+            run.train_source,
+            run.val_source,
+            config,
+            run.mesh,
+            run.step_config,
+            run.keys[rundir.FRESH_STREAM],
+            out_dir,
+            progress=config.progress,
+        )
+    )
   results.update(run.bad_files())
   reporting.write_json(os.path.join(workdir, "eval.json"), results)
   return results

@@ -39,6 +39,7 @@ class ClusterStats:
   # per view: the unweighted mean of the init loss and every online batch's (the reference's log)
   reference_loss: tuple
   label_counts: list  # (V, K) pixels per cluster in the label pass
+  overcluster: "ClusterStats | None" = None  # PiCIE + H: the overclustering's
 
   @classmethod
   def of(cls, view_stats, label_counts):
@@ -53,7 +54,7 @@ class ClusterStats:
 
   def record(self):
     """The metrics row's fields: kmeans_init_buffer_bytes, kmeans_{init,online}_loss_view<v>,
-    kmeans_loss_reference_view<v>."""
+    kmeans_loss_reference_view<v>, and PiCIE + H's as kmeans_overcluster_*."""
     record = {"kmeans_init_buffer_bytes": self.init_buffer_bytes}
     losses = zip(self.init_loss, self.online_loss, self.reference_loss)
     for view, (init, online, reference) in enumerate(losses, start=1):
@@ -64,14 +65,21 @@ class ClusterStats:
               f"kmeans_loss_reference_view{view}": reference,
           }
       )
+    if self.overcluster is not None:
+      for key, value in self.overcluster.record().items():
+        record[key.replace("kmeans_", "kmeans_overcluster_", 1)] = value
     return record
 
   def to_json(self):
-    return {**self.record(), "label_counts": self.label_counts}
+    tree = {**self.record(), "label_counts": self.label_counts}
+    if self.overcluster is not None:
+      tree["overcluster"] = self.overcluster.to_json()
+    return tree
 
   @classmethod
   def from_json(cls, tree):
     views = range(1, len(tree["label_counts"]) + 1)
+    overcluster = tree.get("overcluster")
     return cls(
         init_buffer_bytes=tree["kmeans_init_buffer_bytes"],
         init_loss=tuple(tree[f"kmeans_init_loss_view{v}"] for v in views),
@@ -79,6 +87,7 @@ class ClusterStats:
         # a checkpoint written before the reference loss was recorded has none
         reference_loss=tuple(tree.get(f"kmeans_loss_reference_view{v}", math.nan) for v in views),
         label_counts=tree["label_counts"],
+        overcluster=None if overcluster is None else cls.from_json(overcluster),
     )
 
 
@@ -201,16 +210,21 @@ def initial_state(run, variables=None):
   """
   if variables is None:
     variables = random_variables(run)
-  channels = 3 if run.step_config.pixels else run.config.model.fpn_channels
-  classifier = steps.init_classifier(run.keys[CLASSIFIER_STREAM], run.num_views, run.k, channels)
+  channels = run.step_config.feature_channels
+  classifier = steps.initial_classifier(run.keys[CLASSIFIER_STREAM], run.step_config, run.k)
   tx = steps.make_optimizer(
-      run.config.train.lr, run.config.train.weight_decay, run.step_config.parametric
+      run.config.train.lr, run.config.train.weight_decay, steps.trains_classifier(run.step_config)
   )
   state = steps.TrainState.create(variables, classifier, tx)
+  k_h = run.config.kmeans.k_overcluster
   targets = steps.EpochTargets(
       frozen=jax.tree.map(jnp.copy, dict(variables)),
       centroids=jnp.zeros((run.num_views, run.k, channels), jnp.float32),
       weights=jnp.ones((run.num_views, run.k), jnp.float32),
+      overcluster_centroids=(
+          jnp.zeros((run.num_views, k_h, channels), jnp.float32) if k_h else None
+      ),
+      overcluster_weights=jnp.ones((run.num_views, k_h), jnp.float32) if k_h else None,
   )
   return parallel.replicate(state, run.mesh), parallel.replicate(targets, run.mesh)
 

@@ -157,7 +157,7 @@ def _restore_classifier(workdir):
       run,
       variables,
       parallel.replicate(classifier, run.mesh),
-      cluster_names(classifier.shape[0], matching, epoch),
+      cluster_names(steps.num_clusters(classifier), matching, epoch),
   )
 
 
@@ -195,7 +195,7 @@ def segment_images(workdir, out_dir, paths, progress=None, strict=False):
   if not sizes:
     raise ValueError(f"none of the {len(images)} images could be read (the warnings say why)")
   run, variables, classifier, names = _restore_classifier(workdir)
-  k = classifier.shape[0]
+  k = steps.num_clusters(classifier)
   stems = dict(zip(images, output_stems(images)))
   groups = collections.defaultdict(list)
   for path, (height, width) in sizes.items():

@@ -15,12 +15,44 @@ from jax.sharding import Mesh
 import optax
 
 from picie_jax import platform as platform_lib
+from picie_jax.core import iic
 from picie_jax.core import kmeans
 from picie_jax.core import losses
 from picie_jax.core import metrics
 from picie_jax.core import transforms as T
+from picie_jax.models import fpn
+from picie_jax.models import iic_heads
 
-FEATURE_STRIDE = 4
+IIC_HEADS = ("overcluster", "main")  # each IIC epoch: a pass training each head, in this order
+
+
+class IICConfig(NamedTuple):
+  """IIC's static choices (config.iic): the heads' sizes and each head's loss settings."""
+
+  k: int  # the main head's classes (config.kmeans.k_train)
+  overcluster_k: int
+  half_window: int  # T, in feature pixels
+  lamb_overcluster: float
+  lamb_main: float
+  per_displacement: bool
+
+  def lamb(self, head):
+    return self.lamb_main if head == "main" else self.lamb_overcluster
+
+
+def iic_config_from_config(config):
+  """config.iic as an IICConfig, or None unless config.method == 'iic'."""
+  if config.method != "iic":
+    return None
+  c = config.iic
+  return IICConfig(
+      k=config.kmeans.k_train,
+      overcluster_k=c.overcluster_k,
+      half_window=c.half_window,
+      lamb_overcluster=c.lamb_overcluster,
+      lamb_main=c.lamb_main,
+      per_displacement=c.per_displacement,
+  )
 
 
 class StepConfig(NamedTuple):
@@ -36,6 +68,9 @@ class StepConfig(NamedTuple):
   cached_labels: bool  # train_step takes the labels from batch['labels'] (the label cache)
   photometric: T.PhotometricConfig
   geometric: T.GeometricConfig
+  # f_theta's features: stride (the pixel baseline's cells too) and channels (3 for pixels)
+  feature_stride: int
+  feature_channels: int
   # the devices the steps are compiled for: the label search's shard_map, and the platform
   # whose forms of the ops are traced (platform.platform_of), whatever the host's backend
   mesh: Mesh
@@ -44,18 +79,20 @@ class StepConfig(NamedTuple):
   # reference_quirks on Cityscapes: its official loader trains on view 1 without P1 (its
   # 'train' mode passes the un-jittered image on); clustering and labels still see G(P1(x))
   jitter_train_view1: bool = True
+  iic: IICConfig | None = None  # IIC (config.method='iic'): heads and loss instead of clusters
 
 
 def step_config_from_config(config, mesh):
   a = config.augment
+  pixels = config.method == "pixel_kmeans"
   return StepConfig(
       num_views=1 if config.method == "mdc" else 2,
       use_cross=config.method == "picie" and config.train.cross_view_loss,
       parametric=config.train.classifier == "parametric",
-      pixels=config.method == "pixel_kmeans",
+      pixels=pixels,
       metric=config.kmeans.metric,
       res1=config.res1,
-      cached_labels=config.train.labels == "cached",
+      cached_labels=config.train.labels == "cached" and config.method != "iic",
       photometric=T.PhotometricConfig(
           brightness=a.brightness,
           contrast=a.contrast,
@@ -76,9 +113,12 @@ def step_config_from_config(config, mesh):
           vflip_p=a.vflip_p,
           enabled=a.geometric,
       ),
+      feature_stride=fpn.backbone_spec(config.model.backbone).feature_stride,
+      feature_channels=3 if pixels else fpn.feature_channels(config.model),
       mesh=mesh,
       antialiased_view2=a.reference_quirks,
       jitter_train_view1=not (a.reference_quirks and config.dataset.name == "cityscapes27"),
+      iic=iic_config_from_config(config),
   )
 
 
@@ -86,7 +126,8 @@ def step_config_from_config(config, mesh):
 class TrainState:
   """Everything that changes during training, and the optimizer that changes it (static, as
   flax's TrainState carries it). `params` = {'network': the model's params, 'classifier':
-  (V, K, C+1) 1x1 convs, trained when parametric (MDC)}."""
+  (V, K, C+1) 1x1 convs, trained when parametric (MDC); or IIC's heads' params, trained}. The
+  network's tree is the same for every method."""
 
   step: jax.Array
   params: dict
@@ -136,11 +177,22 @@ class TrainState:
 
 @flax.struct.dataclass
 class EpochTargets:
-  """What the label phase fixes for an epoch: frozen variables, centroids and class weights."""
+  """What the label phase fixes for an epoch: frozen variables, centroids and class weights;
+  with PiCIE + H (config.kmeans.k_overcluster > 0) also the overclustering's, else None."""
 
   frozen: dict  # {'params', 'batch_stats'} as after the cluster phase
   centroids: jax.Array  # (V, K, C)
   weights: jax.Array  # (V, K)
+  overcluster_centroids: jax.Array | None = None  # (V, K_H, C)
+  overcluster_weights: jax.Array | None = None  # (V, K_H)
+
+  def centroid_sets(self):
+    """[(centroids (V, K, C), weights (V, K))]: the main clustering's, then the overclustering's
+    (PiCIE + H); the order of the label sets in labels_for_batch."""
+    sets = [(self.centroids, self.weights)]
+    if self.overcluster_centroids is not None:
+      sets.append((self.overcluster_centroids, self.overcluster_weights))
+    return sets
 
 
 def with_bias_column(z):
@@ -165,6 +217,46 @@ def init_classifier(key, num_views, k, channels):
   """The official `get_linear` init, one classifier per view: weight N(0, 0.01), zero bias."""
   weight = 0.01 * jax.random.normal(key, (num_views, k, channels), jnp.float32)
   return jnp.concatenate([weight, jnp.zeros((num_views, k, 1), jnp.float32)], axis=-1)
+
+
+def iic_heads_module(step_config):
+  """IIC's two heads for the step config's sizes, in the forms of its mesh's platform."""
+  return iic_heads.IICHeads(
+      num_classes=step_config.iic.k,
+      num_overcluster=step_config.iic.overcluster_k,
+      platform=platform_lib.platform_of(step_config.mesh),
+  )
+
+
+def init_iic_heads(key, step_config):
+  """IIC's heads' params ({'main', 'overcluster'} bias-free 1x1 kernels) on f_theta's features."""
+  features = jnp.zeros((1, 1, 1, step_config.feature_channels), jnp.float32)
+  return iic_heads_module(step_config).init(key, features)["params"]
+
+
+def head_probabilities(heads_params, z_bhwc, step_config, head):
+  """IIC head `head`'s ('main' or 'overcluster') per-pixel class probabilities (B, h, w, K)."""
+  return iic_heads_module(step_config).apply({"params": heads_params}, z_bhwc)[head]
+
+
+def num_clusters(classifier):
+  """The clusters a classifier predicts: (K, C+1) weights' K, or IIC's main head's."""
+  if isinstance(classifier, dict):
+    return classifier["main"]["kernel"].shape[-1]
+  return classifier.shape[0]
+
+
+def initial_classifier(key, step_config, k):
+  """The 'classifier' params a run starts with: IIC's heads, or the (V, K, C+1) 1x1 convs
+  (MDC's learned classifier; placeholders where the centroids classify)."""
+  if step_config.iic is not None:
+    return init_iic_heads(key, step_config)
+  return init_classifier(key, step_config.num_views, k, step_config.feature_channels)
+
+
+def trains_classifier(step_config):
+  """Whether the optimizer updates the 'classifier' params: MDC's learned one, IIC's heads."""
+  return step_config.parametric or step_config.iic is not None
 
 
 def _to_float_images(images_uint8):
@@ -210,23 +302,26 @@ def network_features(model, variables, images_01, train):
   return out, (updates["batch_stats"] if train else variables["batch_stats"])
 
 
-def pixel_features(images_01):
-  """The raw-pixel baseline's 'features': colours averaged over each stride-4 cell."""
+def pixel_features(images_01, stride):
+  """The raw-pixel baseline's 'features': colours averaged over each `stride` x `stride` cell."""
   b, h, w, c = images_01.shape
-  s = FEATURE_STRIDE
+  s = stride
   return images_01.reshape(b, h // s, s, w // s, s, c).mean(axis=(2, 4))
 
 
 def _raw_features(model, variables, images_01, step_config, train):
   """(features (B, h, w, C), batch_stats): the network's, or the pixels' for the baseline."""
   if step_config.pixels:
-    return pixel_features(images_01), variables.get("batch_stats")
+    return pixel_features(images_01, step_config.feature_stride), variables.get("batch_stats")
   return network_features(model, variables, images_01, train)
 
 
 def _in_metric_space(z, step_config):
-  """Features as k-means and the classifier see them: L2-normalised for the cosine metric."""
-  return kmeans.normalize_features(z) if step_config.metric == "cosine" else z
+  """Features as k-means and the classifier see them: L2-normalised for the cosine metric.
+  IIC's heads see the raw features, as IIC's do."""
+  if step_config.metric == "cosine" and step_config.iic is None:
+    return kmeans.normalize_features(z)
+  return z
 
 
 def _one_view_features(model, params, batch_stats, images_by_view, geo, view, step_config, train):
@@ -336,7 +431,9 @@ def fresh_features(model, variables, batch, *, step_config, train=False):
 
 
 def labels_for_batch(model, targets, batch, epoch, key, step_config):
-  """Label phase for one batch: nearest centroid of each view's eval-mode features.
+  """Label phase for one batch: nearest centroid of each view's eval-mode features, for each
+  of targets.centroid_sets() (PiCIE + H: the overclustering's after the main one's), so
+  [labels (B, h, w) per view] per set, concatenated.
 
   The same function produces the counts of the label phase and the labels inside train_step,
   so stored labels and recomputed labels cannot disagree.
@@ -345,12 +442,13 @@ def labels_for_batch(model, targets, batch, epoch, key, step_config):
       model, targets.frozen, batch["image"], batch["index"], epoch, key, step_config, train=False
   )
   labels = []
-  for view, z in enumerate(feats):
-    b, h, w, c = z.shape
-    assigned, _ = kmeans.assign_to_nearest(
-        z.reshape(-1, c), targets.centroids[view], mesh=step_config.mesh
-    )
-    labels.append(assigned.reshape(b, h, w))
+  for centroids, _ in targets.centroid_sets():
+    for view, z in enumerate(feats):
+      b, h, w, c = z.shape
+      assigned, _ = kmeans.assign_to_nearest(
+          z.reshape(-1, c), centroids[view], mesh=step_config.mesh
+      )
+      labels.append(assigned.reshape(b, h, w))
   return labels
 
 
@@ -360,21 +458,28 @@ def label_dtype(k):
   return jnp.uint8 if k <= 256 else jnp.uint16 if k <= 65536 else jnp.int32
 
 
-@functools.partial(jax.jit, static_argnames=("model", "step_config", "k"))
-def label_counts(model, targets, batch, epoch, key, *, step_config, k):
-  """The label pass of one batch: (V, K) label counts (padded images excluded), for the
-  balance weights, and the labels (B, V, h, w) in label_dtype(k), for the label cache."""
+@functools.partial(jax.jit, static_argnames=("model", "step_config"))
+def label_counts(model, targets, batch, epoch, key, *, step_config):
+  """The label pass of one batch: per centroid set of targets.centroid_sets(), its (V, K) label
+  counts (padded images excluded), for the balance weights; and the labels (B, S * V, h, w) of
+  the S sets in label_dtype of the largest K, for the label cache."""
   labels = labels_for_batch(model, targets, batch, epoch, key, step_config)
   valid = batch["mask"][:, None, None]
-  counts = jnp.stack(
-      [
-          jnp.zeros(k, jnp.int32)
-          .at[y.reshape(-1)]
-          .add(jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32))
-          for y in labels
-      ]
-  )
-  return counts, jnp.stack(labels, axis=1).astype(label_dtype(k))
+  counts, ks = [], []
+  for index, (centroids, _) in enumerate(targets.centroid_sets()):
+    v, k = centroids.shape[:2]
+    ks.append(k)
+    counts.append(
+        jnp.stack(
+            [
+                jnp.zeros(k, jnp.int32)
+                .at[y.reshape(-1)]
+                .add(jnp.broadcast_to(valid, y.shape).reshape(-1).astype(jnp.int32))
+                for y in labels[index * v : (index + 1) * v]
+            ]
+        )
+    )
+  return counts, jnp.stack(labels, axis=1).astype(label_dtype(max(ks)))
 
 
 @functools.cache
@@ -398,6 +503,30 @@ def make_optimizer(lr, weight_decay, train_classifier):
 def init_variables(model, key, res):
   """The model's variables for (1, res, res, 3) inputs (eval mode: BN statistics untouched)."""
   return model.init(key, jnp.zeros((1, res, res, 3)), train=False)
+
+
+def _with_overcluster_loss(out, z, overcluster_labels, targets, mask_b, step_config):
+  """PiCIE + H: the same within + cross loss against the overclustering's labels, centroids
+  and weights, added to the main loss with equal weight (`out['total']`); its terms are
+  reported as 'overcluster_{within,cross,total}'."""
+  mu = [classifier_from_centroids(c, step_config.metric) for c in targets.overcluster_centroids]
+  extra = losses.picie_loss(
+      z[0],
+      z[1],
+      overcluster_labels[0],
+      overcluster_labels[1],
+      mu[0],
+      mu[1],
+      targets.overcluster_weights[0],
+      targets.overcluster_weights[1],
+      mask_b,
+      use_cross=step_config.use_cross,
+  )
+  return {
+      **{k: v for k, v in out.items() if k != "total"},
+      **{f"overcluster_{k}": v for k, v in extra.items()},
+      "total": out["total"] + extra["total"],
+  }
 
 
 def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config):
@@ -437,6 +566,8 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config
           batch["mask"],
           use_cross=step_config.use_cross,
       )
+      if targets.overcluster_centroids is not None:
+        out = _with_overcluster_loss(out, z, labels[2:], targets, batch["mask"], step_config)
     else:
       within = losses.weighted_cross_entropy(
           losses.prototype_logits(z[0], weights[0]),
@@ -450,16 +581,59 @@ def loss_and_grads(model, state, targets, batch, labels, epoch, key, step_config
   return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "step_config"), donate_argnums=(1,))
-def train_step(model, state, targets, batch, epoch, key, *, step_config):
-  """One PiCIE/MDC update: views -> labels (frozen, no grad) -> features -> loss -> Adam.
+def iic_loss_and_grads(model, state, batch, epoch, key, step_config, head):
+  """IIC's loss of a batch for head `head` and its gradients, as loss_and_grads returns them.
+
+  Both views' train-mode features go through the head; view 2's probabilities are brought into
+  view 1's frame by G (IIC re-warps its second view's predictions the same way), padded images
+  masked. The losses: 'total' (the head's loss, with its lambda) and 'mutual_information' (of
+  the two views' predictions, averaged over the displacements as the loss is).
+  """
+  cfg = step_config.iic
+
+  def loss_fn(params):
+    images_by_view, geo = view_images(
+        batch["image"], batch["index"], epoch, key, step_config, train_phase=True
+    )
+    batch_stats, probs = state.batch_stats, []
+    for view, images in enumerate(images_by_view):
+      z, batch_stats = network_features(
+          model, {"params": params["network"], "batch_stats": batch_stats}, images, train=True
+      )
+      p = head_probabilities(params["classifier"], z, step_config, head)
+      probs.append(T.apply_geometric(p, geo, p.shape[1]) if view == 1 else p)
+    mask = jnp.broadcast_to(batch["mask"][:, None, None], probs[0].shape[:3])
+    loss, loss_at_one = iic.iic_segmentation_loss(
+        probs[0],
+        probs[1],
+        mask,
+        half_window=cfg.half_window,
+        lamb=cfg.lamb(head),
+        per_displacement=cfg.per_displacement,
+    )
+    return loss, ({"total": loss, "mutual_information": -loss_at_one}, batch_stats)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "head"), donate_argnums=(1,))
+def train_step(model, state, targets, batch, epoch, key, *, step_config, head=None):
+  """One update: PiCIE/MDC's views -> labels (frozen, no grad) -> features -> loss -> Adam, or
+  IIC's (step_config.iic) loss of head `head` ('overcluster' or 'main'; no labels, `targets`
+  unused).
 
   The labels come from the label cache (batch['labels'] (B, V, h, w)) when
   step_config.cached_labels, else they are recomputed here by the label pass's own function.
-  Returns (new state, {'total', 'within', 'cross'} losses).
+  Returns (new state, losses: {'total', 'within', 'cross'}, or IIC's {'total',
+  'mutual_information'}).
   """
+  if step_config.iic is not None:
+    (_, (out, batch_stats)), grads = iic_loss_and_grads(
+        model, state, batch, epoch, key, step_config, head
+    )
+    return state.apply_gradients(grads, batch_stats), out
   if step_config.cached_labels:
-    labels = [batch["labels"][:, view].astype(jnp.int32) for view in range(step_config.num_views)]
+    labels = [batch["labels"][:, i].astype(jnp.int32) for i in range(batch["labels"].shape[1])]
   else:
     labels = jax.lax.stop_gradient(labels_for_batch(model, targets, batch, epoch, key, step_config))
 
@@ -469,14 +643,24 @@ def train_step(model, state, targets, batch, epoch, key, *, step_config):
   return state.apply_gradients(grads, batch_stats), out
 
 
+def prediction_scores(model, variables, classifier, images_uint8, step_config, resize=True):
+  """Per-pixel scores (B, h, w, K) whose argmax is the prediction, of un-augmented images in
+  eval BN (`resize` as plain_features): the (K, C+1) classifier's logits, or with
+  step_config.iic IIC's main head's probabilities (`classifier` = the heads' params)."""
+  z = plain_features(model, variables, images_uint8, step_config, resize=resize)
+  if step_config.iic is not None:
+    return head_probabilities(classifier, z, step_config, "main")
+  return losses.prototype_logits(with_bias_column(z), classifier)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "step_config", "num_true"))
-def eval_step(model, variables, classifier_kc1, batch, *, step_config, num_true):
+def eval_step(model, variables, classifier, batch, *, step_config, num_true):
   """Predictions at label resolution and the batch's (num_true, K) confusion histogram.
 
-  logits at stride 4 are upsampled bilinearly to the label size, then argmax (DESIGN §1).
+  The scores at the feature stride are upsampled bilinearly to the label size, then argmax
+  (DESIGN §1); `classifier` as prediction_scores takes it.
   """
-  z = with_bias_column(plain_features(model, variables, batch["image"], step_config))
-  logits = losses.prototype_logits(z, classifier_kc1)
+  logits = prediction_scores(model, variables, classifier, batch["image"], step_config)
   _, h, w = batch["label"].shape
   logits = T.resize_bilinear(logits, (h, w))
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -484,21 +668,20 @@ def eval_step(model, variables, classifier_kc1, batch, *, step_config, num_true)
       batch["label"],
       pred,
       num_true,
-      classifier_kc1.shape[0],
+      logits.shape[-1],
       mask=jnp.broadcast_to(batch["mask"][:, None, None], pred.shape),
   )
   return pred, hist
 
 
 @functools.partial(jax.jit, static_argnames=("model", "step_config"))
-def whole_image_logits(model, variables, classifier_kc1, images_uint8, *, step_config):
-  """Classifier logits (B, H/4, W/4, K) of un-augmented images at their own size, eval BN.
+def whole_image_logits(model, variables, classifier, images_uint8, *, step_config):
+  """prediction_scores (B, H/s, W/s, K) of un-augmented images at their own size, eval BN.
 
   Unlike eval_step nothing is resized to res1: `segment` feeds whole photos of any shape
   (H, W multiples of 32).
   """
-  z = plain_features(model, variables, images_uint8, step_config, resize=False)
-  return losses.prototype_logits(with_bias_column(z), classifier_kc1)
+  return prediction_scores(model, variables, classifier, images_uint8, step_config, resize=False)
 
 
 @functools.partial(jax.jit, static_argnames="size_hw")

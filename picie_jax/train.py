@@ -38,9 +38,13 @@ def fresh_state(run):
   return rundir.initial_state(run, variables)
 
 
-def cluster_phase(run, state, epoch):
+OVERCLUSTER_SEEDS = 1  # folded into the epoch's k-means key for PiCIE + H's clustering
+
+
+def cluster_phase(run, state, epoch, overcluster=False):
   """Mini-batch k-means of every view from one pass of train-mode features; returns
-  (state, centroids (V, K, C), per-view k-means stats).
+  (state, centroids (V, K, C), per-view k-means stats). `overcluster` (PiCIE + H): K is
+  config.kmeans.k_overcluster, with k-means seeds of their own.
 
   The pass reads the train split in the epoch's seeded order (pipeline.CLUSTER_ORDER), as the
   reference reshuffles its dataset every epoch: the Lloyd init sees a new random subset of
@@ -54,16 +58,18 @@ def cluster_phase(run, state, epoch):
   """
   cfg = run.config
   num_batches = pipeline.num_batches(run.train_source.num_examples, cfg.kmeans.batch_size)
-  side = cfg.res1 // steps.FEATURE_STRIDE
+  side = cfg.res1 // run.step_config.feature_stride
   clustering.check_init_buffer(
       cfg,
       mesh=run.mesh,
       num_views=run.num_views,
       points_per_image=side * side,
-      channels=3 if run.step_config.pixels else cfg.model.fpn_channels,
+      channels=run.step_config.feature_channels,
       say=reporting.say,
   )
   kmeans_key = jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch)
+  if overcluster:
+    kmeans_key = jax.random.fold_in(kmeans_key, OVERCLUSTER_SEEDS)
   bar = run.progress(f"epoch {epoch} cluster", run.train_source.num_examples, cfg.kmeans.batch_size)
   features = _ClusterFeatures(run, state, epoch, kmeans_key)
   centroids, view_stats = clustering.minibatch_kmeans(
@@ -80,7 +86,7 @@ def cluster_phase(run, state, epoch):
           run.mesh,
       ),
       features,
-      k=run.k,
+      k=cfg.kmeans.k_overcluster if overcluster else run.k,
       num_init_batches=cfg.kmeans.num_init_batches,
       iters=cfg.kmeans.iters,
       init=cfg.kmeans.init,
@@ -140,24 +146,28 @@ class _ClusterFeatures:
 
 
 def label_pass(run, targets, epoch):
-  """One eval-mode pass over the data with the epoch's targets: (V, K) label counts and, with
-  config.train.labels='cached', every image's labels (num_examples, V, h, w) on every host.
+  """One eval-mode pass over the data with the epoch's targets: the (V, K) label counts of each
+  centroid set (targets.centroid_sets(): PiCIE + H's overclustering after the main one) and,
+  with config.train.labels='cached', every image's labels (num_examples, S * V, h, w) on every
+  host.
 
   Each batch's labels are gathered to all hosts (parallel.to_host), since the train order is a
   global shuffle; the cache is host memory (its size is printed).
   """
   cfg = run.config
   cache = None
+  sets = targets.centroid_sets()
   if run.step_config.cached_labels:
-    side = cfg.res1 // steps.FEATURE_STRIDE
+    side = cfg.res1 // run.step_config.feature_stride
     cache = np.zeros(
-        (run.train_source.num_examples, run.num_views, side, side), steps.label_dtype(run.k)
+        (run.train_source.num_examples, len(sets) * run.num_views, side, side),
+        steps.label_dtype(max(c.shape[1] for c, _ in sets)),
     )
     reporting.say(
         f"label cache: {cache.shape} {cache.dtype} = {cache.nbytes / 2**20:.1f} MiB of "
         "host memory per host (config.train.labels='recompute' avoids it)"
     )
-  counts = np.zeros((run.num_views, run.k), np.int64)
+  counts = [np.zeros(c.shape[:2], np.int64) for c, _ in sets]
   bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples, cfg.kmeans.batch_size)
   for batch in parallel.prefetch_to_device(
       pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
@@ -165,9 +175,9 @@ def label_pass(run, targets, epoch):
   ):
     preemption.stop_if_requested("label", epoch)
     batch_counts, batch_labels = steps.label_counts(
-        run.model, targets, batch, epoch, run.augment_key, step_config=run.step_config, k=run.k
+        run.model, targets, batch, epoch, run.augment_key, step_config=run.step_config
     )
-    counts += parallel.to_host(batch_counts)
+    counts = [c + parallel.to_host(b) for c, b in zip(counts, batch_counts)]
     if cache is not None:
       valid = parallel.to_host(batch["mask"])
       cache[parallel.to_host(batch["index"])[valid]] = parallel.to_host(batch_labels)[valid]
@@ -176,28 +186,45 @@ def label_pass(run, targets, epoch):
   return counts, cache
 
 
-def label_phase(run, state, centroids, epoch):
-  """Fixes the epoch's targets: frozen variables, centroids, balance weights from label counts.
+def label_phase(run, state, centroids, epoch, overcluster_centroids=None):
+  """Fixes the epoch's targets: frozen variables, centroids, balance weights from label counts;
+  with PiCIE + H's `overcluster_centroids` their weights too.
 
-  Returns (targets, counts, label cache or None).
+  Returns (targets, [(V, K) counts per centroid set], label cache or None).
   """
   targets = parallel.replicate(
       steps.EpochTargets(
           # A copy: train_step donates the state's buffers, the frozen variables must outlive it.
           frozen=jax.tree.map(jnp.copy, state.variables),
           centroids=centroids,
-          weights=jnp.ones((run.num_views, run.k), jnp.float32),
+          weights=jnp.ones(centroids.shape[:2], jnp.float32),
+          overcluster_centroids=overcluster_centroids,
+          overcluster_weights=(
+              None
+              if overcluster_centroids is None
+              else jnp.ones(overcluster_centroids.shape[:2], jnp.float32)
+          ),
       ),
       run.mesh,
   )
   counts, labels = label_pass(run, targets, epoch)
-  weights = jnp.stack(
-      [
-          losses.balance_weights(jnp.asarray(c, jnp.float32), enabled=run.config.train.balance)
-          for c in counts
-      ]
-  )
-  return targets.replace(weights=parallel.replicate(weights, run.mesh)), counts, labels
+  weights = [
+      parallel.replicate(
+          jnp.stack(
+              [
+                  losses.balance_weights(
+                      jnp.asarray(c, jnp.float32), enabled=run.config.train.balance
+                  )
+                  for c in set_counts
+              ]
+          ),
+          run.mesh,
+      )
+      for set_counts in counts
+  ]
+  if overcluster_centroids is not None:
+    targets = targets.replace(overcluster_weights=weights[1])
+  return targets.replace(weights=weights[0]), counts, labels
 
 
 def resumed_labels(run, targets, epoch):
@@ -223,6 +250,28 @@ def _new_classifier(run, state, epoch):
       state.classifier.shape[-1] - 1,
   )
   return parallel.replicate(state.with_new_classifier(classifier), run.mesh)
+
+
+def epoch_targets(run, state, targets, epoch):
+  """The cluster and label phases that fix an epoch's targets: (state, targets, label cache or
+  None, ClusterStats). IIC has none: the state and targets pass through, no labels or stats."""
+  if run.step_config.iic is not None:
+    return state, targets, None, None
+  clustered, centroids, kmeans_stats = cluster_phase(run, state, epoch)
+  overcluster_centroids = overcluster_stats = None
+  if run.config.kmeans.k_overcluster:
+    # A second pass from the same state: train-mode features do not depend on the BN running
+    # averages, so it clusters the features the first pass saw; its averages are dropped.
+    _, overcluster_centroids, overcluster_stats = cluster_phase(run, state, epoch, overcluster=True)
+  state = clustered
+  targets, counts, labels = label_phase(run, state, centroids, epoch, overcluster_centroids)
+  state = _new_classifier(run, state, epoch)
+  stats = rundir.ClusterStats.of(kmeans_stats, counts[0])
+  if overcluster_stats is not None:
+    stats = dataclasses.replace(
+        stats, overcluster=rundir.ClusterStats.of(overcluster_stats, counts[1])
+    )
+  return state, targets, labels, stats
 
 
 def _check_finite(step_losses, first_step, epoch, first_batch, ckpt):
@@ -263,66 +312,91 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def train_passes(step_config):
+  """The heads an epoch trains, one pass over the data each: IIC's overclustering head, then its
+  main head (steps.IIC_HEADS), as IIC's two-head training does; one pass (None) otherwise."""
+  return steps.IIC_HEADS if step_config.iic is not None else (None,)
+
+
 def train_phase(run, state, targets, labels, epoch, ckpt, meta):
   """Trains one epoch from batch `meta.next_batch`, adding the losses to `meta.loss_sums`;
   checkpoints every checkpoint_every_steps. Returns (state, loss sums, images/s).
 
-  `labels` is the label phase's cache (num_examples, V, h, w), fed with each batch, or None
-  (config.train.labels='recompute': the train step recomputes them). The step loop stays
-  asynchronous: losses are fetched every log_every_steps and before each checkpoint, where
-  they are checked (a checkpoint never holds non-finite losses or params).
+  An epoch is one pass over the data per head of `train_passes` (IIC: two), its batches
+  numbered on through the passes; pass p of epoch e draws its order and augmentations as
+  data epoch e * passes + p (PiCIE's: e). `labels` is the label phase's cache (num_examples,
+  V, h, w), fed with each batch, or None (config.train.labels='recompute': the train step
+  recomputes them; IIC: none). The step loop stays asynchronous: losses are fetched every
+  log_every_steps and before each checkpoint, where they are checked (a checkpoint never holds
+  non-finite losses or params).
   """
   cfg = run.config
   start_batch, sums = meta.next_batch, meta.loss_sums
-  total = pipeline.num_batches(run.train_source.num_examples, cfg.train.batch_size)
-  bar = run.progress(
-      f"epoch {epoch} train",
-      run.train_source.num_examples,
-      cfg.train.batch_size,
-      initial=start_batch,
-  )
-  batches = pipeline.train_batches(
-      run.train_source,
-      cfg.train.batch_size,
-      cfg.res2,
-      seed=cfg.seed,
-      epoch=epoch,
-      start_batch=start_batch,
-      **run.hosts,
-  )
-  if labels is not None:
-    batches = ({**b, "labels": labels[b["index"]]} for b in batches)
+  heads = train_passes(run.step_config)
+  per_pass = pipeline.num_batches(run.train_source.num_examples, cfg.train.batch_size)
+  total = per_pass * len(heads)
   pending, first_step = [], int(state.step) + 1  # losses not yet fetched, from this step on
-  for batch_index, batch in enumerate(
-      parallel.prefetch_to_device(batches, run.mesh), start=start_batch
-  ):
-    state, out = steps.train_step(
-        run.model, state, targets, batch, epoch, run.augment_key, step_config=run.step_config
+  images_per_s = []
+  for pass_index, head in enumerate(heads):
+    pass_start = pass_index * per_pass
+    if start_batch >= pass_start + per_pass:
+      continue
+    bar = run.progress(
+        f"epoch {epoch} train" + (f" ({head} head)" if head else ""),
+        run.train_source.num_examples,
+        cfg.train.batch_size,
+        initial=max(start_batch - pass_start, 0),
     )
-    pending.append(out)
-    preemption.step_dispatched(out)
-    done = batch_index + 1
-    stop = preemption.requested()
-    save = stop or (done < total and done % cfg.checkpoint_every_steps == 0)
-    if save or done % cfg.log_every_steps == 0 or done == total:
-      step_losses = _fetch_losses(pending, first_step, epoch, batch_index, ckpt)
-      sums = _add_losses(sums, step_losses)
-      bar.update(len(step_losses), loss=step_losses[-1]["total"])
-      pending, first_step = [], first_step + len(step_losses)
-    if save:
-      if not bool(_all_finite(state.params)):
-        raise FloatingPointError(
-            f"non-finite parameters after train step {int(state.step)} (epoch {epoch}); not "
-            f"saved. Last good checkpoint: {ckpt.latest_path()}. Lower config.train.lr."
-        )
-      ckpt.save(
-          {"state": state, "targets": targets},
-          dataclasses.replace(meta, next_batch=done, loss_sums=sums).to_json(),
+    data_epoch = epoch * len(heads) + pass_index
+    batches = pipeline.train_batches(
+        run.train_source,
+        cfg.train.batch_size,
+        cfg.res2,
+        seed=cfg.seed,
+        epoch=data_epoch,
+        start_batch=max(start_batch - pass_start, 0),
+        **run.hosts,
+    )
+    if labels is not None:
+      batches = ({**b, "labels": labels[b["index"]]} for b in batches)
+    for batch_index, batch in enumerate(
+        parallel.prefetch_to_device(batches, run.mesh), start=max(start_batch, pass_start)
+    ):
+      state, out = steps.train_step(
+          run.model,
+          state,
+          targets,
+          batch,
+          data_epoch,
+          run.augment_key,
+          step_config=run.step_config,
+          head=head,
       )
-    if stop:
-      raise preemption.stopped(f"at epoch {epoch} batch {done}: saved {ckpt.latest_path()}")
-  bar.close()
-  return state, sums, bar.images_per_second()
+      pending.append(out)
+      preemption.step_dispatched(out)
+      done = batch_index + 1
+      stop = preemption.requested()
+      save = stop or (done < total and done % cfg.checkpoint_every_steps == 0)
+      if save or done % cfg.log_every_steps == 0 or done == pass_start + per_pass:
+        step_losses = _fetch_losses(pending, first_step, epoch, batch_index, ckpt)
+        sums = _add_losses(sums, step_losses)
+        bar.update(len(step_losses), loss=step_losses[-1]["total"])
+        pending, first_step = [], first_step + len(step_losses)
+      if save:
+        if not bool(_all_finite(state.params)):
+          raise FloatingPointError(
+              f"non-finite parameters after train step {int(state.step)} (epoch {epoch}); not "
+              f"saved. Last good checkpoint: {ckpt.latest_path()}. Lower config.train.lr."
+          )
+        ckpt.save(
+            {"state": state, "targets": targets},
+            dataclasses.replace(meta, next_batch=done, loss_sums=sums).to_json(),
+        )
+      if stop:
+        raise preemption.stopped(f"at epoch {epoch} batch {done}: saved {ckpt.latest_path()}")
+    bar.close()
+    images_per_s.append(bar.images_per_second())
+  return state, sums, float(np.mean(images_per_s))
 
 
 def _epoch_summary(record):
@@ -331,6 +405,7 @@ def _epoch_summary(record):
       ("kmeans_online_loss_view1", "k-means"),
       ("train_loss_within", "within"),
       ("train_loss_cross", "cross"),
+      ("train_loss_mutual_information", "MI"),
       ("acc", "acc"),
       ("miou", "mIoU"),
       ("train_images_per_s", "img/s"),
@@ -409,18 +484,15 @@ def _train_and_evaluate(run, writer, ckpt):
 
   for epoch in range(start_epoch, config.num_epochs):
     if start_batch is None:
-      state, centroids, kmeans_stats = cluster_phase(run, state, epoch)
-      targets, counts, labels = label_phase(run, state, centroids, epoch)
-      state = _new_classifier(run, state, epoch)
-      meta = rundir.CheckpointMeta(
-          epoch=epoch, next_batch=0, cluster_stats=rundir.ClusterStats.of(kmeans_stats, counts)
-      )
+      state, targets, labels, cluster_stats = epoch_targets(run, state, targets, epoch)
+      meta = rundir.CheckpointMeta(epoch=epoch, next_batch=0, cluster_stats=cluster_stats)
       ckpt.save({"state": state, "targets": targets}, meta.to_json())
     else:
       labels = resumed_labels(run, targets, epoch)
     state, sums, images_per_s = train_phase(run, state, targets, labels, epoch, ckpt, meta)
     record = {"epoch": epoch, "step": int(state.step), "train_images_per_s": images_per_s}
-    record.update(meta.cluster_stats.record())
+    if meta.cluster_stats is not None:  # IIC has no cluster phase
+      record.update(meta.cluster_stats.record())
     record.update(
         {f"train_loss_{k}": v / sums["batches"] for k, v in sums.items() if k != "batches"}
     )
@@ -437,6 +509,8 @@ def _train_and_evaluate(run, writer, ckpt):
 
   if run.val_source is None:
     final = {"evaluation_skipped": run.no_evaluation_reason}
+  elif run.step_config.iic is not None:
+    final = evaluate.main_head_evaluation(run, state, workdir)
   else:
     final = evaluate.final_evaluation(
         run.model,

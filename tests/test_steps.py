@@ -81,7 +81,7 @@ def test_classifier_from_centroids_argmax_is_nearest_centroid_for_l2():
 def test_pixel_features_average_stride_cells():
   x = np.random.default_rng(1).random((2, 8, 12, 3)).astype(np.float32)
   expect = x.reshape(2, 2, 4, 3, 4, 3).mean(axis=(2, 4))
-  np.testing.assert_allclose(steps.pixel_features(jnp.asarray(x)), expect, rtol=1e-6)
+  np.testing.assert_allclose(steps.pixel_features(jnp.asarray(x), 4), expect, rtol=1e-6)
 
 
 def test_label_dtype_is_the_smallest_png_dtype_holding_every_cluster():

@@ -163,7 +163,7 @@ def _two_pass_cluster_reference(run, state, epoch):
 
 def test_one_cluster_pass_equals_the_reference_two_passes(phases):
   """Centroids, k-means losses and the final BN running averages (m^N chain combination)."""
-  run, start, (state, centroids, view_stats), (_, counts, _) = phases
+  run, start, (state, centroids, view_stats), (_, (counts,), _) = phases
   stats = rundir.ClusterStats.of(view_stats, counts).record()  # the metrics row's fields
   batch_stats, expect_centroids, expect_losses = _two_pass_cluster_reference(run, start, 0)
   np.testing.assert_allclose(centroids, expect_centroids, rtol=1e-5, atol=1e-6)
@@ -260,7 +260,7 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
       fresh(run.config)
   config = copy.deepcopy(run.config)
   config.kmeans.init_pixels_per_image = 5
-  side = config.res1 // steps.FEATURE_STRIDE
+  side = config.res1 // run.step_config.feature_stride
   whole, subsampled = fresh(run.config)[1], fresh(config)[1]
   bytes_at = functools.partial(
       clustering.init_buffer_bytes,
@@ -301,7 +301,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
   """Label counts (balance weights) and the label cache against labels recomputed
   independently: a plain eval-mode apply of the frozen model and a float64 numpy
   nearest-centroid search."""
-  run, _, (_, centroids, _), (targets, counts, cache) = phases
+  run, _, (_, centroids, _), (targets, (counts,), cache) = phases
   tiny_config = run.config
   expect = np.zeros_like(counts)
   for host_batch in pipeline.pass_batches(run.train_source, 16, tiny_config.res2):

@@ -63,11 +63,19 @@ class FPNDecoder(nn.Module):
 
 class Backbone(NamedTuple):
   """A backbone config.model.backbone can name: `make(width, dtype, platform)` builds the module
-  (a dict res2..res5 of features); `normalize_input` maps images in [0, 1] as its pretrained
-  weights expect."""
+  (a dict res2..res5 of features, or with `fpn=False` the whole network f_theta); `normalize_input`
+  maps images in [0, 1] as its pretrained weights expect.
+
+  `fpn=False` (IIC-res12): no FPN decoder, the features are the backbone's last kept stage, at
+  `feature_stride` with `channels(width)` channels; with the FPN they are at stride 4 with
+  config.model.fpn_channels.
+  """
 
   make: Callable[[int, Any, str], nn.Module]
   normalize_input: Callable[[jax.Array], jax.Array]
+  fpn: bool = True
+  feature_stride: int = 4
+  channels: Callable[[int], int] | None = None
 
 
 def _resnet(depth):
@@ -82,8 +90,25 @@ def _efficientnet_lite0(width, dtype, platform):
   return efficientnet.EfficientNetLite0(dtype=dtype, platform=platform)
 
 
+def _truncated_resnet(name):
+  """A `resnet.TRUNCATED` ResNet without FPN: its last kept stage's features (IIC-res12)."""
+  _, num_stages = resnet.TRUNCATED[name]
+
+  def make(width, dtype, platform):
+    return resnet.TruncatedResNetNet(name, width=width, dtype=dtype, platform=platform)
+
+  return Backbone(
+      make,
+      resnet.normalize_input,
+      fpn=False,
+      feature_stride=2 ** (num_stages + 1),
+      channels=lambda width: width * 2 ** (num_stages - 1),
+  )
+
+
 BACKBONES = {
     **{f"resnet{depth}": _resnet(depth) for depth in resnet.ARCHITECTURES},
+    **{name: _truncated_resnet(name) for name in resnet.TRUNCATED},
     "efficientnet_lite0": Backbone(_efficientnet_lite0, efficientnet.normalize_input),
 }
 
@@ -124,10 +149,17 @@ class PiCIENet(nn.Module):
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def feature_channels(cfg):
+  """The channels of f_theta's features for the model config: the FPN's, or the backbone's own."""
+  spec = backbone_spec(cfg.backbone)
+  return cfg.fpn_channels if spec.fpn else spec.channels(cfg.width)
+
+
 def model_from_config(cfg, platform):
-  """PiCIENet from the model config (fields backbone, width, fpn_channels, dtype), with the forms
-  of `platform` (platform.platform_of(mesh): the devices it will be compiled for)."""
-  backbone_spec(cfg.backbone)
+  """f_theta from the model config (fields backbone, width, fpn_channels, dtype), with the forms
+  of `platform` (platform.platform_of(mesh): the devices it will be compiled for): PiCIENet, or
+  the backbone's own network for one without FPN."""
+  spec = backbone_spec(cfg.backbone)
   for key in ("width", "fpn_channels"):
     value = getattr(cfg, key)
     if not isinstance(value, int) or value < 1:
@@ -136,6 +168,8 @@ def model_from_config(cfg, platform):
     raise ValueError(
         f"model.dtype={cfg.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}"
     )
+  if not spec.fpn:
+    return spec.make(cfg.width, COMPUTE_DTYPES[cfg.dtype], platform)
   return PiCIENet(
       backbone_name=cfg.backbone,
       width=cfg.width,
