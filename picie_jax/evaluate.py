@@ -234,6 +234,24 @@ def final_evaluation(
   return results
 
 
+def final_scores(run, state, out_dir):
+  """A run's final numbers from its trained `state`: IIC's main head, else fresh clusters."""
+  if run.step_config.iic is not None:
+    return main_head_evaluation(run, state, out_dir)
+  return final_evaluation(
+      run.model,
+      state.variables,
+      run.train_source,
+      run.val_source,
+      run.config,
+      run.mesh,
+      run.step_config,
+      run.keys[rundir.FRESH_STREAM],
+      out_dir,
+      progress=run.config.progress,
+  )
+
+
 def main_head_evaluation(run, state, out_dir):
   """IIC's final numbers: the main head's argmax on the validation split, Hungarian-matched
   (no k-means: IIC's clusters are its head's classes). {'main_head': {'k', scores...}}."""
@@ -322,7 +340,8 @@ def _require_writable(workdir, out_dir, files):
 
 def evaluate_workdir(workdir, overrides=None):
   """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
-  optionally overclustering (IIC: its main head only); writes `eval.json` and PNGs under workdir/eval.
+  optionally overclustering (IIC: its main head only); writes `eval.json` and PNGs under
+  workdir/eval.
 
   `overrides` ({dotted key: value}, e.g. {'eval.k_test': 54}) change the saved config where
   that does not change the model (EVAL_OVERRIDABLE); each change is reported in one line.
@@ -341,15 +360,11 @@ def evaluate_workdir(workdir, overrides=None):
   if run.val_source is None:
     raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
   state, targets, meta = rundir.restore_latest(run)
-  variables = state.variables
   results = {}
-  if run.step_config.iic is not None:
-    results.update(main_head_evaluation(run, state, out_dir))
-    rundir.write_matching(workdir, meta.centroids_epoch, results["main_head"], run.val_source)
-  elif config.method != "pixel_kmeans" and meta.epoch > 0:
+  if run.step_config.iic is None and config.method != "pixel_kmeans" and meta.epoch > 0:
     scores, _ = evaluate(
         run.model,
-        variables,
+        state.variables,
         eval_classifier(run, state, targets),
         run.val_source,
         config,
@@ -360,21 +375,9 @@ def evaluate_workdir(workdir, overrides=None):
     )
     rundir.write_matching(workdir, meta.centroids_epoch, scores, run.val_source)
     results["epoch_clusters"] = {"k": run.k, **scores}
-  if run.step_config.iic is None:
-    results.update(
-        final_evaluation(
-            run.model,
-            variables,
-            run.train_source,
-            run.val_source,
-            config,
-            run.mesh,
-            run.step_config,
-            run.keys[rundir.FRESH_STREAM],
-            out_dir,
-            progress=config.progress,
-        )
-    )
+  results.update(final_scores(run, state, out_dir))
+  if run.step_config.iic is not None:  # its clusters are its main head's
+    rundir.write_matching(workdir, meta.centroids_epoch, results["main_head"], run.val_source)
   results.update(run.bad_files())
   reporting.write_json(os.path.join(workdir, "eval.json"), results)
   return results

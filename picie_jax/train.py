@@ -509,21 +509,8 @@ def _train_and_evaluate(run, writer, ckpt):
 
   if run.val_source is None:
     final = {"evaluation_skipped": run.no_evaluation_reason}
-  elif run.step_config.iic is not None:
-    final = evaluate.main_head_evaluation(run, state, workdir)
   else:
-    final = evaluate.final_evaluation(
-        run.model,
-        state.variables,
-        run.train_source,
-        run.val_source,
-        config,
-        run.mesh,
-        run.step_config,
-        run.keys[rundir.FRESH_STREAM],
-        workdir,
-        progress=config.progress,
-    )
+    final = evaluate.final_scores(run, state, workdir)
   final.update(run.bad_files())
   reporting.write_json(os.path.join(workdir, "final.json"), final)
   return final
