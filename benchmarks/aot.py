@@ -46,16 +46,26 @@ REFERENCE_EPOCH = "93 min per COCO-Stuff epoch on one V100 (the reference PyTorc
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Recipe (e.g. configs/coco_stuff27.py).")
-flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x2, v5e:4x8, v5p:4x4x4.")
-flags.DEFINE_string("out", "", "Write the report as JSON here.")
+
+
+def _define_flags():
+  """The command's flags, defined only when it runs: importing this module (the tests do, beside
+  picie_jax.main's own --config) defines none."""
+  config_flags.DEFINE_config_file("config", None, "Recipe (e.g. configs/coco_stuff27.py).")
+  flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x2, v5e:4x8, v5p:4x4x4.")
+  flags.DEFINE_string("out", "", "Write the report as JSON here.")
 
 
 def topology_devices(name):
   """The devices of a TPU slice `name` (e.g. 'v5e:4x8'), described by libtpu on this host."""
   from jax.experimental import topologies
 
-  return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except RuntimeError as e:
+    if "TPU support not installed" not in str(e):
+      raise
+    sys.exit(f"benchmarks.aot needs libtpu to compile for {name}: pip install -e '.[tpu]'")
 
 
 def _sds(shape, dtype, sharding):
@@ -358,4 +368,5 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.update("jax_platforms", "cpu")  # the host computes nothing; libtpu only compiles
+  _define_flags()
   app.run(main)

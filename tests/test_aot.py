@@ -12,7 +12,7 @@ from picie_jax import platform
 def tpu_mesh():
   try:
     devices = aot.topology_devices("v5e:2x2")
-  except Exception as error:  # noqa: BLE001 - libtpu absent or unusable here
+  except (Exception, SystemExit) as error:  # noqa: BLE001 - libtpu absent or unusable here
     pytest.skip(f"no TPU topology without libtpu (pip install -e '.[tpu]'): {error}")
   return parallel.make_mesh(devices)
 
