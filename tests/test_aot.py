@@ -1,5 +1,6 @@
 """benchmarks.aot compiles steps for a TPU topology from this host (when libtpu is installed)."""
 
+import jax
 import pytest
 
 from benchmarks import aot
@@ -15,6 +16,12 @@ def tpu_mesh():
   except (Exception, SystemExit) as error:  # noqa: BLE001 - libtpu absent or unusable here
     pytest.skip(f"no TPU topology without libtpu (pip install -e '.[tpu]'): {error}")
   return parallel.make_mesh(devices)
+
+
+def test_a_tpu_topology_mesh_is_tpu_from_this_host(tpu_mesh):
+  """Here (libtpu holds a lockfile: one test module, one process, uses it)."""
+  assert tpu_mesh.size == 4 and platform.platform_of(tpu_mesh) == "tpu"
+  assert jax.default_backend() == "cpu"
 
 
 def test_label_pass_and_kmeans_compile_for_v5e_without_gathering_the_points(tpu_mesh):

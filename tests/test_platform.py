@@ -38,14 +38,3 @@ def test_a_cpu_mesh_traces_the_cpu_forms_and_an_accelerator_the_grouped_convolut
   assert "conv_general_dilated" not in _depthwise_jaxpr(cpu)  # the tap sum
   assert not platform.uses_cpu_forms("tpu") and not platform.uses_cpu_forms("gpu")
   assert "feature_group_count=4" in _depthwise_jaxpr("tpu")
-
-
-def test_a_tpu_topology_mesh_is_tpu_from_this_host():
-  topologies = pytest.importorskip("jax.experimental.topologies")
-  try:
-    devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
-  except Exception as error:  # noqa: BLE001 - libtpu absent or unusable here
-    pytest.skip(f"no TPU topology without libtpu (pip install -e '.[tpu]'): {error}")
-  mesh = parallel.make_mesh(devices)
-  assert mesh.size == 4 and platform.platform_of(mesh) == "tpu"
-  assert jax.default_backend() == "cpu"
