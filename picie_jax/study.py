@@ -30,11 +30,13 @@ STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
 WALL_FILE = "study_wall_s.json"  # in each run directory: seconds of each train call the study made
 # (column title, metric key): the columns of study.md and the series of the plot.
 _SCORES = (
-    ("pixel acc (%)", "fresh.acc"),
-    ("mIoU (%)", "fresh.miou"),
-    ("thing mIoU", "fresh.thing_miou"),
-    ("stuff mIoU", "fresh.stuff_miou"),
+    ("pixel acc (%)", "final.acc"),
+    ("mIoU (%)", "final.miou"),
+    ("thing mIoU", "final.thing_miou"),
+    ("stuff mIoU", "final.stuff_miou"),
 )
+# Where final.json keeps a run's final scores: fresh clusters, or IIC's main head.
+FINAL_SCORES = ("fresh", "main_head")
 _WALL = ("wall (s)", "wall_s")
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
@@ -171,7 +173,8 @@ def aggregate(runs, workdir):
   """Writes study.json, study.md and study.png from the runs' final.json; returns the summary.
 
   Per run: seed, sweep values, resolved config, metrics (every number of final.json, flattened
-  to 'fresh.acc' etc., plus wall_s). Per sweep point: n and {metric: {mean, std}} with the
+  to 'fresh.acc' etc., its final scores (FINAL_SCORES) again as 'final.acc' etc., plus wall_s).
+  Per sweep point: n and {metric: {mean, std}} with the
   sample std (n-1; null for n=1); a metric that is null (NaN) in any run is null.
   """
   records = []
@@ -182,7 +185,9 @@ def aggregate(runs, workdir):
           f"{run_dir} is not finished: run the study without --only, or "
           f"its run {index} with --only={index}"
       )
-    metrics = _numbers(_read_json(os.path.join(run_dir, "final.json")))
+    final = _read_json(os.path.join(run_dir, "final.json"))
+    scored = [key for key in FINAL_SCORES if key in final]
+    metrics = _numbers({**final, "final": final[scored[0]]} if scored else final)
     calls = _read_json(os.path.join(run_dir, WALL_FILE))
     metrics["wall_s"] = sum(calls["train_calls_s"]) if calls else None
     records.append(
@@ -242,8 +247,8 @@ def markdown(summary):
       f"# Study: {len(summary['runs'])} runs, seeds {seeds}, sweep "
       f"{', '.join(summary['sweep_keys']) or '(none)'}",
       "",
-      "Final fresh-cluster evaluation (`final.json`, `fresh`): mean ± sample std (n − 1) "
-      "over the seeds of each sweep point; wall = seconds of the study's train calls.",
+      "Final evaluation (`final.json`: `fresh` clusters, or IIC's `main_head`): mean ± sample "
+      "std (n − 1) over the seeds of each sweep point; wall = seconds of the study's train calls.",
       "",
   ]
   lines += _table(

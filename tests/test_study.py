@@ -116,7 +116,8 @@ def test_study_aggregates_every_run_as_numpy_does(finished_study):
       else:
         stats = point["metrics"][f"fresh.{key}"]
         np.testing.assert_allclose([stats["mean"], stats["std"]], expected, rtol=1e-12)
-      if key in SCORES:
+      if key in SCORES:  # the final scores, which for PiCIE are the fresh clusters'
+        assert point["metrics"][f"final.{key}"] == point["metrics"][f"fresh.{key}"], key
         cells.append(f"{expected[0]:.1f} ± {expected[1]:.1f}")
     assert f"| train.lr={lr} | 2 | " + " | ".join(cells) + " | " in md
   png = np.asarray(Image.open(workdir / study.STUDY_PNG).convert("L"))
