@@ -22,7 +22,6 @@ from picie_jax import probe
 from picie_jax import reporting
 from picie_jax import rundir
 from picie_jax import steps
-from picie_jax.core import kmeans
 
 FINETUNE_FILE = "finetune.json"
 
@@ -55,8 +54,7 @@ def finetune_step(model, state, batch, *, step_config):
   def loss_fn(params):
     variables = {"params": params["network"], "batch_stats": state.batch_stats}
     features, batch_stats = steps.network_features(model, variables, images, train=True)
-    if step_config.metric == "cosine":
-      features = kmeans.normalize_features(features)
+    features = steps.in_metric_space(features, step_config)  # as the probe's features
     loss = probe.head_loss(params["classifier"], features, batch["label"], batch["mask"])
     return loss, batch_stats
 

@@ -316,7 +316,7 @@ def _raw_features(model, variables, images_01, step_config, train):
   return network_features(model, variables, images_01, train)
 
 
-def _in_metric_space(z, step_config):
+def in_metric_space(z, step_config):
   """Features as k-means and the classifier see them: L2-normalised for the cosine metric.
   IIC's heads see the raw features, as IIC's do."""
   if step_config.metric == "cosine" and step_config.iic is None:
@@ -335,7 +335,7 @@ def _one_view_features(model, params, batch_stats, images_by_view, geo, view, st
   )
   if view == 1:
     z = T.apply_geometric(z, geo, z.shape[1])
-  return _in_metric_space(z, step_config), batch_stats
+  return in_metric_space(z, step_config), batch_stats
 
 
 def view_features(
@@ -386,7 +386,7 @@ def plain_features(model, variables, images_uint8, step_config, resize=True):
   else:
     images = _to_float_images(images_uint8)
   z, _ = _raw_features(model, variables, images, step_config, train=False)
-  return _in_metric_space(z, step_config)
+  return in_metric_space(z, step_config)
 
 
 def flatten_with_mask(z_bhwc, mask_b):
@@ -427,7 +427,7 @@ def fresh_features(model, variables, batch, *, step_config, train=False):
   z, batch_stats = _raw_features(
       model, variables, evaluation_input(batch["image"], step_config), step_config, train
   )
-  return flatten_with_mask(_in_metric_space(z, step_config), batch["mask"]), batch_stats
+  return flatten_with_mask(in_metric_space(z, step_config), batch["mask"]), batch_stats
 
 
 def labels_for_batch(model, targets, batch, epoch, key, step_config):
