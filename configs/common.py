@@ -13,7 +13,8 @@ def get_config():
   c.method = "picie"
 
   c.dataset = ml_collections.ConfigDict()
-  # synthetic | coco_stuff27 | coco_stuff15 | coco_thing12 | cityscapes27 | image_folder
+  # synthetic | coco_stuff27 | coco_stuff15 | coco_thing12 | cityscapes27 | potsdam3 | potsdam6
+  # | image_folder
   c.dataset.name = "coco_stuff27"
   c.dataset.manual_dir = ""  # COCO/Cityscapes raw files (extracted archives) that `prepare` reads
   # Where `prepare` writes and training reads the prepared COCO/Cityscapes splits: a local path

@@ -1,9 +1,10 @@
-"""Dataset sources: synthetic (generated), COCO-Stuff (27 / stuff-15 / thing-12) and
-Cityscapes-27 (prepared TFDS splits, see `prepare`), and a plain image folder read directly.
-Nothing is downloaded.
+"""Dataset sources: synthetic (generated), COCO-Stuff (27 / stuff-15 / thing-12), Cityscapes-27
+and Potsdam (3 / 6) (prepared TFDS splits, see `prepare`), and a plain image folder read
+directly. Nothing is downloaded.
 
-  coco_stuff27, coco_stuff15, coco_thing12, cityscapes27: `picie-jax prepare` writes the splits
-      from config.dataset.manual_dir (coco_stuff.py / cityscapes.py name the files) into
+  coco_stuff27, coco_stuff15, coco_thing12, cityscapes27, potsdam3, potsdam6: `picie-jax
+      prepare` writes the splits from config.dataset.manual_dir (coco_stuff.py, cityscapes.py,
+      potsdam.py name the files) into
       config.dataset.data_dir; training reads them from there by index.
   image_folder:  config.dataset.root/{train,val}/images/*.{jpg,jpeg,png}, optional
       {train,val}/labels/<stem>.png with values 0..num_classes-1 and 255 unlabeled; without
@@ -34,6 +35,7 @@ from picie_jax.data import cityscapes
 from picie_jax.data import coco_stuff
 from picie_jax.data import formats
 from picie_jax.data import pipeline
+from picie_jax.data import potsdam
 from picie_jax.data import prepared
 from picie_jax.data import scan
 from picie_jax.data import synthetic
@@ -341,6 +343,11 @@ def _cityscapes27(dcfg, split):
   )
 
 
+def _potsdam(dcfg, split):
+  mapping, class_names = potsdam.label_setting(dcfg.name)
+  return _prepared_source(dcfg, split, label_table(mapping), True, len(class_names), class_names)
+
+
 def _require_dir(path, key):
   if not path:
     raise ValueError(f"{key} is empty: set it to the dataset's directory")
@@ -405,5 +412,7 @@ DATASETS = {
     "coco_stuff15": Dataset(_coco_stuff, coco_stuff.PicieCocoStuff),
     "coco_thing12": Dataset(_coco_stuff, coco_stuff.PicieCocoStuff),
     "cityscapes27": Dataset(_cityscapes27, cityscapes.PicieCityscapes),
+    "potsdam3": Dataset(_potsdam, potsdam.PiciePotsdam),
+    "potsdam6": Dataset(_potsdam, potsdam.PiciePotsdam),
     "image_folder": Dataset(_image_folder),
 }

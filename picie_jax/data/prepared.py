@@ -1,9 +1,9 @@
-"""What the TFDS builders (coco_stuff.py, cityscapes.py) share: the record layout, checks of
-the raw files, and random access into a prepared split.
+"""What the TFDS builders (coco_stuff.py, cityscapes.py, potsdam.py) share: the record layout,
+checks of the raw files, and random access into a prepared split.
 
 A record holds the original files' bytes verbatim (JPEG/PNG image, PNG label with the
-dataset's raw ids; no re-encoding, so nothing is lost) and their paths relative to the manual
-directory (for error messages). Splits are written in a fixed order (`disable_shuffling`) as
+dataset's raw ids; no re-encoding, so nothing is lost; Potsdam's .mat arrays become lossless
+PNGs, `read_pair`) and their paths relative to the manual directory (for error messages). Splits are written in a fixed order (`disable_shuffling`) as
 ArrayRecord files, so example i of a split is line i of its image list and any index can be
 read directly: batches are built from index lists (pipeline.py), each host reading its own.
 """
@@ -30,6 +30,10 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder):
   @abc.abstractmethod
   def file_pairs(self, root):
     """{split: [(image path, label path or None)]} relative to `root`, checked to exist."""
+
+  def read_pair(self, root, image_file, label_file):
+    """(image bytes, label bytes or b"") of one record: the files' own bytes."""
+    return (root / image_file).read_bytes(), (root / label_file).read_bytes() if label_file else b""
 
   def _info(self):
     features = tfds.features.FeaturesDict(
@@ -59,9 +63,10 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root, pairs):
     """(position, record) in list order."""
     for position, (image_file, label_file) in enumerate(pairs):
+      image, label = self.read_pair(root, image_file, label_file)
       yield position, {
-          "image": (root / image_file).read_bytes(),
-          "label": (root / label_file).read_bytes() if label_file else b"",
+          "image": image,
+          "label": label,
           "image_file": image_file,
           "label_file": label_file or "",
       }
