@@ -20,9 +20,9 @@ The facts this follows (xu-ji/IIC at b7602b7, mhamilton723/STEGO at eb4d6b5):
   84-98). STEGO trains on `labelled_train` (its `unlabelled_train` line is commented out) and
   validates on `labelled_test` (data.py:128-135, train_segmentation.py:424,445); IIC's
   unsupervised mode trains on all three and scores on labelled_train+labelled_test
-  (code/utils/segmentation/data.py:38-42). Here: STEGO's, train = labelled_train.txt (24 x 225 - 855 =
-  4,545 tiles), val = labelled_test.txt (855): all labelled, so the probe can use train labels, and
-  the split of STEGO's code, which later DINO-based methods start from.
+  (code/utils/segmentation/data.py:38-42). Here: STEGO's, train = labelled_train.txt
+  (24 x 225 - 855 = 4,545 tiles), val = labelled_test.txt (855): all labelled, so the probe can
+  use train labels, and the split of STEGO's code, which later DINO-based methods start from.
 - Channels and sizes: STEGO keeps RGB only (`[:3]`, data.py:153), then resizes (nearest) to
   224 for training and 320 (centre crop) for evaluation (train_segmentation.py:425,446;
   utils.py:165-183); IIC uses RGB+IR at the native 200 (commands.txt:83, --input_sz 200).
