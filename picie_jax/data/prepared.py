@@ -3,9 +3,10 @@ checks of the raw files, and random access into a prepared split.
 
 A record holds the original files' bytes verbatim (JPEG/PNG image, PNG label with the
 dataset's raw ids; no re-encoding, so nothing is lost; Potsdam's .mat arrays become lossless
-PNGs, `read_pair`) and their paths relative to the manual directory (for error messages). Splits are written in a fixed order (`disable_shuffling`) as
-ArrayRecord files, so example i of a split is line i of its image list and any index can be
-read directly: batches are built from index lists (pipeline.py), each host reading its own.
+PNGs, `read_pair`) and their paths relative to the manual directory (for error messages).
+Splits are written in a fixed order (`disable_shuffling`) as ArrayRecord files, so example i of
+a split is line i of its image list and any index can be read directly: batches are built from
+index lists (pipeline.py), each host reading its own.
 """
 
 import abc
