@@ -187,7 +187,7 @@ def minibatch_kmeans(
         states[view], sq_sum, count = kmeans.minibatch_update(
             states[view], points, mask, mesh=mesh, chunk_size=chunk_size
         )
-        online[view].add(float(sq_sum), int(count))
+        online[view].add(sq_sum, count)
     if progress is not None:
       progress.update(1)
   if states is None:  # fewer batches than num_init_batches: the init sees all of them
@@ -196,27 +196,31 @@ def minibatch_kmeans(
     states, stats = initialise(buffers, filled)
     online = [_OnlineLoss() for _ in states]
   for view_stats, view_online in zip(stats, online):
-    view_stats["online_loss"] = (
-        view_online.sq_sum / view_online.count if view_online.count else float("nan")
-    )
-    view_stats["reference_loss"] = float(
-        np.mean([view_stats["init_loss"], *view_online.batch_means])
-    )
+    sq_sum, count, batch_means = view_online.totals()
+    view_stats["online_loss"] = sq_sum / count if count else float("nan")
+    view_stats["reference_loss"] = float(np.mean([view_stats["init_loss"], *batch_means]))
   return [s.centroids for s in states], stats
 
 
 class _OnlineLoss:
-  """One view's online squared distances: their sum and count over the pass, and each batch's
-  mean (what the reference's AverageMeter averages)."""
+  """One set's online squared distances, kept on device through the pass (reading them per
+  batch would make the host wait for every update) and summed at its end: (their sum, their
+  count, each batch's mean (what the reference's AverageMeter averages))."""
 
   def __init__(self):
-    self.sq_sum, self.count, self.batch_means = 0.0, 0, []
+    self.batches = []
 
   def add(self, sq_sum, count):
-    self.sq_sum += sq_sum
-    self.count += count
-    if count:
-      self.batch_means.append(sq_sum / count)
+    self.batches.append((sq_sum, count))
+
+  def totals(self):
+    sq_sum, count, batch_means = 0.0, 0, []
+    for batch_sq_sum, batch_count in jax.device_get(self.batches):
+      sq_sum += float(batch_sq_sum)
+      count += int(batch_count)
+      if batch_count:
+        batch_means.append(float(batch_sq_sum) / int(batch_count))
+    return sq_sum, count, batch_means
 
 
 def _initialise_all(buffers, filled, *, num_init_batches, ks, iters, init, keys, mesh, chunk_size):

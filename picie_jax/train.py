@@ -172,8 +172,8 @@ def label_pass(run, targets, epoch):
   cfg = run.config
   cache = None
   sets = targets.centroid_sets()
+  side = cfg.res1 // run.step_config.feature_stride
   if run.step_config.cached_labels:
-    side = cfg.res1 // run.step_config.feature_stride
     cache = np.zeros(
         (run.train_source.num_examples, len(sets) * run.num_views, side, side),
         steps.label_dtype(max(c.shape[1] for c, _ in sets)),
@@ -182,7 +182,7 @@ def label_pass(run, targets, epoch):
         f"label cache: {cache.shape} {cache.dtype} = {cache.nbytes / 2**20:.1f} MiB of "
         "host memory per host (config.train.labels='recompute' avoids it)"
     )
-  counts = [np.zeros(c.shape[:2], np.int64) for c, _ in sets]
+  counts = _DeviceCounts([c.shape[:2] for c, _ in sets], side * side * cfg.kmeans.batch_size)
   bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples, cfg.kmeans.batch_size)
   for batch in parallel.prefetch_to_device(
       pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
@@ -192,13 +192,43 @@ def label_pass(run, targets, epoch):
     batch_counts, batch_labels = steps.label_counts(
         run.model, targets, batch, epoch, run.augment_key, step_config=run.step_config
     )
-    counts = [c + parallel.to_host(b) for c, b in zip(counts, batch_counts)]
+    counts.add(batch_counts)
     if cache is not None:
       valid = parallel.to_host(batch["mask"])
       cache[parallel.to_host(batch["index"])[valid]] = parallel.to_host(batch_labels)[valid]
     bar.update(1)
   bar.close()
-  return counts, cache
+  return counts.to_host(), cache
+
+
+class _DeviceCounts:
+  """Label counts summed on device (reading them per batch would make the host wait for every
+  batch), moved into int64 host totals before an int32 sum could overflow."""
+
+  def __init__(self, shapes, labels_per_batch):
+    self.batches_per_flush = max(1, (2**31 - 1) // labels_per_batch)
+    self.host = [np.zeros(shape, np.int64) for shape in shapes]
+    self.device, self.pending = None, 0
+
+  def add(self, batch_counts):
+    self.device = (
+        batch_counts
+        if self.device is None
+        else [total + batch for total, batch in zip(self.device, batch_counts)]
+    )
+    self.pending += 1
+    if self.pending == self.batches_per_flush:
+      self._flush()
+
+  def _flush(self):
+    self.host = [h + parallel.to_host(d).astype(np.int64) for h, d in zip(self.host, self.device)]
+    self.device, self.pending = None, 0
+
+  def to_host(self):
+    """[(V, K) int64 counts per centroid set] of every batch added."""
+    if self.pending:
+      self._flush()
+    return self.host
 
 
 def label_phase(run, state, centroids, epoch, overcluster_centroids=None):
