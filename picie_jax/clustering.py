@@ -21,11 +21,12 @@ BUFFER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def init_buffer_bytes(
-    *, num_views, num_init_batches, batch_size, points_per_image, channels, dtype, num_devices
+    *, num_sets, num_init_batches, batch_size, points_per_image, channels, dtype, num_devices
 ):
-  """Bytes per device of the init buffers: every view's points of `num_init_batches` batches
-  (C values of `dtype` and a 1-byte mask each), rows sharded evenly over `num_devices`."""
-  points = num_views * num_init_batches * batch_size * points_per_image
+  """Bytes per device of the init buffers: every point set's (view's, or PiCIE + H's
+  overclustering's of a view) points of `num_init_batches` batches (C values of `dtype` and a
+  1-byte mask each), rows sharded evenly over `num_devices`."""
+  points = num_sets * num_init_batches * batch_size * points_per_image
   return -(-points * (channels * jnp.dtype(dtype).itemsize + 1) // num_devices)
 
 
@@ -45,7 +46,7 @@ def device_memory_bytes(mesh):
   return available // len(local), "available host RAM / local devices"
 
 
-def check_init_buffer(config, *, mesh, num_views, points_per_image, channels, say):
+def check_init_buffer(config, *, mesh, num_sets, points_per_image, channels, say):
   """Prints the init buffers' size per device and fails, before any batch is read, when it
   exceeds what a device of `mesh` can hold, naming the config fields that shrink it."""
   k = config.kmeans
@@ -55,7 +56,7 @@ def check_init_buffer(config, *, mesh, num_views, points_per_image, channels, sa
         f"the {points_per_image} pixels of a feature map: lower it (0 = all)"
     )
   needed = init_buffer_bytes(
-      num_views=num_views,
+      num_sets=num_sets,
       num_init_batches=k.num_init_batches,
       batch_size=k.batch_size,
       points_per_image=k.init_pixels_per_image or points_per_image,
@@ -65,7 +66,7 @@ def check_init_buffer(config, *, mesh, num_views, points_per_image, channels, sa
   )
   limit, source = device_memory_bytes(mesh)
   say(
-      f"k-means init buffer: {needed / 2**30:.2f} GiB per device ({num_views} view(s), "
+      f"k-means init buffer: {needed / 2**30:.2f} GiB per device ({num_sets} point set(s), "
       f"{mesh.size} device(s); {source}: {limit / 2**30:.2f} GiB)"
   )
   if needed > limit:
@@ -141,20 +142,21 @@ def minibatch_kmeans(
     buffer_dtype="float32",
     progress=None,
 ):
-  """Runs one mini-batch k-means per view over `batches`.
+  """Runs one mini-batch k-means per point set (a view, or PiCIE + H's overclustering of a view)
+  over `batches`, all from one read of the data.
 
-  `features_fn(batch, for_init) -> [(points (N, C), mask (N,)) per view]` on device, already
+  `features_fn(batch, for_init) -> [(points (N, C), mask (N,)) per set]` on device, already
   in the metric's space (L2-normalised for cosine); `for_init` is True for the batches that go
-  into the init buffer (the caller may subsample them). keys[v] seeds view v's init. Returns
-  (centroids (V, K, C), [stats per view]): the init loss, the online loss (mean squared
-  distance over the online batches, before each update), the reference's logged loss (the
-  unweighted mean of the init loss and each online batch's mean, its AverageMeter) and the
-  init buffer's bytes.
+  into the init buffer (the caller may subsample them). keys[s] seeds set s's init; `k` is the
+  number of clusters of every set, or a sequence of one per set. Returns ([centroids (K, C) per
+  set], [stats per set]): the init loss, the online loss (mean squared distance over the online
+  batches, before each update), the reference's logged loss (the unweighted mean of the init
+  loss and each online batch's mean, its AverageMeter) and the init buffer's bytes.
   """
   initialise = functools.partial(
       _initialise_all,
       num_init_batches=num_init_batches,
-      k=k,
+      ks=[k] * len(keys) if isinstance(k, int) else list(k),
       iters=iters,
       init=init,
       keys=keys,
@@ -185,7 +187,7 @@ def minibatch_kmeans(
         states[view], sq_sum, count = kmeans.minibatch_update(
             states[view], points, mask, mesh=mesh, chunk_size=chunk_size
         )
-        online[view].add(float(sq_sum), int(count))
+        online[view].add(sq_sum, count)
     if progress is not None:
       progress.update(1)
   if states is None:  # fewer batches than num_init_batches: the init sees all of them
@@ -194,33 +196,41 @@ def minibatch_kmeans(
     states, stats = initialise(buffers, filled)
     online = [_OnlineLoss() for _ in states]
   for view_stats, view_online in zip(stats, online):
-    view_stats["online_loss"] = (
-        view_online.sq_sum / view_online.count if view_online.count else float("nan")
-    )
-    view_stats["reference_loss"] = float(
-        np.mean([view_stats["init_loss"], *view_online.batch_means])
-    )
-  return jnp.stack([s.centroids for s in states]), stats
+    sq_sum, count, batch_means = view_online.totals()
+    view_stats["online_loss"] = sq_sum / count if count else float("nan")
+    view_stats["reference_loss"] = float(np.mean([view_stats["init_loss"], *batch_means]))
+  return [s.centroids for s in states], stats
 
 
 class _OnlineLoss:
-  """One view's online squared distances: their sum and count over the pass, and each batch's
-  mean (what the reference's AverageMeter averages)."""
+  """One set's online squared distances, kept on device through the pass (reading them per
+  batch would make the host wait for every update) and summed at its end: (their sum, their
+  count, each batch's mean (what the reference's AverageMeter averages))."""
 
   def __init__(self):
-    self.sq_sum, self.count, self.batch_means = 0.0, 0, []
+    self.batches = []
 
   def add(self, sq_sum, count):
-    self.sq_sum += sq_sum
-    self.count += count
-    if count:
-      self.batch_means.append(sq_sum / count)
+    self.batches.append((sq_sum, count))
+
+  def totals(self):
+    sq_sum, count, batch_means = 0.0, 0, []
+    for batch_sq_sum, batch_count in jax.device_get(self.batches):
+      sq_sum += float(batch_sq_sum)
+      count += int(batch_count)
+      if batch_count:
+        batch_means.append(float(batch_sq_sum) / int(batch_count))
+    return sq_sum, count, batch_means
 
 
-def _initialise_all(buffers, filled, *, num_init_batches, k, iters, init, keys, mesh, chunk_size):
-  """Lloyd init of every view from its buffer's first `filled` batches: (states, stats)."""
+def _initialise_all(buffers, filled, *, num_init_batches, ks, iters, init, keys, mesh, chunk_size):
+  """Lloyd init of every set from its buffer's first `filled` batches: (states, stats)."""
+  if len(ks) != len(keys) or len(buffers) != len(keys):
+    raise ValueError(
+        f"k-means got {len(buffers)} point sets, {len(keys)} keys and {len(ks)} cluster counts"
+    )
   states, stats = [], []
-  for (points, mask), key in zip(buffers, keys):
+  for (points, mask), key, k in zip(buffers, keys, ks):
     nbytes = points.nbytes + mask.nbytes
     if filled < num_init_batches:  # a short pass: the unfilled slots are left out
       points, mask = points[:filled], mask[:filled]

@@ -138,7 +138,7 @@ def fresh_centroids(model, variables, source, config, mesh, step_config, k, key,
   clustering.check_init_buffer(
       config,
       mesh=mesh,
-      num_views=1,
+      num_sets=1,
       points_per_image=side * side,
       channels=step_config.feature_channels,
       say=reporting.say,

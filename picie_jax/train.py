@@ -41,10 +41,11 @@ def fresh_state(run):
 OVERCLUSTER_SEEDS = 1  # folded into the epoch's k-means key for PiCIE + H's clustering
 
 
-def cluster_phase(run, state, epoch, overcluster=False):
+def cluster_phase(run, state, epoch):
   """Mini-batch k-means of every view from one pass of train-mode features; returns
-  (state, centroids (V, K, C), per-view k-means stats). `overcluster` (PiCIE + H): K is
-  config.kmeans.k_overcluster, with k-means seeds of their own.
+  (state, [(centroids (V, K, C), per-view k-means stats) per clustering]): the main one and,
+  with PiCIE + H (config.kmeans.k_overcluster), the overclustering of the same features into
+  K_H clusters with k-means seeds of its own.
 
   The pass reads the train split in the epoch's seeded order (pipeline.CLUSTER_ORDER), as the
   reference reshuffles its dataset every epoch: the Lloyd init sees a new random subset of
@@ -59,20 +60,23 @@ def cluster_phase(run, state, epoch, overcluster=False):
   cfg = run.config
   num_batches = pipeline.num_batches(run.train_source.num_examples, cfg.kmeans.batch_size)
   side = cfg.res1 // run.step_config.feature_stride
+  kmeans_key = jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch)
+  clusterings = [(run.k, kmeans_key)]
+  if cfg.kmeans.k_overcluster:
+    clusterings.append(
+        (cfg.kmeans.k_overcluster, jax.random.fold_in(kmeans_key, OVERCLUSTER_SEEDS))
+    )
   clustering.check_init_buffer(
       cfg,
       mesh=run.mesh,
-      num_views=run.num_views,
+      num_sets=len(clusterings) * run.num_views,
       points_per_image=side * side,
       channels=run.step_config.feature_channels,
       say=reporting.say,
   )
-  kmeans_key = jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], epoch)
-  if overcluster:
-    kmeans_key = jax.random.fold_in(kmeans_key, OVERCLUSTER_SEEDS)
   bar = run.progress(f"epoch {epoch} cluster", run.train_source.num_examples, cfg.kmeans.batch_size)
-  features = _ClusterFeatures(run, state, epoch, kmeans_key)
-  centroids, view_stats = clustering.minibatch_kmeans(
+  features = _ClusterFeatures(run, state, epoch, [key for _, key in clusterings])
+  centroids, set_stats = clustering.minibatch_kmeans(
       parallel.prefetch_to_device(
           pipeline.train_batches(
               run.train_source,
@@ -86,11 +90,13 @@ def cluster_phase(run, state, epoch, overcluster=False):
           run.mesh,
       ),
       features,
-      k=cfg.kmeans.k_overcluster if overcluster else run.k,
+      k=[k for k, _ in clusterings for _ in range(run.num_views)],
       num_init_batches=cfg.kmeans.num_init_batches,
       iters=cfg.kmeans.iters,
       init=cfg.kmeans.init,
-      keys=[jax.random.fold_in(kmeans_key, view) for view in range(run.num_views)],
+      keys=[
+          jax.random.fold_in(key, view) for _, key in clusterings for view in range(run.num_views)
+      ],
       mesh=run.mesh,
       chunk_size=cfg.kmeans.chunk_size,
       buffer_dtype=cfg.kmeans.buffer_dtype,
@@ -108,19 +114,25 @@ def cluster_phase(run, state, epoch, overcluster=False):
       batch_stats = jax.tree.map(
           lambda m, first, then: m**num_batches * first + then, decays, batch_stats, chain
       )
-  return state.replace(batch_stats=batch_stats), centroids, view_stats
+  views = run.num_views
+  results = [
+      (jnp.stack(centroids[i : i + views]), set_stats[i : i + views])
+      for i in range(0, len(centroids), views)
+  ]
+  return state.replace(batch_stats=batch_stats), results
 
 
 class _ClusterFeatures:
-  """The cluster pass's feature function for minibatch_kmeans: each batch's views (subsampled
-  for the init buffer), moving each view's chain of BN running averages along (`chains`)."""
+  """The cluster pass's feature function for minibatch_kmeans: each batch's views, once per
+  clustering (each subsampled for its init buffer with its own key), moving each view's chain
+  of BN running averages along (`chains`)."""
 
-  def __init__(self, run, state, epoch, kmeans_key):
-    self.run, self.params, self.epoch, self.kmeans_key = (
+  def __init__(self, run, state, epoch, subset_keys):
+    self.run, self.params, self.epoch, self.subset_keys = (
         run,
         state.variables["params"],
         epoch,
-        kmeans_key,
+        subset_keys,
     )
     self.chains = [state.batch_stats] + [
         jax.tree.map(jnp.zeros_like, state.batch_stats) for _ in range(run.num_views - 1)
@@ -138,11 +150,14 @@ class _ClusterFeatures:
         run.augment_key,
         step_config=run.step_config,
     )
-    if for_init:
-      views = clustering.init_subset(
-          views, batch["index"], self.kmeans_key, run.config.kmeans.init_pixels_per_image
-      )
-    return views
+    if not for_init:
+      return views * len(self.subset_keys)
+    per_image = run.config.kmeans.init_pixels_per_image
+    return [
+        subset
+        for key in self.subset_keys
+        for subset in clustering.init_subset(views, batch["index"], key, per_image)
+    ]
 
 
 def label_pass(run, targets, epoch):
@@ -157,8 +172,8 @@ def label_pass(run, targets, epoch):
   cfg = run.config
   cache = None
   sets = targets.centroid_sets()
+  side = cfg.res1 // run.step_config.feature_stride
   if run.step_config.cached_labels:
-    side = cfg.res1 // run.step_config.feature_stride
     cache = np.zeros(
         (run.train_source.num_examples, len(sets) * run.num_views, side, side),
         steps.label_dtype(max(c.shape[1] for c, _ in sets)),
@@ -167,7 +182,7 @@ def label_pass(run, targets, epoch):
         f"label cache: {cache.shape} {cache.dtype} = {cache.nbytes / 2**20:.1f} MiB of "
         "host memory per host (config.train.labels='recompute' avoids it)"
     )
-  counts = [np.zeros(c.shape[:2], np.int64) for c, _ in sets]
+  counts = _DeviceCounts([c.shape[:2] for c, _ in sets], side * side * cfg.kmeans.batch_size)
   bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples, cfg.kmeans.batch_size)
   for batch in parallel.prefetch_to_device(
       pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
@@ -177,13 +192,43 @@ def label_pass(run, targets, epoch):
     batch_counts, batch_labels = steps.label_counts(
         run.model, targets, batch, epoch, run.augment_key, step_config=run.step_config
     )
-    counts = [c + parallel.to_host(b) for c, b in zip(counts, batch_counts)]
+    counts.add(batch_counts)
     if cache is not None:
       valid = parallel.to_host(batch["mask"])
       cache[parallel.to_host(batch["index"])[valid]] = parallel.to_host(batch_labels)[valid]
     bar.update(1)
   bar.close()
-  return counts, cache
+  return counts.to_host(), cache
+
+
+class _DeviceCounts:
+  """Label counts summed on device (reading them per batch would make the host wait for every
+  batch), moved into int64 host totals before an int32 sum could overflow."""
+
+  def __init__(self, shapes, labels_per_batch):
+    self.batches_per_flush = max(1, (2**31 - 1) // labels_per_batch)
+    self.host = [np.zeros(shape, np.int64) for shape in shapes]
+    self.device, self.pending = None, 0
+
+  def add(self, batch_counts):
+    self.device = (
+        batch_counts
+        if self.device is None
+        else [total + batch for total, batch in zip(self.device, batch_counts)]
+    )
+    self.pending += 1
+    if self.pending == self.batches_per_flush:
+      self._flush()
+
+  def _flush(self):
+    self.host = [h + parallel.to_host(d).astype(np.int64) for h, d in zip(self.host, self.device)]
+    self.device, self.pending = None, 0
+
+  def to_host(self):
+    """[(V, K) int64 counts per centroid set] of every batch added."""
+    if self.pending:
+      self._flush()
+    return self.host
 
 
 def label_phase(run, state, centroids, epoch, overcluster_centroids=None):
@@ -257,13 +302,9 @@ def epoch_targets(run, state, targets, epoch):
   None, ClusterStats). IIC has none: the state and targets pass through, no labels or stats."""
   if run.step_config.iic is not None:
     return state, targets, None, None
-  clustered, centroids, kmeans_stats = cluster_phase(run, state, epoch)
-  overcluster_centroids = overcluster_stats = None
-  if run.config.kmeans.k_overcluster:
-    # A second pass from the same state: train-mode features do not depend on the BN running
-    # averages, so it clusters the features the first pass saw; its averages are dropped.
-    _, overcluster_centroids, overcluster_stats = cluster_phase(run, state, epoch, overcluster=True)
-  state = clustered
+  state, clusterings = cluster_phase(run, state, epoch)
+  (centroids, kmeans_stats), *overclustering = clusterings
+  overcluster_centroids, overcluster_stats = overclustering[0] if overclustering else (None, None)
   targets, counts, labels = label_phase(run, state, centroids, epoch, overcluster_centroids)
   state = _new_classifier(run, state, epoch)
   stats = rundir.ClusterStats.of(kmeans_stats, counts[0])

@@ -4,10 +4,12 @@ recomputation of one batch, and a tiny run end to end."""
 import json
 
 from conftest import TINY_OVERRIDES
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import picie_h_synthetic
+from picie_jax import clustering
 from picie_jax import parallel
 from picie_jax import rundir
 from picie_jax import steps
@@ -130,3 +132,64 @@ def test_picie_h_run_writes_both_clusterings(tmp_path):
   assert targets.overcluster_centroids.shape == (2, 12, 16)
   weights = np.asarray(targets.overcluster_weights)
   np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)  # label frequencies
+
+
+def test_one_pass_clusters_as_separate_passes_would():
+  """The overclustering shares the main clustering's pass: its centroids are those of a
+  k-means of K_H clusters alone over the same features (its own init subset and seeds), and
+  the main centroids are those of the run without overclustering."""
+  config = tiny_h_config(**{"kmeans.init_pixels_per_image": 20})
+  run = rundir.Run(config, "/tmp/unused")
+  state, _ = train.fresh_state(run)
+  _, ((centroids, _), (over_centroids, _)) = train.cluster_phase(run, state, epoch=1)
+
+  plain_run = rundir.Run(
+      tiny_h_config(**{"kmeans.init_pixels_per_image": 20, "kmeans.k_overcluster": 0}),
+      "/tmp/unused",
+  )
+  _, ((plain_centroids, _),) = train.cluster_phase(plain_run, state, epoch=1)
+  np.testing.assert_array_equal(np.asarray(centroids), np.asarray(plain_centroids))
+
+  over_key = jax.random.fold_in(
+      jax.random.fold_in(run.keys[rundir.KMEANS_STREAM], 1), train.OVERCLUSTER_SEEDS
+  )
+  chains = [state.batch_stats, state.batch_stats]
+
+  def features_fn(batch, for_init):
+    nonlocal chains
+    views, chains = steps.cluster_features(
+        run.model,
+        state.variables["params"],
+        chains,
+        batch,
+        1,
+        run.augment_key,
+        step_config=run.step_config,
+    )
+    if for_init:
+      views = clustering.init_subset(views, batch["index"], over_key, 20)
+    return views
+
+  alone, _ = clustering.minibatch_kmeans(
+      parallel.prefetch_to_device(
+          pipeline.train_batches(
+              run.train_source,
+              16,
+              config.res2,
+              seed=config.seed,
+              epoch=1,
+              stream=pipeline.CLUSTER_ORDER,
+          ),
+          run.mesh,
+      ),
+      features_fn,
+      k=12,
+      num_init_batches=config.kmeans.num_init_batches,
+      iters=config.kmeans.iters,
+      init=config.kmeans.init,
+      keys=[jax.random.fold_in(over_key, view) for view in range(2)],
+      mesh=run.mesh,
+      chunk_size=config.kmeans.chunk_size,
+  )
+  assert over_centroids.shape == (2, 12, 16)
+  np.testing.assert_allclose(np.asarray(over_centroids), np.stack(alone), rtol=1e-6, atol=1e-7)

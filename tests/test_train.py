@@ -103,9 +103,9 @@ def phases():
   run = rundir.Run(config, "/tmp/unused")
   state, _ = train.fresh_state(run)
   start = jax.tree.map(jnp.copy, state)
-  clustered = train.cluster_phase(run, state, epoch=0)
-  labelled = train.label_phase(run, clustered[0], clustered[1], epoch=0)
-  return run, start, clustered, labelled
+  clustered, ((centroids, view_stats),) = train.cluster_phase(run, state, epoch=0)
+  labelled = train.label_phase(run, clustered, centroids, epoch=0)
+  return run, start, (clustered, centroids, view_stats), labelled
 
 
 def _two_pass_cluster_reference(run, state, epoch):
@@ -181,7 +181,7 @@ def test_one_cluster_pass_equals_the_reference_two_passes(phases):
   assert moved == len(jax.tree.leaves(batch_stats))  # every running average moved
   c = run.config
   assert stats["kmeans_init_buffer_bytes"] == clustering.init_buffer_bytes(
-      num_views=2,
+      num_sets=2,
       num_init_batches=c.kmeans.num_init_batches,
       batch_size=c.kmeans.batch_size,
       points_per_image=(c.res1 // 4) ** 2,
@@ -264,7 +264,7 @@ def test_fresh_cluster_buffer_is_checked_and_subsampled(phases, monkeypatch):
   whole, subsampled = fresh(run.config)[1], fresh(config)[1]
   bytes_at = functools.partial(
       clustering.init_buffer_bytes,
-      num_views=1,
+      num_sets=1,
       num_init_batches=config.kmeans.num_init_batches,
       batch_size=config.kmeans.batch_size,
       channels=config.model.fpn_channels,
@@ -609,3 +609,14 @@ def test_failed_evaluation_keeps_the_epoch_and_raising_num_epochs_continues(
   tiny_config.num_epochs = 1
   with pytest.raises(ValueError, match="is 2 epochs into the run; config.num_epochs=1 is fewer"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_label_counts_summed_on_device_never_overflow_int32():
+  """Per-batch int32 counts up to the bound summed past 2**31: the host totals are exact."""
+  counts = train._DeviceCounts([(1, 2)], labels_per_batch=2**29 + 1)
+  assert counts.batches_per_flush == 3
+  for batch in range(7):
+    counts.add([jnp.array([[2**29, batch]], jnp.int32)])
+  (total,) = counts.to_host()
+  assert total.dtype == np.int64
+  np.testing.assert_array_equal(total, [[7 * 2**29, sum(range(7))]])
