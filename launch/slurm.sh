@@ -16,6 +16,9 @@
 # task keeps the GPU numbered SLURM_LOCALID among those it sees (JAX_LOCAL_DEVICE_IDS), so do not
 # let srun bind one GPU per task. WORKDIR must be on a file system every node sees: checkpoints
 # are written by all processes together. Re-submitting the same command resumes the run.
+# JAX_PLATFORMS (default cuda: a jaxlib without the cuda12 extra fails at start instead of
+# training on CPUs) and JAX_COMPILATION_CACHE_DIR (default ~/.cache/picie_jax/xla: compiled
+# steps persist, a resume skips their compilation) pass through when exported.
 # The script is self-contained (sbatch runs a copy of it from its spool directory).
 set -euo pipefail
 
@@ -88,5 +91,7 @@ run srun --nodes="$nodes" --ntasks="$(( nodes * tasks_per_node ))" \
   env PICIE_COORDINATOR="$(first_host "$SLURM_JOB_NODELIST"):$port" \
   PICIE_NUM_PROCESSES="$(( nodes * tasks_per_node ))" \
   XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}" \
+  JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}" \
+  JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/picie_jax/xla}" \
   bash -c "export $task_env; exec \"\$@\"" picie-task \
   "${PICIE_JAX:-picie-jax}" train --config "$config" --workdir "$workdir" "$@"

@@ -7,7 +7,8 @@
 #       --config.dataset.root=/mnt/shared/coco
 #
 # Prerequisites on every worker: this repository at $REMOTE_DIR (default ~/picie_jax) with a venv
-# at $REMOTE_DIR/.venv holding `pip install -e .` and jax[tpu]; the dataset under the same path.
+# at $REMOTE_DIR/.venv holding `pip install -e '.[tpu]'`; JAX_COMPILATION_CACHE_DIR (default
+# ~/.cache/picie_jax/xla on each worker) keeps the compiled steps; the dataset under the same path.
 # WORKDIR must be a directory all workers see (an NFS/Filestore mount): the checkpoints are
 # written by all processes together, and the code uses plain file I/O (no gs:// paths).
 # Config paths are relative to $REMOTE_DIR. Batch sizes must be multiples of the chip count.
@@ -28,7 +29,14 @@ remote_dir="${REMOTE_DIR:-~/picie_jax}"
 
 # Quote every argument for the remote shell (paths or values with spaces survive the hop).
 remote_args="$(printf '%q ' train --config "$1" --workdir "$2" "${@:3}")"
-remote_cmd="cd ${remote_dir} && PICIE_DISTRIBUTED=1 .venv/bin/picie-jax ${remote_args}"
+# Each worker keeps its compiled steps on its own disk (a resume skips minutes of compilation).
+if [[ -n "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  cache_dir="$(printf '%q' "$JAX_COMPILATION_CACHE_DIR")"
+else
+  # shellcheck disable=SC2088  # the tilde is for the worker's shell to expand
+  cache_dir='~/.cache/picie_jax/xla'
+fi
+remote_cmd="cd ${remote_dir} && PICIE_DISTRIBUTED=1 JAX_COMPILATION_CACHE_DIR=${cache_dir} .venv/bin/picie-jax ${remote_args}"
 
 project_flag=()
 if [[ -n "${PROJECT:-}" ]]; then

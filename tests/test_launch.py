@@ -46,12 +46,13 @@ def _dry_run(script, **env):
               "PROJECT",
               "REMOTE_DIR",
               "XLA_",
+              "JAX_",
           )
       )
   }
   out = subprocess.run(
       [os.path.join(LAUNCH, script), "--dry-run", *_TRAIN[2::2][:2], _TRAIN[-1]],
-      env=dict(clean, **env),
+      env=dict(clean, HOME="/home/u", **env),
       capture_output=True,
       text=True,
       check=True,
@@ -68,8 +69,17 @@ def test_every_launch_script_is_covered():
 
 def test_gpu_single_node_dry_run():
   assert _dry_run("gpu_single_node.sh") == [
-      ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90", "picie-jax", *_TRAIN]
+      [
+          "env",
+          "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90",
+          "JAX_PLATFORMS=cuda",
+          "JAX_COMPILATION_CACHE_DIR=/home/u/.cache/picie_jax/xla",
+          "picie-jax",
+          *_TRAIN,
+      ]
   ]
+  (command,) = _dry_run("gpu_single_node.sh", JAX_COMPILATION_CACHE_DIR="/disk/xla")
+  assert "JAX_COMPILATION_CACHE_DIR=/disk/xla" in command
 
 
 def test_multi_process_cpu_dry_run():
@@ -112,7 +122,14 @@ def test_tpu_pod_dry_run():
   assert command[10:12] == ["--worker=all", "--command"] and len(command) == 13
   remote = shlex.split(command[12])
   assert remote[:3] == ["cd", "~/picie_jax", "&&"]  # expanded by the worker's shell
-  assert remote[3:] == ["PICIE_DISTRIBUTED=1", ".venv/bin/picie-jax", *_TRAIN]
+  assert remote[3:] == [
+      "PICIE_DISTRIBUTED=1",
+      "JAX_COMPILATION_CACHE_DIR=~/.cache/picie_jax/xla",  # expanded by the worker's shell
+      ".venv/bin/picie-jax",
+      *_TRAIN,
+  ]
+  (command,) = _dry_run("tpu_pod.sh", TPU="t", ZONE="z", JAX_COMPILATION_CACHE_DIR="/disk/my xla")
+  assert "JAX_COMPILATION_CACHE_DIR=/disk/my xla" in shlex.split(command[-1])
 
 
 def _slurm_task_env(command, **task_env):
@@ -146,6 +163,8 @@ def test_slurm_dry_run_one_process_per_node():
       "PICIE_COORDINATOR=gpu003:61586",  # 61440 + 4242 % 4096, on the job's first node
       "PICIE_NUM_PROCESSES=4",
       "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90",
+      "JAX_PLATFORMS=cuda",
+      "JAX_COMPILATION_CACHE_DIR=/home/u/.cache/picie_jax/xla",
   ]
   assert command[start + 4 :] == ["picie-jax", *_TRAIN]
   assert _slurm_task_env(command, SLURM_PROCID="3", SLURM_LOCALID="0") == ["3", "all"]
