@@ -47,6 +47,17 @@ def get_config():
   # is slower: XLA-CPU has no fast bfloat16 convolution.
   c.model.dtype = "float32"
   c.model.init_checkpoint = ""  # e.g. /data/weights/resnet18-f37072fd.pth for the paper's recipe
+  # DINO ViTs (vit_small_patch8 | vit_base_patch8 | vit_small_patch16; features at the patch
+  # stride, fpn_channels wide; imagenet init from DINO's .pth, e.g. dino_deitsmall8_pretrain.pth):
+  # head 'linear' (1x1 projection) | 'stego' (STEGO's: linear + two-layer 1x1 MLP, summed);
+  # vit_last_blocks: the last N blocks' tokens, concatenated, feed the head; vit_depth: blocks
+  # (0 = the architecture's 12, which pretrained weights need; fewer for cheap CPU runs).
+  c.model.head = "linear"
+  c.model.vit_last_blocks = 1
+  c.model.vit_depth = 0
+  # True: the backbone is not trained (no updates, no optimizer state; STEGO and its successors
+  # train only a head on a frozen DINO). Only the head (ViT) or the FPN decoder learns.
+  c.model.freeze_backbone = False
 
   c.res1 = 320  # network input side (views); features are res1/4
   c.res2 = 640  # base image side (shorter side resize + centre crop)

@@ -7,6 +7,7 @@ from picie_jax.data import datasets
 from picie_jax.data import formats
 from picie_jax.data import pipeline
 from picie_jax.models import fpn
+from picie_jax.models import vit
 
 _BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
 
@@ -17,6 +18,7 @@ _CHOICES = {
     "model.backbone": tuple(fpn.BACKBONES),
     "model.init": ("random", "imagenet", "checkpoint"),
     "model.dtype": tuple(fpn.COMPUTE_DTYPES),
+    "model.head": vit.HEADS,
     "kmeans.init": ("random", "kmeans++"),
     "train.classifier": ("nonparametric", "parametric"),
     "dataset.on_bad_file": pipeline.ON_BAD_FILE,
@@ -41,6 +43,7 @@ _POSITIVE_INTS = (
     "checkpoint_every_steps",
     "model.width",
     "model.fpn_channels",
+    "model.vit_last_blocks",
     "probe.epochs",
     "probe.batch_size",
     "finetune.epochs",
@@ -57,6 +60,7 @@ _NON_NEGATIVE_INTS = (
     "kmeans.chunk_size",
     "kmeans.k_overcluster",
     "iic.half_window",
+    "model.vit_depth",
 )
 _PROBABILITIES = (
     "augment.jitter_p",
@@ -139,6 +143,13 @@ def validate(config):
         f"config.model.width={config.model.width!r}: pretrained ResNet weights need "
         "width 64 (or set config.model.init='random')"
     )
+  if config.model.backbone in vit.ARCHITECTURES:
+    depth = config.model.vit_depth or vit.ARCHITECTURES[config.model.backbone].depth
+    if isinstance(config.model.vit_last_blocks, int) and config.model.vit_last_blocks > depth:
+      errors.append(
+          f"config.model.vit_last_blocks={config.model.vit_last_blocks!r} must be <= the "
+          f"ViT's {depth} blocks (config.model.vit_depth)"
+      )
   if config.method == "mdc" and config.train.cross_view_loss:
     errors.append(
         "config.train.cross_view_loss=True needs two views; MDC (config.method='mdc') "

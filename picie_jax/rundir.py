@@ -213,7 +213,10 @@ def initial_state(run, variables=None):
   channels = run.step_config.feature_channels
   classifier = steps.initial_classifier(run.keys[CLASSIFIER_STREAM], run.step_config, run.k)
   tx = steps.make_optimizer(
-      run.config.train.lr, run.config.train.weight_decay, steps.trains_classifier(run.step_config)
+      run.config.train.lr,
+      run.config.train.weight_decay,
+      steps.trains_classifier(run.step_config),
+      run.config.model.freeze_backbone,
   )
   state = steps.TrainState.create(variables, classifier, tx)
   k_h = run.config.kmeans.k_overcluster

@@ -483,26 +483,39 @@ def label_counts(model, targets, batch, epoch, key, *, step_config):
 
 
 @functools.cache
-def make_optimizer(lr, weight_decay, train_classifier):
+def make_optimizer(lr, weight_decay, train_classifier, freeze_backbone=False):
   """Adam (AdamW when weight_decay > 0; the reference uses Adam without decay) over the
   TrainState's params, partitioned by a mask: the network and the classifier keep their own
   moments and step counts (MDC restarts its classifier's every epoch); a classifier that is
-  not trained (the centroids classify) gets zero updates.
+  not trained (the centroids classify) gets zero updates, and so does the network's
+  `backbone` with `freeze_backbone` (config.model.freeze_backbone), which keeps no moments.
 
   Cached: the optimizer is static in the jitted train step (part of the state's tree), so
   runs with the same settings in one process share one compiled step.
   """
   adam = optax.adamw(lr, weight_decay=weight_decay) if weight_decay > 0 else optax.adam(lr)
+
+  def labels(params):
+    network = "network"
+    if freeze_backbone:
+      network = {name: "frozen" if name == "backbone" else "network" for name in params["network"]}
+    return {"network": network, "classifier": "classifier"}
+
   return optax.partition(
-      {"network": adam, "classifier": adam if train_classifier else optax.set_to_zero()},
-      {"network": "network", "classifier": "classifier"},
+      {
+          "network": adam,
+          "classifier": adam if train_classifier else optax.set_to_zero(),
+          "frozen": optax.set_to_zero(),
+      },
+      labels,
   )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "res"))
 def init_variables(model, key, res):
-  """The model's variables for (1, res, res, 3) inputs (eval mode: BN statistics untouched)."""
-  return model.init(key, jnp.zeros((1, res, res, 3)), train=False)
+  """The model's variables for (1, res, res, 3) inputs (eval mode: BN statistics untouched);
+  'batch_stats' is empty for a network without BatchNorm (a ViT)."""
+  return {"batch_stats": {}, **model.init(key, jnp.zeros((1, res, res, 3)), train=False)}
 
 
 def _with_overcluster_loss(out, z, overcluster_labels, targets, mask_b, step_config):

@@ -111,3 +111,97 @@ def randomize_(module, seed):
             + (1.0 if name.endswith(".weight") and tensor.ndim == 1 else 0.0)
         )
   return module
+
+
+class DinoAttention(nn.Module):
+
+  def __init__(self, dim, num_heads):
+    super().__init__()
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    self.qkv = nn.Linear(dim, dim * 3, bias=True)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class DinoBlock(nn.Module):
+
+  def __init__(self, dim, num_heads):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = DinoAttention(dim, num_heads)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = nn.Sequential()
+    self.mlp.fc1 = nn.Linear(dim, 4 * dim)
+    self.mlp.act = nn.GELU()
+    self.mlp.fc2 = nn.Linear(4 * dim, dim)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class DinoPatchEmbed(nn.Module):
+
+  def __init__(self, patch_size, dim):
+    super().__init__()
+    self.patch_size = patch_size
+    self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DinoViT(nn.Module):
+  """facebookresearch/dino `vision_transformer.py`'s VisionTransformer (no head, no dropout),
+  with its state_dict names; `head` stands for the projection head some DINO files carry."""
+
+  def __init__(self, patch_size=8, dim=384, depth=12, num_heads=6, img_size=224):
+    super().__init__()
+    self.patch_embed = DinoPatchEmbed(patch_size, dim)
+    num_patches = (img_size // patch_size) ** 2
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+    self.blocks = nn.ModuleList([DinoBlock(dim, num_heads) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+  def interpolate_pos_encoding(self, x, w, h):
+    npatch = x.shape[1] - 1
+    n = self.pos_embed.shape[1] - 1
+    if npatch == n and w == h:
+      return self.pos_embed
+    class_pos_embed = self.pos_embed[:, 0]
+    patch_pos_embed = self.pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // self.patch_embed.patch_size + 0.1
+    h0 = h // self.patch_embed.patch_size + 0.1
+    side = int(n**0.5)
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / n**0.5, h0 / n**0.5),
+        mode="bicubic",
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+  def prepare_tokens(self, x):
+    b, _, w, h = x.shape
+    x = self.patch_embed(x)
+    x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+    return x + self.interpolate_pos_encoding(x, w, h)
+
+  def get_intermediate_layers(self, x, n=1):
+    x = self.prepare_tokens(x)
+    output = []
+    for i, blk in enumerate(self.blocks):
+      x = blk(x)
+      if len(self.blocks) - i <= n:
+        output.append(self.norm(x))
+    return output

@@ -12,6 +12,7 @@ from picie_jax import platform as platform_lib
 from picie_jax.core import transforms
 from picie_jax.models import efficientnet
 from picie_jax.models import resnet
+from picie_jax.models import vit
 from picie_jax.models.layers import conv
 
 
@@ -63,19 +64,20 @@ class FPNDecoder(nn.Module):
 
 class Backbone(NamedTuple):
   """A backbone config.model.backbone can name: `make(width, dtype, platform)` builds the module
-  (a dict res2..res5 of features, or with `fpn=False` the whole network f_theta); `normalize_input`
-  maps images in [0, 1] as its pretrained weights expect.
+  (a dict res2..res5 of features); `normalize_input` maps images in [0, 1] as its pretrained
+  weights expect.
 
-  `fpn=False` (IIC-res12): no FPN decoder, the features are the backbone's last kept stage, at
-  `feature_stride` with `channels(width)` channels; with the FPN they are at stride 4 with
-  config.model.fpn_channels.
+  `fpn=False`: no FPN decoder; `make(model_config, dtype, platform)` builds the whole network
+  f_theta, whose features are at `feature_stride` with `channels(model_config)` channels:
+  IIC-res12's are the backbone's last kept stage, a ViT's its head's. With the FPN they are at
+  stride 4 with config.model.fpn_channels.
   """
 
-  make: Callable[[int, Any, str], nn.Module]
+  make: Callable[[Any, Any, str], nn.Module]
   normalize_input: Callable[[jax.Array], jax.Array]
   fpn: bool = True
   feature_stride: int = 4
-  channels: Callable[[int], int] | None = None
+  channels: Callable[[Any], int] | None = None
 
 
 def _resnet(depth):
@@ -94,15 +96,39 @@ def _truncated_resnet(name):
   """A `resnet.TRUNCATED` ResNet without FPN: its last kept stage's features (IIC-res12)."""
   _, num_stages = resnet.TRUNCATED[name]
 
-  def make(width, dtype, platform):
-    return resnet.TruncatedResNetNet(name, width=width, dtype=dtype, platform=platform)
+  def make(model_config, dtype, platform):
+    return resnet.TruncatedResNetNet(name, width=model_config.width, dtype=dtype, platform=platform)
 
   return Backbone(
       make,
       resnet.normalize_input,
       fpn=False,
       feature_stride=2 ** (num_stages + 1),
-      channels=lambda width: width * 2 ** (num_stages - 1),
+      channels=lambda model_config: model_config.width * 2 ** (num_stages - 1),
+  )
+
+
+def _vit(name):
+  """A DINO ViT with a head to config.model.fpn_channels (model.head, model.vit_*)."""
+  arch = vit.ARCHITECTURES[name]
+
+  def make(model_config, dtype, platform):
+    del platform  # no platform-specific forms
+    depth = model_config.vit_depth or arch.depth
+    return vit.ViTNet(
+        arch._replace(depth=depth),
+        out_channels=model_config.fpn_channels,
+        head=model_config.head,
+        last_blocks=model_config.vit_last_blocks,
+        dtype=dtype,
+    )
+
+  return Backbone(
+      make,
+      resnet.normalize_input,  # DINO's ImageNet mean and std
+      fpn=False,
+      feature_stride=arch.patch_size,
+      channels=lambda model_config: model_config.fpn_channels,
   )
 
 
@@ -110,6 +136,7 @@ BACKBONES = {
     **{f"resnet{depth}": _resnet(depth) for depth in resnet.ARCHITECTURES},
     **{name: _truncated_resnet(name) for name in resnet.TRUNCATED},
     "efficientnet_lite0": Backbone(_efficientnet_lite0, efficientnet.normalize_input),
+    **{name: _vit(name) for name in vit.ARCHITECTURES},
 }
 
 
@@ -152,11 +179,12 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def feature_channels(cfg):
   """The channels of f_theta's features for the model config: the FPN's, or the backbone's own."""
   spec = backbone_spec(cfg.backbone)
-  return cfg.fpn_channels if spec.fpn else spec.channels(cfg.width)
+  return cfg.fpn_channels if spec.fpn else spec.channels(cfg)
 
 
 def model_from_config(cfg, platform):
-  """f_theta from the model config (fields backbone, width, fpn_channels, dtype), with the forms
+  """f_theta from the model config (fields backbone, width, fpn_channels, dtype; a ViT's head,
+  vit_depth, vit_last_blocks), with the forms
   of `platform` (platform.platform_of(mesh): the devices it will be compiled for): PiCIENet, or
   the backbone's own network for one without FPN."""
   spec = backbone_spec(cfg.backbone)
@@ -169,7 +197,7 @@ def model_from_config(cfg, platform):
         f"model.dtype={cfg.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}"
     )
   if not spec.fpn:
-    return spec.make(cfg.width, COMPUTE_DTYPES[cfg.dtype], platform)
+    return spec.make(cfg, COMPUTE_DTYPES[cfg.dtype], platform)
   return PiCIENet(
       backbone_name=cfg.backbone,
       width=cfg.width,
