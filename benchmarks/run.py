@@ -8,8 +8,8 @@
 Prints a table and writes JSON with the machine, versions, thread settings, every raw timing
 (with the foreign CPU load of each round) and the projected COCO epoch. Row groups (--only
 takes names or prefixes, comma-separated): coco_train, coco_cluster, coco_label, coco_eval,
-demo_train, demo_cluster, demo_label, demo_eval, kmeans, pipeline. BENCHMARKS.md explains the
-rows.
+demo_train, demo_cluster, demo_label, demo_eval, kmeans, pipeline, backbones. BENCHMARKS.md
+explains the rows.
 """
 
 import argparse
@@ -32,6 +32,7 @@ GROUPS = (
     "demo_eval",
     "kmeans",
     "pipeline",
+    "backbones",
 )
 FULL_KMEANS_SIZES = (1_000_000, 4_000_000)
 
@@ -81,6 +82,24 @@ def parse_args(argv):
   p.add_argument("--kmeans-iters", type=int, default=20)
   p.add_argument(
       "--coco-batch", type=int, help="train/k-means batch at COCO shapes (default 8; 4 --quick)"
+  )
+  p.add_argument(
+      "--backbones-shape",
+      choices=("demo", "coco"),
+      default="demo",
+      help="shape of the backbones rows: demo (res1 64, for a CPU) or coco (res1 320: "
+      "ViT-S/8 sees 1,600 tokens, for an accelerator)",
+  )
+  p.add_argument(
+      "--backbones-variants",
+      default="",
+      help="comma-separated subset of the backbones rows' variants (default: all of "
+      "resnet18_fpn, vit_s8_linear, vit_s8_stego, vit_s8_stego_frozen)",
+  )
+  p.add_argument(
+      "--backbones-batch",
+      type=int,
+      help="batch of every phase in the backbones rows (default: --coco-batch's default)",
   )
   p.add_argument(
       "--override",
@@ -133,6 +152,7 @@ def parse_args(argv):
   )
   args.kmeans_sizes = [int(s) for s in sizes.split(",")]
   args.coco_batch = args.coco_batch or (2 if args.tiny else 4 if args.quick else 8)
+  args.backbones_batch = args.backbones_batch or (2 if args.tiny else 4 if args.quick else 8)
   wanted = [w for w in args.only.split(",") if w]
   args.groups = [g for g in GROUPS if not wanted or any(g.startswith(w) for w in wanted)]
   unknown = [w for w in wanted if not any(g.startswith(w) for g in GROUPS)]
@@ -174,6 +194,7 @@ def step_results(args, shape, groups, results, save):
     )
     results["groups"][group] = timed
     batch, side = jax_steps.sizes[batch_of[phase]]
+    calls = jax_steps.calls()
     for name, stats in timed["fns"].items():
       results["rows"][f"{shape}/{name}"] = {
           **stats,
@@ -182,6 +203,11 @@ def step_results(args, shape, groups, results, save):
           "group": group,
           "contaminated": timed["contaminated"],
           "images_per_s": batch / stats["median_s"],
+          **(
+              {"memory": step_rows.compiled_memory(step_rows.compile_call(calls[name]))}
+              if name in calls
+              else {}
+          ),
       }
     if phase == "train" and args.flops:
       results["flops"][shape] = train_step_flops(
@@ -197,18 +223,9 @@ def step_results(args, shape, groups, results, save):
 
 def train_step_flops(jax_steps, peak_tflops, row):
   """FLOPs of one steps.train_step from XLA's cost analysis, and the MFU they imply."""
-  from picie_jax import steps  # pylint: disable=import-outside-toplevel
+  from benchmarks import step_rows  # pylint: disable=import-outside-toplevel
 
-  r = jax_steps.run
-  compiled = steps.train_step.lower(
-      r.model,
-      jax_steps.state,
-      jax_steps.targets,
-      jax_steps.batches["train"],
-      0,
-      r.augment_key,
-      step_config=r.step_config,
-  ).compile()
+  compiled = step_rows.compile_call(jax_steps.calls()["picie_jax/train_step"])
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
@@ -289,6 +306,33 @@ def pipeline_results(args, results, save):
   save()
 
 
+def backbone_results(args, results, save):
+  from benchmarks import backbone_rows  # pylint: disable=import-outside-toplevel
+  from benchmarks import step_rows  # pylint: disable=import-outside-toplevel
+
+  print(f"timing backbones ({args.backbones_shape}) ...", flush=True)
+  # --tiny: one ViT block, so the test compiles in seconds.
+  overrides = list(args.override) + (["model.vit_depth=1"] if args.tiny else [])
+  try:
+    group = backbone_rows.backbone_group(
+        args.backbones_shape,
+        [v for v in args.backbones_variants.split(",") if v],
+        args.backbones_batch,
+        overrides,
+        args.seed,
+        (args.repeats, args.warmup, args.max_foreign_cores, args.max_extra_rounds),
+    )
+  except step_rows.MissingField as e:
+    results["skipped"]["backbones"] = str(e)
+    save()
+    return
+  results["groups"]["backbones"] = group["timing"]
+  results["rows"].update({f"backbones/{name}": row for name, row in group["rows"].items()})
+  results["attention"] = group["attention"]
+  results["configs"].update({f"backbones/{v}": c for v, c in group["configs"].items()})
+  save()
+
+
 def ratios(rows):
   """Speed ratios (time of picie_jax / time of the peer; < 1 means picie_jax is faster), each
   between rows of one interleaved group."""
@@ -350,6 +394,48 @@ def _fmt(seconds):
   return "-" if seconds is None else f"{1e3 * seconds:.1f}"
 
 
+def _mib(num_bytes):
+  return "-" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
+def print_memory(results):
+  """XLA's compiled memory of the rows that are one jitted call (and parameters where known),
+  and the attention memory of the backbones group."""
+  rows = {name: r for name, r in results["rows"].items() if r.get("memory") or "params" in r}
+  if rows:
+    print(
+        f"\n{'compiled memory, MiB (XLA memory_analysis)':<48}{'temp':>10}{'arguments':>11}"
+        f"{'outputs':>10}{'params M (trained)':>21}"
+    )
+  for name, r in rows.items():
+    memory = r.get("memory") or {}
+    params = f"{r['params'] / 1e6:.2f} ({r['trained_params'] / 1e6:.2f})" if "params" in r else "-"
+    print(
+        f"{name:<48}{_mib(memory.get('temp_bytes')):>10}{_mib(memory.get('argument_bytes')):>11}"
+        f"{_mib(memory.get('output_bytes')):>10}{params:>21}"
+    )
+  a = results.get("attention")
+  if a:
+    naive = a["naive_bytes_per_block"]
+    print(
+        f"attention of {a['backbone']} at {a['res1']}^2 ({a['tokens']} tokens, {a['heads']} "
+        f"heads), batch {a['batch_size']}: naive B*heads*T^2*4 = {_mib(naive)} MiB per block; "
+        f"dot_product_attention alone (float32) temp {_mib(a['attention_op_forward_temp_bytes'])}"
+        f" MiB forward, {_mib(a['attention_op_grad_temp_bytes'])} MiB forward + backward"
+    )
+    for depth, temp in a["vit_temp_bytes"].items():
+      print(
+          f"  ViT ({a['model_dtype']}) with {depth} block(s): temp {_mib(temp['forward'])} MiB "
+          f"forward, {_mib(temp['grad'])} MiB gradient"
+      )
+    per_block = a["vit_grad_temp_bytes_per_block"]
+    if per_block is not None:
+      print(
+          f"  gradient temp per added block {_mib(per_block)} MiB = "
+          f"{per_block / naive:.2f} x the naive attention matrix"
+      )
+
+
 def print_table(results):
   m, t = results["machine"], results["threads"]
   print(
@@ -381,6 +467,7 @@ def print_table(results):
       "foreign = most cores other processes used during one timed round; compile s = first "
       "call - median"
   )
+  print_memory(results)
   for n, row in results["kmeans"].items():
     ref = min(row["inertia"].values())
     parts = [f"{impl} {v:.6f} ({100 * (v / ref - 1):+.3f}%)" for impl, v in row["inertia"].items()]
@@ -477,6 +564,8 @@ def main(argv=None):
     measurements.append(("kmeans", functools.partial(kmeans_results, args)))
   if "pipeline" in args.groups:
     measurements.append(("pipeline", functools.partial(pipeline_results, args)))
+  if "backbones" in args.groups:
+    measurements.append(("backbones", functools.partial(backbone_results, args)))
 
   def save():
     """Derived numbers and the JSON, after every group: an interrupted run keeps its rows."""

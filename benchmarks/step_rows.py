@@ -7,6 +7,7 @@ targets random unit centroids, as the steps' cost does not depend on the values.
 """
 
 import ast
+import functools
 import importlib
 
 import jax
@@ -141,28 +142,56 @@ class JaxSteps:
     # train_step): computed from the initial state they would compile once more for nothing.
     self.labels = self.grads = None
 
+  def calls(self):
+    """{row: functools.partial of a jitted function with the row's current arguments}: the rows
+    that are one jitted call, so one object both runs the row and lowers it (compiled_memory)."""
+    r, b = self.run, self.batches
+    return {
+        "picie_jax/train_step": functools.partial(
+            steps.train_step,
+            r.model,
+            self.state,
+            self.targets,
+            b["train"],
+            0,
+            r.augment_key,
+            step_config=r.step_config,
+        ),
+        "picie_jax/views": functools.partial(
+            self._views, b["train"]["image"], b["train"]["index"], 0, r.augment_key, r.step_config
+        ),
+        "picie_jax/label_recompute": functools.partial(
+            self._labels, r.model, self.targets, b["train"], 0, r.augment_key, r.step_config
+        ),
+        "picie_jax/label_step": functools.partial(
+            steps.label_counts,
+            r.model,
+            self.targets,
+            b["cluster"],
+            0,
+            r.augment_key,
+            step_config=r.step_config,
+        ),
+        "picie_jax/eval_step": functools.partial(
+            steps.eval_step,
+            r.model,
+            self.targets.frozen,
+            self.classifier,
+            b["eval"],
+            step_config=r.step_config,
+            num_true=self.num_true,
+        ),
+    }
+
   def train_step(self):
-    r = self.run
-    self.state, out = steps.train_step(
-        r.model,
-        self.state,
-        self.targets,
-        self.batches["train"],
-        0,
-        r.augment_key,
-        step_config=r.step_config,
-    )
+    self.state, out = self.calls()["picie_jax/train_step"]()
     return out
 
   def views(self):
-    b = self.batches["train"]
-    return self._views(b["image"], b["index"], 0, self.run.augment_key, self.run.step_config)
+    return self.calls()["picie_jax/views"]()
 
   def label_recompute(self):
-    r = self.run
-    self.labels = self._labels(
-        r.model, self.targets, self.batches["train"], 0, r.augment_key, r.step_config
-    )
+    self.labels = self.calls()["picie_jax/label_recompute"]()
     return self.labels
 
   def views_forward_backward(self):
@@ -205,26 +234,28 @@ class JaxSteps:
     ]
 
   def label_step(self):
-    r = self.run
-    return steps.label_counts(
-        r.model,
-        self.targets,
-        self.batches["cluster"],
-        0,
-        r.augment_key,
-        step_config=r.step_config,
-    )
+    return self.calls()["picie_jax/label_step"]()
 
   def eval_step(self):
-    r = self.run
-    return steps.eval_step(
-        r.model,
-        self.targets.frozen,
-        self.classifier,
-        self.batches["eval"],
-        step_config=r.step_config,
-        num_true=self.num_true,
-    )
+    return self.calls()["picie_jax/eval_step"]()
+
+
+def compile_call(call):
+  """The compiled executable of a jitted call (a `JaxSteps.calls` partial); after the call has
+  run, a cache hit rather than a second compile."""
+  return call.func.lower(*call.args, **call.keywords).compile()
+
+
+def compiled_memory(compiled):
+  """XLA's buffer sizes in bytes (temp, argument, output, alias, generated code) of a compiled
+  executable, from its `memory_analysis()`; None where the backend reports none."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return {
+      f"{name}_bytes": int(getattr(stats, f"{name}_size_in_bytes"))
+      for name in ("temp", "argument", "output", "alias", "generated_code")
+  }
 
 
 def torch_peers(config, seed=0):
