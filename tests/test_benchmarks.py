@@ -1,5 +1,6 @@
-"""The benchmark harness's smallest path (k-means at 20,000 points) end to end, the epoch
-projection by hand, gpu.sh's commands, and the PyTorch peer's loss against picie_jax's."""
+"""The benchmark harness's smallest paths (k-means at 20,000 points; the backbones rows with
+one ViT block) end to end, the epoch projection by hand, gpu.sh's commands, and the PyTorch
+peer's loss against picie_jax's."""
 
 import json
 import os
@@ -15,30 +16,26 @@ from benchmarks import projection
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tiny_kmeans_results(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench") / "tiny.json"
-  subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "benchmarks.run",
-          "--only",
-          "kmeans",
-          "--tiny",
-          "--threads",
-          "1",
-          "--max-foreign-load",
-          "off",
-          "--out",
-          str(out),
-      ],
+def run_harness(*args):
+  """benchmarks.run with `args` in a fresh process (threads are pinned before jax loads)."""
+  return subprocess.run(
+      [sys.executable, "-m", "benchmarks.run", *args],
       cwd=REPO,
       env={**os.environ, "PYTHONPATH": REPO},
       check=True,
       capture_output=True,
       text=True,
-  )
+  ).stdout
+
+
+# One thread, every round kept (the test machine is shared).
+TIMING_ARGS = ("--threads", "1", "--max-foreign-load", "off")
+
+
+@pytest.fixture(scope="module")
+def tiny_kmeans_results(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "tiny.json"
+  run_harness("--only", "kmeans", "--tiny", *TIMING_ARGS, "--out", str(out))
   return json.loads(out.read_text())
 
 
@@ -64,6 +61,49 @@ def test_tiny_kmeans_run_records_machine_timings_and_agreeing_inertias(tiny_kmea
   assert all(
       len(x["seconds"]) == len(present) and x["foreign_cores"] >= 0 for x in row["timing"]["rounds"]
   )
+
+
+def test_tiny_backbones_run_records_parameters_compiled_memory_and_attention(tmp_path):
+  out = tmp_path / "backbones.json"
+  variants = ("vit_s8_stego", "vit_s8_stego_frozen")
+  run_harness(
+      "--only",
+      "backbones",
+      "--tiny",
+      "--backbones-variants",
+      ",".join(variants),
+      *TIMING_ARGS,
+      "--out",
+      str(out),
+  )
+  r = json.loads(out.read_text())
+  rows = r["rows"]
+  steps = ("train_step", "cluster_step", "eval_step")
+  assert set(rows) == {f"backbones/{v}/{s}" for v in variants for s in steps}
+  assert len(r["groups"]["backbones"]["rounds"]) == 2  # one interleaved group
+  for row in rows.values():
+    assert row["n"] == 2 and row["batch_size"] == 2
+    assert row["images_per_s"] == pytest.approx(2 / row["median_s"])
+    assert row["feature_side"] == 64 // 8  # the demo's res1 64, patch 8
+  trained = rows["backbones/vit_s8_stego/train_step"]
+  frozen = rows["backbones/vit_s8_stego_frozen/train_step"]
+  assert trained["params"] == frozen["params"] == trained["trained_params"]
+  # Only STEGO's head trains: 1x1 projection 384 -> 64 plus MLP 384 -> 384 -> 64, with biases.
+  assert frozen["trained_params"] == 2 * (384 * 64 + 64) + 384 * 384 + 384
+  # A frozen backbone keeps no Adam moments (arguments) and no weight gradients (temp).
+  for key in ("argument_bytes", "temp_bytes"):
+    assert 0 < frozen["memory"][key] < trained["memory"][key]
+  assert rows["backbones/vit_s8_stego/eval_step"]["memory"]["temp_bytes"] > 0
+  assert rows["backbones/vit_s8_stego/cluster_step"]["memory"] is None  # not one jitted call
+  a = r["attention"]
+  assert a["tokens"] == (320 // 8) ** 2 + 1 and a["heads"] == 6
+  assert a["naive_bytes_per_block"] == 2 * 6 * 1601**2 * 4
+  # XLA's CPU attention materialises the (B, heads, T, T) logits.
+  assert a["attention_op_forward_temp_bytes"] >= a["naive_bytes_per_block"]
+  one, two = a["vit_temp_bytes"]["1"], a["vit_temp_bytes"]["2"]
+  assert a["vit_grad_temp_bytes_per_block"] == two["grad"] - one["grad"] > 0
+  shown = run_harness("--show", str(out))
+  assert "backbones/vit_s8_stego_frozen/train_step" in shown and "naive" in shown
 
 
 def test_projection_multiplies_per_image_time_by_passes_and_images():
