@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The benchmark harness on one GPU (written for an H200; about 8 minutes at most): COCO-shaped
-# steps at batch 128 in float32 and bfloat16 with an MFU estimate, k-means on 32.8 M x 128
-# points against the memory-bandwidth floor, and the projected COCO-Stuff epoch.
+# The benchmark harness on one GPU (written for an H200; about 11 minutes at most): COCO-shaped
+# steps at batch 128 in float32 and bfloat16 with an MFU estimate, ResNet-18 FPN vs ViT-S/8 at
+# res1 320, k-means on 32.8 M x 128 points against the memory-bandwidth floor, and the
+# projected COCO-Stuff epoch.
 #
 # UNTESTED ON A GPU: the session that wrote it had none; `--dry-run` (which runs no benchmark)
 # is what the tests exercise. Needs jax with CUDA in $PYTHON's environment.
@@ -54,6 +55,11 @@ else
   echo "gpu.sh: skipping the bfloat16 train step: this checkout's configs/common.py has no" \
        "model.dtype field (the bfloat16 switch is not merged yet)"
 fi
+
+# ResNet-18 FPN vs DINO ViT-S/8 at COCO's res1 320 (1,600 tokens), batch 16: float32 attention
+# materialises B x 6 x 1601^2 x 4 bytes = 0.9 GiB per block and the backward keeps several.
+run timeout 180 "$PYTHON" -m benchmarks.run --only backbones --backbones-shape coco \
+  --backbones-batch 16 --no-peers --repeats 3 --max-foreign-load off --out "$OUT/backbones.json"
 
 run timeout 100 "$PYTHON" -m benchmarks.run --only kmeans --no-peers --no-memory --repeats 3 \
   --max-foreign-load off --kmeans-sizes "$KMEANS_POINTS" --bandwidth-tbs "$HBM_TBS" \

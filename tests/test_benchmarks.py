@@ -134,6 +134,7 @@ def test_gpu_script_dry_run_prints_every_benchmark_command():
   commands = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
   assert any("--coco-batch 128" in c and "--flops" in c for c in commands)
   assert any("--kmeans-sizes 32768000" in c and "--bandwidth-tbs 4.8" in c for c in commands)
+  assert any("--only backbones" in c and "--backbones-shape coco" in c for c in commands)
   assert any("model.dtype=bfloat16" in c for c in commands) or "no model.dtype field" in proc.stdout
 
 
