@@ -118,8 +118,9 @@ def get_config():
   c.augment.blur_sigma = (0.1, 2.0)
   c.augment.blur_max_radius = 6
   # True: the official code's deviations: no grayscale, blur radius tied to its draw, the colour
-  # jitter in PIL's uint8 arithmetic, view 2 resized with PIL (antialiased), and on Cityscapes
-  # view 1 trained without its jitter (docs/design.md lists what remains different)
+  # jitter in PIL's uint8 arithmetic, view 2 resized with PIL (antialiased), on Cityscapes view 1
+  # trained without its jitter, and one k-means init seed for both views (docs/design.md lists
+  # what remains different)
   c.augment.reference_quirks = False
   c.augment.geometric = True
   c.augment.min_scale = 0.5

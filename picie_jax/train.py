@@ -95,7 +95,9 @@ def cluster_phase(run, state, epoch):
       iters=cfg.kmeans.iters,
       init=cfg.kmeans.init,
       keys=[
-          jax.random.fold_in(key, view) for _, key in clusterings for view in range(run.num_views)
+          _view_key(key, view, cfg.augment.reference_quirks)
+          for _, key in clusterings
+          for view in range(run.num_views)
       ],
       mesh=run.mesh,
       chunk_size=cfg.kmeans.chunk_size,
@@ -120,6 +122,14 @@ def cluster_phase(run, state, epoch):
       for i in range(0, len(centroids), views)
   ]
   return state.replace(batch_stats=batch_stats), results
+
+
+def _view_key(kmeans_key, view, reference_quirks):
+  """The k-means init key of one view: its own, or with reference_quirks the same for every
+  view, as the official code seeds each view's faiss k-means with `np.random.randint(args.seed)`
+  (0 for its seed 1), so the views' inits start from the same buffer positions: the same pixels,
+  view 2's features being in view 1's frame."""
+  return kmeans_key if reference_quirks else jax.random.fold_in(kmeans_key, view)
 
 
 class _ClusterFeatures:

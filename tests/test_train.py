@@ -620,3 +620,30 @@ def test_label_counts_summed_on_device_never_overflow_int32():
   (total,) = counts.to_host()
   assert total.dtype == np.int64
   np.testing.assert_array_equal(total, [[7 * 2**29, sum(range(7))]])
+
+
+@pytest.mark.parametrize("reference_quirks", [False, True])
+def test_views_share_the_kmeans_init_seed_only_under_reference_quirks(
+    reference_quirks, tiny_config, monkeypatch
+):
+  """The official code seeds both views' k-means alike: under reference_quirks the views' inits
+  get one key, and one key draws the same buffer rows whatever the points are."""
+  tiny_config.augment.reference_quirks = reference_quirks
+  run = rundir.Run(tiny_config, "/tmp/unused")
+  state, _ = train.fresh_state(run)
+  keys, real_init = [], km.random_init_from_batches
+
+  def recording_init(key, points, valid, k, *, mesh):
+    keys.append(np.asarray(jax.random.key_data(key)))
+    return real_init(key, points, valid, k, mesh=mesh)
+
+  monkeypatch.setattr(km, "random_init_from_batches", recording_init)
+  train.cluster_phase(run, state, epoch=0)
+  assert len(keys) == 2
+  assert np.array_equal(keys[0], keys[1]) == reference_quirks
+
+  points = jax.random.normal(jax.random.PRNGKey(3), (2, 10, 4))
+  valid = jnp.arange(20).reshape(2, 10) % 3 > 0
+  rows = real_init(jax.random.PRNGKey(5), points, valid, 4, mesh=run.mesh)
+  doubled = real_init(jax.random.PRNGKey(5), 2 * points, valid, 4, mesh=run.mesh)
+  np.testing.assert_allclose(np.asarray(doubled), 2 * np.asarray(rows), rtol=1e-6)
