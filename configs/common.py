@@ -139,6 +139,12 @@ def get_config():
   c.eval.fresh_bn = "eval"
   c.eval.every_epochs = 1
   c.eval.num_vis = 8  # validation images drawn as PNG panels each epoch
+  # Dense-CRF refinement of the predictions on the image (core/crf.py): STEGO's parameters (10
+  # mean-field iterations; Potts weights 4 (bilateral: 67 px, 3 colour levels) and 3 (Gaussian:
+  # 1 px)), exact kernels. Cost grows with pixels^2: on a busy 2-core CPU ~3 s per 64^2 image,
+  # ~1 h per 320^2 one (benchmarks/crf_rows.py); meant for an accelerator. `picie-jax eval
+  # --config.eval.crf=True` scores a run with it into eval_crf.json.
+  c.eval.crf = False
 
   # `picie-jax probe`: a 1x1 linear classifier (with bias) trained on the frozen network's
   # features with the train split's labels (cross-entropy, Adam), scored on val (no matching).

@@ -16,6 +16,7 @@ from picie_jax import reporting
 from picie_jax import rundir
 from picie_jax import steps
 from picie_jax import visualize
+from picie_jax.core import crf
 from picie_jax.core import metrics
 from picie_jax.data import pipeline
 
@@ -39,7 +40,8 @@ def evaluate(
   `classifier_kc1`: (K, C+1) weights (see steps.classifier_from_centroids), or IIC's heads'
   params (the main head predicts; steps.prediction_scores). Matching is Hungarian (one-to-one)
   or, with `many_to_one`, majority (overclustering); with `predicts_classes` output k is class k
-  (a supervised head: no matching). With `vis_prefix`,
+  (a supervised head: no matching). config.eval.crf refines the predictions with the dense
+  CRF (steps.crf_probabilities; the scores then carry its parameters as 'crf'). With `vis_prefix`,
   writes `<prefix>_segmentation.png` (image | ground truth | prediction for the first
   eval.num_vis images) and `<prefix>_confusion.png`. Returns (scores dict, histogram); the
   scores include the matching, `cluster_to_class` (class id per cluster, -1 if unmatched).
@@ -68,7 +70,13 @@ def evaluate(
   for host_batch in batches:
     batch = parallel.shard_host_batch(host_batch, mesh)
     pred, batch_hist = steps.eval_step(
-        model, variables, classifier, batch, step_config=step_config, num_true=num_true
+        model,
+        variables,
+        classifier,
+        batch,
+        step_config=step_config,
+        num_true=num_true,
+        use_crf=config.eval.crf,
     )
     hist += parallel.to_host(batch_hist).astype(np.int64)
     wanted = config.eval.num_vis - len(vis["image"])
@@ -87,6 +95,8 @@ def evaluate(
       hist, mapping, class_names=source.class_names or None, thing_classes=source.thing_classes
   )
   scores["cluster_to_class"] = mapping.tolist()
+  if config.eval.crf:
+    scores["crf"] = crf.STEGO._asdict()
   if vis_prefix and reporting.is_main_process():
     _write_pictures(vis_prefix, vis, mapping, hist, source)
   return scores, hist
@@ -292,6 +302,7 @@ EVAL_OVERRIDABLE = (
     "eval.overcluster_k",
     "eval.num_vis",
     "eval.fresh_bn",
+    "eval.crf",
     "progress",
     # the fresh clusters' k-means and its init buffer's memory
     "kmeans.batch_size",
@@ -341,7 +352,8 @@ def _require_writable(workdir, out_dir, files):
 def evaluate_workdir(workdir, overrides=None):
   """Re-evaluates the latest checkpoint of a run: its own clusters, fresh clusters, and
   optionally overclustering (IIC: its main head only); writes `eval.json` and PNGs under
-  workdir/eval.
+  workdir/eval, or with config.eval.crf `eval_crf.json` and workdir/eval_crf (the plain scores
+  and matching.json stay as they are, so both rows can be read side by side).
 
   `overrides` ({dotted key: value}, e.g. {'eval.k_test': 54}) change the saved config where
   that does not change the model (EVAL_OVERRIDABLE); each change is reported in one line.
@@ -350,12 +362,13 @@ def evaluate_workdir(workdir, overrides=None):
   for line in apply_eval_overrides(config, overrides or {}):
     reporting.say(f"eval overrides {line}")
   config_check.validate(config)
-  out_dir = os.path.join(workdir, "eval")
-  _require_writable(
-      workdir,
-      out_dir,
-      [os.path.join(workdir, name) for name in ("eval.json", rundir.MATCHING_FILE)],
-  )
+  name = "eval_crf" if config.eval.crf else "eval"
+  out_dir = os.path.join(workdir, name)
+  writes_matching = not config.eval.crf
+  outputs = [os.path.join(workdir, f"{name}.json")]
+  if writes_matching:
+    outputs.append(os.path.join(workdir, rundir.MATCHING_FILE))
+  _require_writable(workdir, out_dir, outputs)
   run = rundir.Run(config, workdir)
   if run.val_source is None:
     raise FileNotFoundError(f"nothing to evaluate against: {run.no_evaluation_reason}")
@@ -373,11 +386,12 @@ def evaluate_workdir(workdir, overrides=None):
         vis_prefix=os.path.join(out_dir, "epoch_clusters"),
         progress=config.progress,
     )
-    rundir.write_matching(workdir, meta.centroids_epoch, scores, run.val_source)
+    if writes_matching:
+      rundir.write_matching(workdir, meta.centroids_epoch, scores, run.val_source)
     results["epoch_clusters"] = {"k": run.k, **scores}
   results.update(final_scores(run, state, out_dir))
-  if run.step_config.iic is not None:  # its clusters are its main head's
+  if run.step_config.iic is not None and writes_matching:  # its clusters are its main head's
     rundir.write_matching(workdir, meta.centroids_epoch, results["main_head"], run.val_source)
   results.update(run.bad_files())
-  reporting.write_json(os.path.join(workdir, "eval.json"), results)
+  reporting.write_json(outputs[0], results)
   return results

@@ -91,16 +91,20 @@ _COMMANDS = {
     ),
     "segment": _Command(
         summary="Label images (files or folders) with a run's network and clusters.",
-        usage="picie-jax segment --workdir RUN --out DIR [--strict] IMAGE_OR_DIR "
-        "[IMAGE_OR_DIR ...]",
-        flags=("workdir", "out", "strict", "verbose"),
-        examples=("picie-jax segment --workdir runs/demo --out labelled/ photo.jpg photos/",),
+        usage="picie-jax segment --workdir RUN --out DIR [--strict] [--config.KEY=VALUE ...] "
+        "IMAGE_OR_DIR [IMAGE_OR_DIR ...]",
+        flags=("workdir", "out", "strict", "config", "verbose"),
+        examples=(
+            "picie-jax segment --workdir runs/demo --out labelled/ photo.jpg photos/",
+            "picie-jax segment --workdir runs/demo --out labelled/ --config.eval.crf=True photos/",
+        ),
         min_args=1,
         max_args=None,
         details="Writes NAME_labels.png (cluster ids, named by the run's matching.json) and "
         "NAME_overlay.png per image into --out. An unreadable image is skipped with a warning "
         "and named again at the end; the exit is non-zero when none could be labelled (or "
-        "with --strict, at the first).",
+        "with --strict, at the first). --config.KEY=VALUE overrides apply to the run's saved "
+        "config as eval's do (e.g. --config.eval.crf=True: dense-CRF refinement).",
     ),
     "convert": _Command(
         summary="Import an official PiCIE checkpoint (.pth.tar) as a new run.",
@@ -360,7 +364,13 @@ def _run_command(argv):
   if command == "segment":
     from picie_jax import segment  # pylint: disable=g-import-not-at-top
 
-    written = segment.segment_images(_WORKDIR.value, _OUT.value, positional, strict=_STRICT.value)
+    written = segment.segment_images(
+        _WORKDIR.value,
+        _OUT.value,
+        positional,
+        strict=_STRICT.value,
+        overrides=dict(config_flags.get_override_values(flags.FLAGS["config"])),
+    )
     print(f"wrote {len(written)} label maps and overlays to {_OUT.value}")
     return
   if command == "study":

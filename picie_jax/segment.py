@@ -3,7 +3,10 @@
 Each image is resized as evaluation resizes (bilinear, shorter side to config.eval.res) but not
 cropped: the longer side is rounded to a multiple of 32 instead, so the whole photo is seen. The
 run's classifier scores every feature pixel, and the logits are upsampled bilinearly to the
-original size before the argmax. Images of one network input shape are batched together.
+original size before the argmax; with config.eval.crf the dense CRF refines them first, at the
+network input's size on the resized image (as STEGO's demo runs it at its input resolution:
+the cost grows with pixels^2), and its probabilities are upsampled instead. Images of one
+network input shape are batched together.
 """
 
 import collections
@@ -137,9 +140,12 @@ def cluster_names(k, matching, epoch):
   ]
 
 
-def _restore_classifier(workdir):
-  """(run, variables, replicated (K, C+1) classifier, cluster names) of a run's latest checkpoint."""
+def _restore_classifier(workdir, overrides):
+  """(run, variables, replicated (K, C+1) classifier, cluster names) of a run's latest
+  checkpoint, its saved config changed by the eval `overrides` (evaluate.EVAL_OVERRIDABLE)."""
   config = rundir.saved_config(workdir)
+  for line in evaluate.apply_eval_overrides(config, overrides or {}):
+    reporting.say(f"segment overrides {line}")
   config_check.validate(config)
   run = rundir.Run(config, workdir, load_data=False)
   state, targets, meta = rundir.restore_latest(run)
@@ -176,8 +182,9 @@ def _read_all(paths, read, strict, unreadable):
   return results
 
 
-def segment_images(workdir, out_dir, paths, progress=None, strict=False):
-  """Labels every image of `paths` (files or directories) with the run in `workdir`.
+def segment_images(workdir, out_dir, paths, progress=None, strict=False, overrides=None):
+  """Labels every image of `paths` (files or directories) with the run in `workdir`
+  (`overrides` as `picie-jax eval` takes them, e.g. {'eval.crf': True}).
 
   Writes `<stem>_labels.png` (cluster id per pixel at the original size; uint8, or uint16 for
   K > 256) and `<stem>_overlay.png` (image | segmentation over it, with a legend) to `out_dir`.
@@ -194,7 +201,7 @@ def segment_images(workdir, out_dir, paths, progress=None, strict=False):
   sizes = _read_all(images, image_size, strict, unreadable)  # header only: before any work
   if not sizes:
     raise ValueError(f"none of the {len(images)} images could be read (the warnings say why)")
-  run, variables, classifier, names = _restore_classifier(workdir)
+  run, variables, classifier, names = _restore_classifier(workdir, overrides)
   k = steps.num_clusters(classifier)
   stems = dict(zip(images, output_stems(images)))
   groups = collections.defaultdict(list)
@@ -218,6 +225,7 @@ def segment_images(workdir, out_dir, paths, progress=None, strict=False):
           classifier,
           parallel.shard_host_batch(batch, run.mesh),
           step_config=run.step_config,
+          use_crf=run.config.eval.crf,
       )
       for row, (path, image) in enumerate(originals.items()):
         labels = np.asarray(steps.upsampled_argmax(logits[row], image.shape[:2]))

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 import optax
 
 from picie_jax import platform as platform_lib
+from picie_jax.core import crf
 from picie_jax.core import iic
 from picie_jax.core import kmeans
 from picie_jax.core import losses
@@ -24,6 +25,9 @@ from picie_jax.models import fpn
 from picie_jax.models import iic_heads
 
 IIC_HEADS = ("overcluster", "main")  # each IIC epoch: a pass training each head, in this order
+# STEGO's CRF input for its clusters: softmax(2 * cosine similarity) (src/eval_segmentation.py:
+# cluster_probe(code, 2, log_probs=True); modules.py ClusterLookup: softmax(alpha * inner))
+CRF_COSINE_SCALE = 2.0
 
 
 class IICConfig(NamedTuple):
@@ -666,16 +670,34 @@ def prediction_scores(model, variables, classifier, images_uint8, step_config, r
   return losses.prototype_logits(with_bias_column(z), classifier)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "step_config", "num_true"))
-def eval_step(model, variables, classifier, batch, *, step_config, num_true):
+def crf_probabilities(scores_bhwk, images_uint8, step_config):
+  """Dense-CRF class probabilities (core.crf, STEGO's parameters) of prediction_scores
+  upsampled to the images' size. The CRF starts from the softmax of: 2 x the cosine clusters'
+  logits <z, mu_k> (STEGO's cluster probe: softmax(2 cos)), the log of IIC's probabilities, or
+  the logits of l2 centroids (-|z - mu_k|^2 + const) and of MDC's learned classifier as they are.
+  """
+  if step_config.iic is not None:
+    logits = jnp.log(scores_bhwk)
+  elif step_config.metric == "cosine" and not step_config.parametric:
+    logits = CRF_COSINE_SCALE * scores_bhwk
+  else:
+    logits = scores_bhwk
+  return crf.dense_crf(logits, images_uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "num_true", "use_crf"))
+def eval_step(model, variables, classifier, batch, *, step_config, num_true, use_crf=False):
   """Predictions at label resolution and the batch's (num_true, K) confusion histogram.
 
   The scores at the feature stride are upsampled bilinearly to the label size, then argmax
-  (DESIGN §1); `classifier` as prediction_scores takes it.
+  (DESIGN §1), with `use_crf` after dense-CRF refinement on the image (crf_probabilities);
+  `classifier` as prediction_scores takes it.
   """
   logits = prediction_scores(model, variables, classifier, batch["image"], step_config)
   _, h, w = batch["label"].shape
   logits = T.resize_bilinear(logits, (h, w))
+  if use_crf:
+    logits = crf_probabilities(logits, batch["image"], step_config)
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   hist = metrics.confusion_histogram(
       batch["label"],
@@ -687,14 +709,19 @@ def eval_step(model, variables, classifier, batch, *, step_config, num_true):
   return pred, hist
 
 
-@functools.partial(jax.jit, static_argnames=("model", "step_config"))
-def whole_image_logits(model, variables, classifier, images_uint8, *, step_config):
-  """prediction_scores (B, H/s, W/s, K) of un-augmented images at their own size, eval BN.
+@functools.partial(jax.jit, static_argnames=("model", "step_config", "use_crf"))
+def whole_image_logits(model, variables, classifier, images_uint8, *, step_config, use_crf=False):
+  """prediction_scores (B, H/s, W/s, K) of un-augmented images at their own size, eval BN; with
+  `use_crf` the dense-CRF probabilities (B, H, W, K) of those scores upsampled to the images.
 
   Unlike eval_step nothing is resized to res1: `segment` feeds whole photos of any shape
   (H, W multiples of 32).
   """
-  return prediction_scores(model, variables, classifier, images_uint8, step_config, resize=False)
+  scores = prediction_scores(model, variables, classifier, images_uint8, step_config, resize=False)
+  if use_crf:
+    upsampled = T.resize_bilinear(scores, images_uint8.shape[1:3])
+    return crf_probabilities(upsampled, images_uint8, step_config)
+  return scores
 
 
 @functools.partial(jax.jit, static_argnames="size_hw")

@@ -21,7 +21,10 @@ from picie_jax import rundir
 from picie_jax import segment
 from picie_jax import steps
 from picie_jax import train
+from picie_jax.core import crf
 from picie_jax.core import metrics
+from picie_jax.core import transforms
+from picie_jax.data import pipeline
 from picie_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,6 +234,68 @@ def test_segment_errors_name_the_file(run_dir, photos, tmp_path):
   shutil.copy(run_dir / "config.json", untrained)
   with pytest.raises(FileNotFoundError, match="no checkpoint under .*untrained/checkpoints"):
     segment.segment_images(str(untrained), str(tmp_path / "out"), [str(photos["wide"])])
+
+
+def test_segment_with_crf_equals_the_crf_of_the_direct_computation(
+    run_dir, restored, photos, tmp_path
+):
+  """--config.eval.crf=True: the CRF runs at the network input's size on the resized image,
+  from 2 x the cosine logits (STEGO's cluster probe), and its probabilities are upsampled."""
+  run, state, targets, _ = restored
+  out = tmp_path / "crf_out"
+  segment.segment_images(
+      str(run_dir), str(out), [str(photos["wide"])], overrides={"eval.crf": True}
+  )
+  input_hw = (32, 96)
+  original = np.asarray(Image.open(photos["wide"]).convert("RGB"))
+  resized = segment.network_input(original, input_hw)
+  z, _ = steps.network_features(
+      run.model, state.variables, jnp.asarray(resized[None] / 255.0, jnp.float32), train=False
+  )
+  z = np.asarray(z[0], np.float64)
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  logits = _bilinear_upsample(z @ np.asarray(targets.centroids[0], np.float64).T, *input_hw)
+  refined = np.asarray(crf.dense_crf(2.0 * logits[None].astype(np.float32), resized[None]))[0]
+  probabilities = _bilinear_upsample(refined.astype(np.float64), *original.shape[:2])
+  top2 = np.sort(probabilities, axis=-1)[..., -2:]
+  clear = top2[..., 1] - top2[..., 0] > 1e-4
+  got = np.asarray(Image.open(out / "wide_labels.png"))
+  assert clear.mean() > 0.9
+  np.testing.assert_array_equal(got[clear], np.argmax(probabilities, -1)[clear])
+  plain, _ = _expected_labels(restored, photos["wide"], input_hw)
+  assert (got != plain).any()  # the CRF changed some labels: the two paths are not the same
+
+
+def test_eval_with_crf_writes_its_own_results(run_dir, restored):
+  """`eval --config.eval.crf=True` scores into eval_crf.json (the scores carry the CRF's
+  parameters), leaving matching.json as it was; its eval step predicts the argmax of the CRF
+  of 2 x the upsampled cosine logits on the image."""
+  matching_before = (run_dir / "matching.json").read_text()
+  results = evaluate.evaluate_workdir(str(run_dir), {"eval.crf": True})
+  assert json.loads((run_dir / "eval_crf.json").read_text()) == results
+  assert results["fresh"]["crf"] == crf.STEGO._asdict()
+  assert results["epoch_clusters"]["crf"] == crf.STEGO._asdict()
+  assert (run_dir / "matching.json").read_text() == matching_before
+  assert os.path.isfile(run_dir / "eval_crf" / "final_fresh_segmentation.png")
+
+  run, state, targets, _ = restored
+  batch = next(pipeline.pass_batches(run.val_source, 4, run.config.eval.res, with_labels=True))
+  classifier = evaluate.eval_classifier(run, state, targets)
+  pred, _ = steps.eval_step(
+      run.model,
+      state.variables,
+      classifier,
+      batch,
+      step_config=run.step_config,
+      num_true=run.val_source.num_classes,
+      use_crf=True,
+  )
+  scores = steps.prediction_scores(
+      run.model, state.variables, classifier, batch["image"], run.step_config
+  )
+  upsampled = transforms.resize_bilinear(scores, batch["label"].shape[1:])
+  want = np.argmax(crf.dense_crf(2.0 * upsampled, batch["image"]), -1)
+  np.testing.assert_array_equal(pred, want)
 
 
 def test_output_names_batches_and_legend_names():
