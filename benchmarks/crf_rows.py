@@ -6,9 +6,9 @@ exact kernels) at the synthetic demo's evaluation size and at COCO's.
   python -m benchmarks.crf_rows --rows coco --repeats 1 --out /tmp/crf.json
 
 A row is (side, classes, batch): random logits and a smooth random image, compiled ahead of
-time, then `--repeats` timed runs, each with the CPU load of other processes over it. The appearance kernel is exact, so its
-cost grows with (side^2)^2 per image: 320^2 holds 625 times the pixel pairs of 64^2. Prints a
-table and writes JSON (machine, versions, raw timings).
+time, then `--repeats` timed runs, each with the CPU load of other processes over it. The
+appearance kernel is exact, so its cost grows with (side^2)^2 per image: 320^2 holds 625 times
+the pixel pairs of 64^2. Prints a table and writes JSON (machine, versions, raw timings).
 """
 
 import argparse

