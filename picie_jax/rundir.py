@@ -298,7 +298,7 @@ _RESUMABLE_CHANGES = (
     "dataset.scan_label_values",
     "dataset.on_bad_file",
     "num_epochs",
-    # read only by `probe` and `finetune` (a run saved before they existed lacks them)
+    # read only by `probe` and `finetune`, not by training
     "probe.epochs",
     "probe.lr",
     "probe.batch_size",
@@ -312,12 +312,11 @@ _RESUMABLE_CHANGES = (
 
 def config_changes(config, workdir):
   """{key: (saved, now)} for the fields where `config` would change the results of the run
-  saved in `workdir/config.json` (empty when there is none)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  saved in `workdir/config.json` (empty when there is none). A field added since the run was
+  saved counts as its default, so upgrading picie_jax neither reruns nor refuses old runs."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
     return {}
-  with open(path) as f:
-    saved = flatten(json.load(f))
+  saved = flatten(json.loads(saved_config(workdir).to_json_best_effort()))
   now = flatten(json.loads(config.to_json_best_effort()))
   return {
       k: (saved.get(k), now.get(k))

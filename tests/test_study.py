@@ -1,6 +1,7 @@
 """`picie-jax study` end to end (2 seeds x 2 sweep values of a very small run, through the CLI),
 its aggregate against numpy on the runs' own final.json, and a second call that trains nothing."""
 
+import copy
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from picie_jax import rundir
 from picie_jax import study
 from picie_jax import train
 
@@ -154,6 +156,22 @@ def test_a_run_is_done_only_with_its_config_and_a_later_final_json(finished_stud
   assert not study.is_done(more_epochs, str(run_dir))
   os.utime(run_dir / "config.json", (time.time() + 10,) * 2)  # a later train call, unfinished
   assert not study.is_done(spec.config, str(run_dir))
+
+
+def test_a_run_saved_before_a_field_existed_is_the_same_run(finished_study, tmp_path):
+  workdir, runs = finished_study
+  spec = runs[0]
+  run_dir = tmp_path / spec.name
+  shutil.copytree(workdir / spec.name, run_dir)
+  saved = json.loads((run_dir / "config.json").read_text())
+  del saved["eval"]["crf"], saved["model"]["head"]  # as saved by a version without them
+  (run_dir / "config.json").write_text(json.dumps(saved))
+  os.utime(run_dir / "final.json", (time.time() + 10,) * 2)
+  assert study.is_done(spec.config, str(run_dir))
+  with_crf = copy.deepcopy(spec.config)
+  with_crf.eval.crf = True  # not the default: a different run
+  assert rundir.config_changes(with_crf, str(run_dir)) == {"eval.crf": (False, True)}
+  assert not study.is_done(with_crf, str(run_dir))
 
 
 def test_sweep_values_take_the_field_type_and_bad_keys_name_it():
