@@ -499,20 +499,15 @@ def make_optimizer(lr, weight_decay, train_classifier, freeze_backbone=False):
   """
   adam = optax.adamw(lr, weight_decay=weight_decay) if weight_decay > 0 else optax.adam(lr)
 
+  transforms = {"network": adam, "classifier": adam if train_classifier else optax.set_to_zero()}
+  if not freeze_backbone:  # the optimizer state of checkpoints written before ViTs existed
+    return optax.partition(transforms, {"network": "network", "classifier": "classifier"})
+
   def labels(params):
-    network = "network"
-    if freeze_backbone:
-      network = {name: "frozen" if name == "backbone" else "network" for name in params["network"]}
+    network = {name: "frozen" if name == "backbone" else "network" for name in params["network"]}
     return {"network": network, "classifier": "classifier"}
 
-  return optax.partition(
-      {
-          "network": adam,
-          "classifier": adam if train_classifier else optax.set_to_zero(),
-          "frozen": optax.set_to_zero(),
-      },
-      labels,
-  )
+  return optax.partition({**transforms, "frozen": optax.set_to_zero()}, labels)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "res"))

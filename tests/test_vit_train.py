@@ -7,6 +7,7 @@ from conftest import TINY_OVERRIDES
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from torch_models import DinoViT
@@ -91,3 +92,16 @@ def test_frozen_backbone_gets_no_update_and_no_moments():
   assert np.all(updates["network"]["head"]["w"] != 0)
   moments = [x.size for x in jax.tree.leaves(opt_state) if x.dtype == jnp.float32]
   assert sum(moments) == 2 * (3 + 2)  # Adam's mu and nu of the head and the classifier only
+
+
+def test_an_unfrozen_optimizer_keeps_the_state_layout_of_older_checkpoints():
+  """Without freeze_backbone the optimizer state is Adam per partition as before ViTs existed,
+  so checkpoints written then restore (orbax refuses a tree with an extra 'frozen' state)."""
+  params = {"network": {"backbone": {"w": jnp.ones(5)}}, "classifier": jnp.ones(2)}
+  adam = optax.adam(1e-2)
+  older = optax.partition(
+      {"network": adam, "classifier": optax.set_to_zero()},
+      {"network": "network", "classifier": "classifier"},
+  )
+  now = steps.make_optimizer(1e-2, 0.0, False).init(params)
+  assert jax.tree.structure(now) == jax.tree.structure(older.init(params))
