@@ -1,11 +1,12 @@
 """The PiCIE epoch loop (DESIGN §1): cluster -> label -> train, evaluate, checkpoint, resume.
 
 The label phase fixes the epoch's targets (a frozen copy of the variables after the cluster
-phase, the centroids, and class-balance weights from a label pass in eval mode) and keeps every
-image's labels in host memory (config.train.labels='cached'), fed with the batches of the train
-phase; with 'recompute', `steps.train_step` recomputes each batch's labels from the targets
-under stop_gradient. Both call `steps.labels_for_batch`, so the weights describe exactly the
-labels the loss sees. Labels are not checkpointed: a resume recomputes them.
+phase, the centroids, and class-balance weights from a label pass in eval mode) and keeps the
+labels of each host's train examples in its memory (config.train.labels='cached'), fed with the
+batches of the train phase; with 'recompute', `steps.train_step` recomputes each batch's labels
+from the targets under stop_gradient. Both call `steps.labels_for_batch`, so the weights
+describe exactly the labels the loss sees. Labels are not checkpointed: a resume recomputes
+them.
 """
 
 import dataclasses
@@ -173,30 +174,32 @@ class _ClusterFeatures:
 def label_pass(run, targets, epoch):
   """One eval-mode pass over the data with the epoch's targets: the (V, K) label counts of each
   centroid set (targets.centroid_sets(): PiCIE + H's overclustering after the main one) and,
-  with config.train.labels='cached', every image's labels (num_examples, S * V, h, w) on every
-  host.
+  with config.train.labels='cached', this host's label cache (see `_host_label_order`).
 
-  Each batch's labels are gathered to all hosts (parallel.to_host), since the train order is a
-  global shuffle; the cache is host memory (its size is printed).
+  Each host labels the examples it will train on this epoch, in that order, so it keeps only
+  its share of the labels and none cross hosts (labels depend on the image and the epoch, not
+  on the batch); the counts are summed over all hosts on device.
   """
   cfg = run.config
   cache = None
   sets = targets.centroid_sets()
   side = cfg.res1 // run.step_config.feature_stride
+  order = _host_label_order(run, epoch)
   if run.step_config.cached_labels:
     cache = np.zeros(
-        (run.train_source.num_examples, len(sets) * run.num_views, side, side),
+        (order.size, len(sets) * run.num_views, side, side),
         steps.label_dtype(max(c.shape[1] for c, _ in sets)),
     )
     reporting.say(
-        f"label cache: {cache.shape} {cache.dtype} = {cache.nbytes / 2**20:.1f} MiB of "
-        "host memory per host (config.train.labels='recompute' avoids it)"
+        f"label cache: {cache.shape} {cache.dtype} = {cache.nbytes / 2**20:.1f} MiB of host "
+        f"memory on each of {run.hosts['num_hosts']} host(s) (config.train.labels='recompute' "
+        "avoids it)"
     )
   counts = _DeviceCounts([c.shape[:2] for c, _ in sets], side * side * cfg.kmeans.batch_size)
   bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples, cfg.kmeans.batch_size)
+  filled = 0
   for batch in parallel.prefetch_to_device(
-      pipeline.pass_batches(run.train_source, cfg.kmeans.batch_size, cfg.res2, **run.hosts),
-      run.mesh,
+      pipeline.make_batches(run.train_source, order, cfg.res2), run.mesh
   ):
     preemption.stop_if_requested("label", epoch)
     batch_counts, batch_labels = steps.label_counts(
@@ -204,11 +207,35 @@ def label_pass(run, targets, epoch):
     )
     counts.add(batch_counts)
     if cache is not None:
-      valid = parallel.to_host(batch["mask"])
-      cache[parallel.to_host(batch["index"])[valid]] = parallel.to_host(batch_labels)[valid]
+      rows = parallel.local_rows(batch_labels)
+      cache[filled : filled + len(rows)] = rows
+      filled += len(rows)
     bar.update(1)
   bar.close()
   return counts.to_host(), cache
+
+
+def _host_label_order(run, epoch):
+  """The label pass's (num_batches, kmeans.batch_size / hosts) examples of this host: its train
+  examples of the epoch in train order (padded with -1), so row r of the label cache is the
+  r-th example the train pass feeds this host (`_with_cached_labels`)."""
+  cfg = run.config
+  hosts = run.hosts["num_hosts"]
+  train_order = pipeline.epoch_batch_indices(
+      run.train_source.num_examples,
+      cfg.train.batch_size,
+      cfg.seed,
+      epoch,
+      pipeline.TRAIN_ORDER,
+      **run.hosts,
+  )
+  return pipeline.batch_indices(train_order.reshape(-1), cfg.kmeans.batch_size // hosts, 1, 0)
+
+
+def _with_cached_labels(batches, labels, local_batch, start_batch):
+  """The train batches (from `start_batch`) with their rows of this host's label cache."""
+  for i, batch in enumerate(batches, start=start_batch):
+    yield {**batch, "labels": labels[i * local_batch : (i + 1) * local_batch]}
 
 
 class _DeviceCounts:
@@ -375,11 +402,11 @@ def train_phase(run, state, targets, labels, epoch, ckpt, meta):
 
   An epoch is one pass over the data per head of `train_passes` (IIC: two), its batches
   numbered on through the passes; pass p of epoch e draws its order and augmentations as
-  data epoch e * passes + p (PiCIE's: e). `labels` is the label phase's cache (num_examples,
-  V, h, w), fed with each batch, or None (config.train.labels='recompute': the train step
-  recomputes them; IIC: none). The step loop stays asynchronous: losses are fetched every
-  log_every_steps and before each checkpoint, where they are checked (a checkpoint never holds
-  non-finite losses or params).
+  data epoch e * passes + p (PiCIE's: e). `labels` is this host's label cache (its train
+  examples in train order, `label_pass`), fed with each batch, or None
+  (config.train.labels='recompute': the train step recomputes them; IIC: none). The step loop
+  stays asynchronous: losses are fetched every log_every_steps and before each checkpoint, where
+  they are checked (a checkpoint never holds non-finite losses or params).
   """
   cfg = run.config
   start_batch, sums = meta.next_batch, meta.loss_sums
@@ -408,8 +435,9 @@ def train_phase(run, state, targets, labels, epoch, ckpt, meta):
         start_batch=max(start_batch - pass_start, 0),
         **run.hosts,
     )
-    if labels is not None:
-      batches = ({**b, "labels": labels[b["index"]]} for b in batches)
+    if labels is not None:  # PiCIE and MDC: one pass, data_epoch == epoch
+      local_batch = cfg.train.batch_size // run.hosts["num_hosts"]
+      batches = _with_cached_labels(batches, labels, local_batch, max(start_batch - pass_start, 0))
     for batch_index, batch in enumerate(
         parallel.prefetch_to_device(batches, run.mesh), start=max(start_batch, pass_start)
     ):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 from conftest import TINY_OVERRIDES
 import flax.serialization
@@ -303,7 +304,7 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
   nearest-centroid search."""
   run, _, (_, centroids, _), (targets, (counts,), cache) = phases
   tiny_config = run.config
-  expect = np.zeros_like(counts)
+  expect, expect_labels = np.zeros_like(counts), {}
   for host_batch in pipeline.pass_batches(run.train_source, 16, tiny_config.res2):
     (v1, v2), geo = steps.view_images(
         jnp.asarray(host_batch["image"]),
@@ -322,10 +323,51 @@ def test_counting_pass_counts_the_labels_the_train_step_uses(phases):
       mu = np.asarray(centroids[view], np.float64)
       labels = np.argmin(((z[..., None, :] - mu) ** 2).sum(-1), axis=-1)
       labels = labels[host_batch["mask"]]
-      np.testing.assert_array_equal(cache[host_batch["index"][host_batch["mask"]], view], labels)
+      for index, image_labels in zip(host_batch["index"][host_batch["mask"]], labels):
+        expect_labels.setdefault(int(index), {})[view] = image_labels
       expect[view] += np.bincount(labels.ravel(), minlength=run.k)
   np.testing.assert_array_equal(counts, expect)
   np.testing.assert_allclose(targets.weights, expect / expect.sum(1, keepdims=True), rtol=1e-6)
+  # The cache feeds each train batch, in the train pass's own order, its images' labels.
+  batches = pipeline.train_batches(
+      run.train_source,
+      tiny_config.train.batch_size,
+      tiny_config.res2,
+      seed=tiny_config.seed,
+      epoch=0,
+  )
+  fed = 0
+  for batch in train._with_cached_labels(batches, cache, tiny_config.train.batch_size, 0):
+    for index, labels in zip(batch["index"][batch["mask"]], batch["labels"][batch["mask"]]):
+      for view in (0, 1):
+        np.testing.assert_array_equal(labels[view], expect_labels[int(index)][view])
+      fed += 1
+  assert fed == run.train_source.num_examples
+
+
+def test_each_host_labels_exactly_the_examples_it_trains_on(phases):
+  """Label-pass order per host against the train batches each host is fed (2 and 4 hosts)."""
+  run = phases[0]
+  config = run.config
+  for num_hosts in (2, 4):
+    seen = []
+    for host_id in range(num_hosts):
+      hosts = {"num_hosts": num_hosts, "host_id": host_id}
+      host_run = types.SimpleNamespace(config=config, hosts=hosts, train_source=run.train_source)
+      order = train._host_label_order(host_run, 3)
+      assert order.shape[1] == config.kmeans.batch_size // num_hosts
+      trained = pipeline.epoch_batch_indices(
+          run.train_source.num_examples,
+          config.train.batch_size,
+          config.seed,
+          3,
+          pipeline.TRAIN_ORDER,
+          **hosts,
+      )
+      np.testing.assert_array_equal(order.reshape(-1)[: trained.size], trained.reshape(-1))
+      assert np.all(order.reshape(-1)[trained.size :] == -1)
+      seen.extend(i for i in trained.reshape(-1) if i >= 0)
+    assert sorted(seen) == list(range(run.train_source.num_examples))
 
 
 def test_nan_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path, monkeypatch):

@@ -218,10 +218,18 @@ def train_batches(
 ):
   """All examples once in the seeded order of (`epoch`, `stream`), from batch `start_batch` on
   (resume)."""
-  idx = batch_indices(
-      epoch_order(source.num_examples, seed, epoch, stream), global_batch, num_hosts, host_id
+  idx = epoch_batch_indices(
+      source.num_examples, global_batch, seed, epoch, stream, num_hosts, host_id
   )
   return make_batches(source, idx[start_batch:], side)
+
+
+def epoch_batch_indices(num_examples, global_batch, seed, epoch, stream, num_hosts, host_id):
+  """This host's (num_batches, local) examples of the seeded order of (`epoch`, `stream`),
+  padded with -1: what `train_batches` feeds it."""
+  return batch_indices(
+      epoch_order(num_examples, seed, epoch, stream), global_batch, num_hosts, host_id
+  )
 
 
 def num_batches(num_examples, global_batch):
