@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from picie_jax import config_check
 from picie_jax import parallel
 from picie_jax import platform
 from picie_jax import steps
@@ -54,6 +55,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Recipe (e.g. configs/coco_stuff27.py).")
   flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x2, v5e:4x8, v5p:4x4x4.")
   flags.DEFINE_string("out", "", "Write the report as JSON here.")
+  flags.DEFINE_list("steps", [], "Compile only these steps (default: every step of an epoch).")
+  flags.DEFINE_bool("breakdown", False, "Print each step's biggest byte movers (HLO).")
 
 
 def topology_devices(name):
@@ -124,7 +127,8 @@ def epoch_steps(config, mesh):
   cluster_batch = _abstract_batch(mesh, config.kmeans.batch_size, config.res2)
   labels_shape = (step_config.num_views, side, side) if step_config.cached_labels else None
   train_batch = _abstract_batch(mesh, config.train.batch_size, config.res2, labels_shape)
-  eval_batch = _abstract_batch(mesh, config.eval.batch_size, config.eval.res, eval_labels=True)
+  eval_batch_size = parallel.padded_batch_size(config.eval.batch_size, mesh.size)
+  eval_batch = _abstract_batch(mesh, eval_batch_size, config.eval.res, eval_labels=True)
   points = config.kmeans.batch_size * side * side
   rows = parallel.rows_sharded(mesh)
   channels = step_config.feature_channels
@@ -142,7 +146,7 @@ def epoch_steps(config, mesh):
   per_epoch = {
       "cluster": COCO_TRAIN_IMAGES / config.kmeans.batch_size,
       "train": COCO_TRAIN_IMAGES / config.train.batch_size,
-      "eval": COCO_VAL_IMAGES / config.eval.batch_size,
+      "eval": COCO_VAL_IMAGES / eval_batch_size,
   }
   return {
       "cluster_features": (
@@ -234,6 +238,64 @@ def collectives(hlo_text):
   return dict(found)
 
 
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f16": 2}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
+_NO_TRAFFIC = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all")
+
+
+def padded_bytes(shape_text):
+  """Bytes of an HLO shape in its TPU memory layout: each array's dimensions padded to its
+  first tile, e.g. f32[640,3]{1,0:T(8,128)} takes 640 x 128 x 4 bytes, not 640 x 3 x 4."""
+  total = 0
+  for dtype, dims_text, layout in _ARRAY.findall(shape_text):
+    dims = [int(d) for d in dims_text.split(",") if d]
+    tile = re.search(r":T\(([\d,]+)\)", layout or "")
+    order = re.match(r"\{([\d,]*)", layout or "")
+    if tile and order and order.group(1):
+      minor_to_major = [int(d) for d in order.group(1).split(",")]
+      sizes = [int(t) for t in tile.group(1).split(",")]
+      for size, dim in zip(reversed(sizes), minor_to_major):
+        dims[dim] = -(-dims[dim] // size) * size
+    count = 1
+    for d in dims:
+      count *= d
+    total += _DTYPE_BYTES[dtype] * count
+  return total
+
+
+def byte_movers(hlo_text, top=8):
+  """The instructions of the optimized HLO's unfused computations that move the most HBM
+  bytes (padded result + operands), with their JAX op name: what a step's bytes are. Loop
+  bodies count once; fused computations are inside their fusion's numbers."""
+  fused = set(re.findall(r"(?:calls|to_apply)=%([\w.-]+)", hlo_text))
+  rows, shapes, name, skip = [], {}, None, False
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(ENTRY )?%([\w.-]+) .*\{$", line)
+    if header:
+      name, skip, shapes = header.group(2), header.group(2) in fused, {}
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match or skip:
+      continue
+    _, result, shape, opcode, rest = match.groups()
+    shapes[result] = padded_bytes(shape)
+    if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+      continue
+    operands = re.findall(r"%([\w.-]+)", rest.split("), ")[0])
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    rows.append(
+        {
+            "bytes": shapes[result] + sum(shapes.get(o, 0) for o in operands),
+            "opcode": opcode,
+            "shape": re.sub(r"\{[^}]*\}", "", shape)[:60],
+            "op_name": op_name.group(1)[-90:] if op_name else "",
+            "computation": name,
+        }
+    )
+  return sorted(rows, key=lambda r: -r["bytes"])[:top]
+
+
 def host_calls(hlo_text):
   """Instructions that would involve the host (callbacks, infeed/outfeed, send/recv)."""
   names = []
@@ -264,6 +326,7 @@ def compile_step(name, fn, args, kwargs):
       "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
       "collectives": collectives(hlo),
       "host_calls": host_calls(hlo),
+      "byte_movers": byte_movers(hlo),
   }
 
 
@@ -290,16 +353,25 @@ _FIELDS_TO_SHRINK = {
 }
 
 
-def report(config, topology):
-  """Compiles every step for `topology`; returns the JSON-able report."""
+def report(config, topology, only=(), breakdown=False):
+  """Compiles every step (or those named in `only`) for `topology`; returns the JSON-able
+  report. With `breakdown`, prints each step's biggest byte movers."""
   devices = topology_devices(topology)
   mesh = parallel.make_mesh(devices)
+  num_hosts = len({d.process_index for d in devices})
+  config_check.check_batch_sizes(config, mesh.size, num_hosts)  # as a run on the pod would
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise ValueError(f"no peak numbers for {kind!r} in benchmarks/aot.py CHIPS")
   peak_flops, hbm_bandwidth, hbm_bytes = CHIPS[kind]
   rows, epoch_s = [], 0.0
-  for name, (fn, args, kwargs, per_epoch) in epoch_steps(config, mesh).items():
+  epoch = epoch_steps(config, mesh)
+  unknown = set(only) - set(epoch)
+  if unknown:
+    raise ValueError(f"--steps names no step {sorted(unknown)}; the steps: {list(epoch)}")
+  for name, (fn, args, kwargs, per_epoch) in epoch.items():
+    if only and name not in only:
+      continue
     row = compile_step(name, fn, args, kwargs)
     row["peak_bytes"] = peak_bytes(row)
     if row["peak_bytes"] > hbm_bytes:
@@ -315,6 +387,12 @@ def report(config, topology):
     epoch_s += row["bound_s"] * per_epoch
     rows.append(row)
     print(_format_row(row), flush=True)
+    if breakdown:
+      for mover in row["byte_movers"]:
+        print(
+            f"    {mover['bytes'] / 1e9:7.2f} GB  {mover['opcode']:<14} {mover['shape']:<40} "
+            f"{mover['op_name']}"
+        )
   return {
       "topology": topology,
       "chips": mesh.size,
@@ -355,11 +433,12 @@ def main(argv):
   if FLAGS.config is None:
     sys.exit("benchmarks.aot: --config is required (e.g. configs/coco_stuff27.py)")
   print(f"{FLAGS.topology}, model.dtype={FLAGS.config.model.dtype}\n{_HEADER}", flush=True)
-  result = report(FLAGS.config, FLAGS.topology)
+  result = report(FLAGS.config, FLAGS.topology, FLAGS.steps, FLAGS.breakdown)
   print(
       f"COCO-Stuff epoch ({COCO_TRAIN_IMAGES} train + {COCO_VAL_IMAGES} val images): "
       f"{result['coco_epoch_bound_s']:.1f} s roofline bound on {result['chips']} chips "
-      f"({result['note']})"
+      + (f"for the steps {FLAGS.steps} only " if FLAGS.steps else "")
+      + f"({result['note']})"
   )
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

@@ -9,7 +9,10 @@ from picie_jax.data import pipeline
 from picie_jax.models import fpn
 from picie_jax.models import vit
 
-_BATCH_SIZES = ("kmeans.batch_size", "train.batch_size", "eval.batch_size")
+# Batch sizes that change a run's results (mini-batch k-means updates, gradient steps): they
+# must split over the devices as given. eval.batch_size does not change results: passes pad it
+# to the devices (parallel.padded_batch_size).
+_BATCH_SIZES = ("kmeans.batch_size", "train.batch_size")
 
 _CHOICES = {
     "method": ("picie", "mdc", "pixel_kmeans", "iic"),
@@ -184,12 +187,21 @@ def validate(config):
 def check_batch_sizes(config, num_devices, num_hosts, keys=_BATCH_SIZES):
   """Raises ValueError naming every batch size (of `keys`, a run's by default) that does not
   split evenly over the hosts and the devices of the mesh (JAX would fail mid-run, after an
-  epoch, without naming the key)."""
-  errors = [
-      f"config.{key}={_get(config, key)!r} must be a multiple of the {num_devices} "
-      f"devices (on {num_hosts} processes) of this run"
-      for key in keys
-      if _get(config, key) % num_devices or _get(config, key) % num_hosts
-  ]
+  epoch, without naming the key), with the nearest larger batch that does. For the train batch
+  it also gives the linearly scaled lr (Goyal et al. 2017): a changed batch is a changed
+  recipe, so the user decides."""
+  errors = []
+  for key in keys:
+    batch = _get(config, key)
+    if batch % num_devices == 0 and batch % num_hosts == 0:
+      continue
+    fit = -(-batch // num_devices) * num_devices
+    advice = f"--config.{key}={fit}"
+    if key == "train.batch_size":
+      advice += f" --config.train.lr={config.train.lr * fit / batch:.3g} (linear scaling)"
+    errors.append(
+        f"config.{key}={batch!r} must be a multiple of the {num_devices} devices (on "
+        f"{num_hosts} processes) of this run: e.g. {advice}"
+    )
   if errors:
     raise ValueError("invalid config for this machine:\n  " + "\n  ".join(errors))

@@ -53,19 +53,17 @@ def evaluate(
   hist = np.zeros((num_true, k), np.int64)
   classifier = parallel.replicate(classifier_kc1, mesh)
   vis = {"image": [], "label": [], "pred": []}
+  batch_size = parallel.padded_batch_size(config.eval.batch_size, mesh.size)
   batches = pipeline.pass_batches(
       source,
-      config.eval.batch_size,
+      batch_size,
       config.eval.res,
       with_labels=True,
       num_hosts=jax.process_count(),
       host_id=jax.process_index(),
   )
   bar = reporting.Progress(
-      "eval",
-      pipeline.num_batches(source.num_examples, config.eval.batch_size),
-      config.eval.batch_size,
-      enabled=progress,
+      "eval", pipeline.num_batches(source.num_examples, batch_size), batch_size, enabled=progress
   )
   for host_batch in batches:
     batch = parallel.shard_host_batch(host_batch, mesh)

@@ -79,6 +79,13 @@ def prefetch_to_device(host_batches, mesh, size=2):
     yield queue.popleft()
 
 
+def padded_batch_size(batch_size, num_devices):
+  """`batch_size` rounded up to a multiple of `num_devices`, for passes whose results do not
+  depend on the batch (evaluation, segmentation): the pipeline masks the padding, so a slice
+  with more chips than config.eval.batch_size still evaluates, one image or padding per chip."""
+  return -(-batch_size // num_devices) * num_devices
+
+
 def replicate(tree, mesh):
   return jax.device_put(tree, replicated(mesh))
 

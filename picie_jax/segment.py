@@ -115,7 +115,7 @@ def group_batch_size(group_size, eval_batch_size, num_devices):
   """Batch size for `group_size` images of one shape: config.eval.batch_size, or fewer for a
   small group, rounded up to a multiple of the device count (every device gets equal rows)."""
   wanted = min(group_size, eval_batch_size)
-  return -(-wanted // num_devices) * num_devices
+  return parallel.padded_batch_size(wanted, num_devices)
 
 
 def load_matching(workdir):

@@ -50,3 +50,30 @@ def test_collectives_are_parsed_with_their_result_bytes():
       "all-gather": {"count": 1, "bytes": 1024 * 128 * 4},
       "all-reduce": {"count": 1, "bytes": 27 * 128 * 4 + 27 * 4},
   }
+
+
+def test_padded_bytes_follow_the_tiled_layout():
+  assert aot.padded_bytes("f32[640,3]{1,0:T(8,128)}") == 640 * 128 * 4  # minor dim to 128
+  assert aot.padded_bytes("f32[5,130]{1,0:T(8,128)}") == 8 * 256 * 4
+  assert aot.padded_bytes("f32[3,640]{0,1:T(8,128)}") == 640 * 128 * 4  # dim 0 is minor
+  assert aot.padded_bytes("f32[256]{0:T(256)S(1)}") == 256 * 4
+  assert aot.padded_bytes("(bf16[4,4]{1,0}, s32[])") == 4 * 4 * 2 + 4  # no tile: as written
+
+
+def test_byte_movers_rank_unfused_instructions_by_result_and_operand_bytes():
+  hlo = "\n".join([
+      "%fused (p: f32[8,128]) -> f32[8,128] {",
+      "  %p = f32[8,128]{1,0} parameter(0)",
+      "  ROOT %big = f32[4096,128]{1,0} broadcast(%p)",
+      "}",
+      "ENTRY %main (a: f32[8,128]) -> f32[8,128] {",
+      "  %a = f32[8,128]{1,0:T(8,128)} parameter(0)",
+      '  %f = f32[8,128]{1,0:T(8,128)} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="jit(s)/mul"}',
+      "  ROOT %r = f32[8,128]{1,0:T(8,128)} all-reduce(%f), to_apply=%fused",
+      "}",
+  ])
+  movers = aot.byte_movers(hlo)
+  assert [(m["opcode"], m["bytes"], m["op_name"]) for m in movers] == [
+      ("fusion", 2 * 8 * 128 * 4, "jit(s)/mul"),
+      ("all-reduce", 2 * 8 * 128 * 4, ""),
+  ]  # the fused computation's broadcast is inside the fusion, not counted again

@@ -16,6 +16,7 @@ import pytest
 from configs import common
 from picie_jax import config_check
 from picie_jax import evaluate
+from picie_jax import parallel
 from picie_jax import rundir
 from picie_jax import train
 from picie_jax.data import datasets
@@ -76,14 +77,25 @@ def test_config_values_are_checked_up_front():
     assert key in str(e.value), key
 
 
-def test_batch_sizes_must_split_over_devices_and_hosts():
+def test_batch_sizes_that_change_results_must_split_and_the_error_says_what_would():
   c = common.get_config()
-  c.kmeans.batch_size, c.train.batch_size, c.eval.batch_size = 256, 6, 64
-  config_check.check_batch_sizes(c, num_devices=2, num_hosts=1)
+  c.kmeans.batch_size, c.train.batch_size, c.eval.batch_size, c.train.lr = 256, 6, 7, 1e-4
+  config_check.check_batch_sizes(c, num_devices=2, num_hosts=1)  # eval pads, 7 is fine
   with pytest.raises(ValueError) as e:
     config_check.check_batch_sizes(c, num_devices=4, num_hosts=2)
-  assert "config.train.batch_size=6 must be a multiple of the 4 devices" in str(e.value)
+  assert (
+      "config.train.batch_size=6 must be a multiple of the 4 devices (on 2 processes) of this "
+      "run: e.g. --config.train.batch_size=8 --config.train.lr=0.000133 (linear scaling)"
+  ) in str(e.value)
   assert "kmeans" not in str(e.value) and "eval.batch_size" not in str(e.value)
+  with pytest.raises(ValueError, match=r"kmeans.batch_size=256 .* --config.kmeans.batch_size=512"):
+    config_check.check_batch_sizes(c, num_devices=512, num_hosts=64)
+
+
+def test_the_eval_batch_pads_to_the_devices():
+  assert parallel.padded_batch_size(64, 128) == 128
+  assert parallel.padded_batch_size(256, 128) == 256
+  assert parallel.padded_batch_size(200, 128) == 256
 
 
 @pytest.mark.parametrize(
