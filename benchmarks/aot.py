@@ -15,6 +15,7 @@ is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip: no measurement, a f
 
 import collections
 import json
+import os
 import re
 import sys
 import time
@@ -57,6 +58,7 @@ def _define_flags():
   flags.DEFINE_string("out", "", "Write the report as JSON here.")
   flags.DEFINE_list("steps", [], "Compile only these steps (default: every step of an epoch).")
   flags.DEFINE_bool("breakdown", False, "Print each step's biggest byte movers (HLO).")
+  flags.DEFINE_string("hlo_dir", "", "Write each step's optimized HLO here as <step>.hlo.txt.")
 
 
 def topology_devices(name):
@@ -293,7 +295,7 @@ def byte_movers(hlo_text, top=8):
             "computation": name,
         }
     )
-  return sorted(rows, key=lambda r: -r["bytes"])[:top]
+  return sorted(rows, key=lambda r: -r["bytes"])[:top]  # top=None: all
 
 
 def host_calls(hlo_text):
@@ -305,8 +307,9 @@ def host_calls(hlo_text):
   return names
 
 
-def compile_step(name, fn, args, kwargs):
-  """Lowers and compiles one step; returns its report row (without the bound)."""
+def compile_step(name, fn, args, kwargs, hlo_dir=""):
+  """Lowers and compiles one step; returns its report row (without the bound). With `hlo_dir`,
+  writes the optimized HLO there."""
   start = time.perf_counter()
   compiled = fn.lower(*args, **kwargs).compile()
   seconds = time.perf_counter() - start
@@ -314,6 +317,10 @@ def compile_step(name, fn, args, kwargs):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   hlo = compiled.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+      f.write(hlo)
   return {
       "step": name,
       "compile_s": seconds,
@@ -353,9 +360,10 @@ _FIELDS_TO_SHRINK = {
 }
 
 
-def report(config, topology, only=(), breakdown=False):
+def report(config, topology, only=(), breakdown=False, hlo_dir=""):
   """Compiles every step (or those named in `only`) for `topology`; returns the JSON-able
-  report. With `breakdown`, prints each step's biggest byte movers."""
+  report. With `breakdown`, prints each step's biggest byte movers; with `hlo_dir`, writes each
+  step's optimized HLO there."""
   devices = topology_devices(topology)
   mesh = parallel.make_mesh(devices)
   num_hosts = len({d.process_index for d in devices})
@@ -372,7 +380,7 @@ def report(config, topology, only=(), breakdown=False):
   for name, (fn, args, kwargs, per_epoch) in epoch.items():
     if only and name not in only:
       continue
-    row = compile_step(name, fn, args, kwargs)
+    row = compile_step(name, fn, args, kwargs, hlo_dir)
     row["peak_bytes"] = peak_bytes(row)
     if row["peak_bytes"] > hbm_bytes:
       raise MemoryError(
@@ -433,7 +441,10 @@ def main(argv):
   if FLAGS.config is None:
     sys.exit("benchmarks.aot: --config is required (e.g. configs/coco_stuff27.py)")
   print(f"{FLAGS.topology}, model.dtype={FLAGS.config.model.dtype}\n{_HEADER}", flush=True)
-  result = report(FLAGS.config, FLAGS.topology, FLAGS.steps, FLAGS.breakdown)
+  try:
+    result = report(FLAGS.config, FLAGS.topology, FLAGS.steps, FLAGS.breakdown, FLAGS.hlo_dir)
+  except (ValueError, MemoryError) as error:  # a batch that does not split, a step too big
+    sys.exit(f"benchmarks.aot: {error}")
   print(
       f"COCO-Stuff epoch ({COCO_TRAIN_IMAGES} train + {COCO_VAL_IMAGES} val images): "
       f"{result['coco_epoch_bound_s']:.1f} s roofline bound on {result['chips']} chips "
