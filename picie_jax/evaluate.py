@@ -50,7 +50,6 @@ def evaluate(
     raise ValueError(f"{source.name} has no labels to evaluate against")
   num_true = source.num_classes
   k = steps.num_clusters(classifier_kc1)
-  hist = np.zeros((num_true, k), np.int64)
   classifier = parallel.replicate(classifier_kc1, mesh)
   vis = {"image": [], "label": [], "pred": []}
   batch_size = parallel.padded_batch_size(config.eval.batch_size, mesh.size)
@@ -65,6 +64,7 @@ def evaluate(
   bar = reporting.Progress(
       "eval", pipeline.num_batches(source.num_examples, batch_size), batch_size, enabled=progress
   )
+  counts = parallel.DeviceCounts([(num_true, k)], batch_size * config.eval.res**2)
   for host_batch in batches:
     batch = parallel.shard_host_batch(host_batch, mesh)
     pred, batch_hist = steps.eval_step(
@@ -76,7 +76,7 @@ def evaluate(
         num_true=num_true,
         use_crf=config.eval.crf,
     )
-    hist += parallel.to_host(batch_hist).astype(np.int64)
+    counts.add([batch_hist])
     wanted = config.eval.num_vis - len(vis["image"])
     if vis_prefix and wanted > 0:
       keep = host_batch["mask"][:wanted]
@@ -85,6 +85,7 @@ def evaluate(
       vis["pred"] += list(parallel.local_rows(pred)[:wanted][keep])
     bar.update(1)
   bar.close()
+  (hist,) = counts.to_host()
   if predicts_classes:
     mapping = np.arange(k)
   else:

@@ -111,3 +111,34 @@ def local_rows(x):
       seen.add(start)
       rows.append(np.asarray(shard.data))
   return np.concatenate(rows)
+
+
+class DeviceCounts:
+  """Per-batch int32 counts (label counts, confusion histograms) summed on device, since reading
+  them per batch would make the host wait for every batch; moved into int64 host totals before
+  an int32 sum could overflow (`counts_per_batch`: the most any batch adds to one entry)."""
+
+  def __init__(self, shapes, counts_per_batch):
+    self.batches_per_flush = max(1, (2**31 - 1) // counts_per_batch)
+    self.host = [np.zeros(shape, np.int64) for shape in shapes]
+    self.device, self.pending = None, 0
+
+  def add(self, batch_counts):
+    self.device = (
+        batch_counts
+        if self.device is None
+        else [total + batch for total, batch in zip(self.device, batch_counts)]
+    )
+    self.pending += 1
+    if self.pending == self.batches_per_flush:
+      self._flush()
+
+  def _flush(self):
+    self.host = [h + to_host(d).astype(np.int64) for h, d in zip(self.host, self.device)]
+    self.device, self.pending = None, 0
+
+  def to_host(self):
+    """[int64 totals, one per shape] of every batch added."""
+    if self.pending:
+      self._flush()
+    return self.host

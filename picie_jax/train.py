@@ -195,7 +195,9 @@ def label_pass(run, targets, epoch):
         f"memory on each of {run.hosts['num_hosts']} host(s) (config.train.labels='recompute' "
         "avoids it)"
     )
-  counts = _DeviceCounts([c.shape[:2] for c, _ in sets], side * side * cfg.kmeans.batch_size)
+  counts = parallel.DeviceCounts(
+      [c.shape[:2] for c, _ in sets], side * side * cfg.kmeans.batch_size
+  )
   bar = run.progress(f"epoch {epoch} label", run.train_source.num_examples, cfg.kmeans.batch_size)
   filled = 0
   for batch in parallel.prefetch_to_device(
@@ -236,36 +238,6 @@ def _with_cached_labels(batches, labels, local_batch, start_batch):
   """The train batches (from `start_batch`) with their rows of this host's label cache."""
   for i, batch in enumerate(batches, start=start_batch):
     yield {**batch, "labels": labels[i * local_batch : (i + 1) * local_batch]}
-
-
-class _DeviceCounts:
-  """Label counts summed on device (reading them per batch would make the host wait for every
-  batch), moved into int64 host totals before an int32 sum could overflow."""
-
-  def __init__(self, shapes, labels_per_batch):
-    self.batches_per_flush = max(1, (2**31 - 1) // labels_per_batch)
-    self.host = [np.zeros(shape, np.int64) for shape in shapes]
-    self.device, self.pending = None, 0
-
-  def add(self, batch_counts):
-    self.device = (
-        batch_counts
-        if self.device is None
-        else [total + batch for total, batch in zip(self.device, batch_counts)]
-    )
-    self.pending += 1
-    if self.pending == self.batches_per_flush:
-      self._flush()
-
-  def _flush(self):
-    self.host = [h + parallel.to_host(d).astype(np.int64) for h, d in zip(self.host, self.device)]
-    self.device, self.pending = None, 0
-
-  def to_host(self):
-    """[(V, K) int64 counts per centroid set] of every batch added."""
-    if self.pending:
-      self._flush()
-    return self.host
 
 
 def label_phase(run, state, centroids, epoch, overcluster_centroids=None):

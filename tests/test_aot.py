@@ -61,17 +61,19 @@ def test_padded_bytes_follow_the_tiled_layout():
 
 
 def test_byte_movers_rank_unfused_instructions_by_result_and_operand_bytes():
-  hlo = "\n".join([
-      "%fused (p: f32[8,128]) -> f32[8,128] {",
-      "  %p = f32[8,128]{1,0} parameter(0)",
-      "  ROOT %big = f32[4096,128]{1,0} broadcast(%p)",
-      "}",
-      "ENTRY %main (a: f32[8,128]) -> f32[8,128] {",
-      "  %a = f32[8,128]{1,0:T(8,128)} parameter(0)",
-      '  %f = f32[8,128]{1,0:T(8,128)} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="jit(s)/mul"}',
-      "  ROOT %r = f32[8,128]{1,0:T(8,128)} all-reduce(%f), to_apply=%fused",
-      "}",
-  ])
+  hlo = "\n".join(
+      [
+          "%fused (p: f32[8,128]) -> f32[8,128] {",
+          "  %p = f32[8,128]{1,0} parameter(0)",
+          "  ROOT %big = f32[4096,128]{1,0} broadcast(%p)",
+          "}",
+          "ENTRY %main (a: f32[8,128]) -> f32[8,128] {",
+          "  %a = f32[8,128]{1,0:T(8,128)} parameter(0)",
+          '  %f = f32[8,128]{1,0:T(8,128)} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="jit(s)/mul"}',
+          "  ROOT %r = f32[8,128]{1,0:T(8,128)} all-reduce(%f), to_apply=%fused",
+          "}",
+      ]
+  )
   movers = aot.byte_movers(hlo)
   assert [(m["opcode"], m["bytes"], m["op_name"]) for m in movers] == [
       ("fusion", 2 * 8 * 128 * 4, "jit(s)/mul"),

@@ -655,7 +655,7 @@ def test_failed_evaluation_keeps_the_epoch_and_raising_num_epochs_continues(
 
 def test_label_counts_summed_on_device_never_overflow_int32():
   """Per-batch int32 counts up to the bound summed past 2**31: the host totals are exact."""
-  counts = train._DeviceCounts([(1, 2)], labels_per_batch=2**29 + 1)
+  counts = parallel.DeviceCounts([(1, 2)], counts_per_batch=2**29 + 1)
   assert counts.batches_per_flush == 3
   for batch in range(7):
     counts.add([jnp.array([[2**29, batch]], jnp.int32)])
