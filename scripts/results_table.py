@@ -168,7 +168,10 @@ def main():
         "(`picie-jax probe`: a 1x1 classifier trained on the frozen network's features with the "
         "train labels; no matching). Every run uses the config named, same budget; wall is "
         "training only. Each config's runs, study.md and plot are in its `picie-jax study` "
-        "directory.\n\n" + table + "\n"
+        "directory.\n\n" + table + "\n\n"
+        "The paper's transfer claim (fine-tuning these inits with 1 %, 10 % and 100 % of the "
+        "labels) is the table beside this one: [transfer.md](transfer.md), written by "
+        "`python scripts/transfer_table.py`.\n"
     )
 
 
