@@ -147,7 +147,10 @@ def train_head(run, state, step_fn, block_config, indices, desc):
 
 
 def score_head(run, variables, head_kc1, vis_prefix):
-  """Acc / mIoU of the head's class predictions on val (no matching), with its pictures."""
+  """Acc / mIoU of the head's class predictions on val (no matching), with its pictures. The
+  head is a learned linear classifier whatever the run's method (IIC's own heads, PiCIE's
+  centroids are not what is scored), so it is evaluated as MDC's parametric classifier is."""
+  head_config = run.step_config._replace(iic=None, parametric=True)
   scores, _ = evaluate.evaluate(
       run.model,
       variables,
@@ -155,7 +158,7 @@ def score_head(run, variables, head_kc1, vis_prefix):
       run.val_source,
       run.config,
       run.mesh,
-      run.step_config,
+      head_config,
       predicts_classes=True,
       vis_prefix=vis_prefix,
       progress=run.config.progress,
