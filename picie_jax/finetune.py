@@ -81,7 +81,7 @@ def finetune_workdir(workdir, out, overrides=None):
   state = parallel.replicate(
       probe.head_state(
           run.train_source.num_classes,
-          config.model.fpn_channels,
+          run.step_config.feature_channels,
           finetune_optimizer(config.finetune.lr, config.finetune.head_lr),
           network=jax.device_get(variables),
       ),

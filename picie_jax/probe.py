@@ -173,10 +173,11 @@ def probe_workdir(workdir, overrides=None):
   start = time.perf_counter()
   run, variables, network = supervised_run(workdir, overrides or {}, "probe")
   config = run.config
-  channels = 3 if run.step_config.pixels else config.model.fpn_channels
   state = parallel.replicate(
       head_state(
-          run.train_source.num_classes, channels, steps.make_optimizer(config.probe.lr, 0.0, True)
+          run.train_source.num_classes,
+          run.step_config.feature_channels,
+          steps.make_optimizer(config.probe.lr, 0.0, True),
       ),
       run.mesh,
   )

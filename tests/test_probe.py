@@ -114,15 +114,25 @@ def test_probe_of_a_trained_run_end_to_end(tmp_path):
   assert not rundir.config_changes(_tiny_config(num_epochs=1, **{"probe.epochs": 3}), workdir)
 
 
-@pytest.mark.parametrize("method", ["iic", "mdc"])
-def test_probe_of_any_method_scores_its_linear_head(method, tmp_path):
-  """IIC's heads and MDC's classifier are not the probe's: the probe's head is scored (a 0-epoch
-  run: its init)."""
-  workdir = str(tmp_path / method)
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("iic", {"method": "iic"}),
+        (  # 2 x width channels, not fpn_channels
+            "iic_res12",
+            {"method": "iic", "model.backbone": "resnet18_res12", "model.fpn_channels": 24},
+        ),
+        (
+            "mdc",
+            {"method": "mdc", "train.classifier": "parametric", "train.cross_view_loss": False},
+        ),
+    ],
+)
+def test_probe_of_any_method_scores_its_linear_head(name, overrides, tmp_path):
+  """IIC's heads and MDC's classifier are not the probe's: the probe's head, over the network's
+  own feature channels, is trained and scored (a 0-epoch run: its init)."""
+  workdir = str(tmp_path / name)
   os.makedirs(workdir)
-  overrides = {"method": method}
-  if method == "mdc":
-    overrides.update({"train.classifier": "parametric", "train.cross_view_loss": False})
   rundir.write_config(_tiny_config(num_epochs=0, **overrides), workdir)
   scores = probe.probe_workdir(workdir, {"probe.epochs": 1, "probe.batch_size": 16})
   assert scores["k"] == 8 and 0 <= scores["acc"] <= 100 and scores["network"] == "init (random)"
