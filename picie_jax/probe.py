@@ -146,11 +146,17 @@ def train_head(run, state, step_fn, block_config, indices, desc):
   return state, epoch_losses
 
 
+def head_step_config(step_config):
+  """The StepConfig that scores a learned linear head on the network of `step_config`: a
+  parametric classifier (not IIC's heads nor the centroids) on the very features the head was
+  trained on (raw for IIC, L2-normalised for the cosine metric: steps.in_metric_space)."""
+  raw = step_config.iic is not None
+  return step_config._replace(iic=None, parametric=True, metric="l2" if raw else step_config.metric)
+
+
 def score_head(run, variables, head_kc1, vis_prefix):
-  """Acc / mIoU of the head's class predictions on val (no matching), with its pictures. The
-  head is a learned linear classifier whatever the run's method (IIC's own heads, PiCIE's
-  centroids are not what is scored), so it is evaluated as MDC's parametric classifier is."""
-  head_config = run.step_config._replace(iic=None, parametric=True)
+  """Acc / mIoU of the head's class predictions on val (no matching), with its pictures."""
+  head_config = head_step_config(run.step_config)
   scores, _ = evaluate.evaluate(
       run.model,
       variables,

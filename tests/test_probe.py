@@ -18,6 +18,7 @@ import pytest
 from picie_jax import finetune
 from picie_jax import probe
 from picie_jax import rundir
+from picie_jax import steps
 from picie_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +137,14 @@ def test_probe_of_any_method_scores_its_linear_head(name, overrides, tmp_path):
   rundir.write_config(_tiny_config(num_epochs=0, **overrides), workdir)
   scores = probe.probe_workdir(workdir, {"probe.epochs": 1, "probe.batch_size": 16})
   assert scores["k"] == 8 and 0 <= scores["acc"] <= 100 and scores["network"] == "init (random)"
+  # the head is scored on the features it was trained on (IIC's are raw, PiCIE's normalised)
+  run, variables, _ = probe.supervised_run(workdir, {}, "probe")
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), np.uint8))
+  trained_on = steps.plain_features(run.model, variables, images, run.step_config)
+  scored_on = steps.plain_features(
+      run.model, variables, images, probe.head_step_config(run.step_config)
+  )
+  np.testing.assert_array_equal(scored_on, trained_on)
 
 
 def test_finetune_from_a_random_init_end_to_end(tmp_path):
