@@ -268,8 +268,9 @@ def padded_bytes(shape_text):
 
 def byte_movers(hlo_text, top=8):
   """The instructions of the optimized HLO's unfused computations that move the most HBM
-  bytes (padded result + operands), with their JAX op name: what a step's bytes are. Loop
-  bodies count once; fused computations are inside their fusion's numbers."""
+  bytes (padded result + operands), with their JAX op name: which instructions a step's bytes
+  come from. A ranking, not the compiler's total: loop bodies count once, async copies count
+  their tuples whole, fused computations are inside their fusion's numbers."""
   fused = set(re.findall(r"(?:calls|to_apply)=%([\w.-]+)", hlo_text))
   rows, shapes, name, skip = [], {}, None, False
   for line in hlo_text.splitlines():
