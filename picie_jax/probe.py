@@ -149,9 +149,8 @@ def train_head(run, state, step_fn, block_config, indices, desc):
 def head_step_config(step_config):
   """The StepConfig that scores a learned linear head on the network of `step_config`: a
   parametric classifier (not IIC's heads nor the centroids) on the very features the head was
-  trained on (raw for IIC, L2-normalised for the cosine metric: steps.in_metric_space)."""
-  raw = step_config.iic is not None
-  return step_config._replace(iic=None, parametric=True, metric="l2" if raw else step_config.metric)
+  trained on (steps.in_metric_space: raw for IIC, L2-normalised for the cosine metric)."""
+  return step_config._replace(parametric=True)
 
 
 def score_head(run, variables, head_kc1, vis_prefix):

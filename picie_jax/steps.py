@@ -657,12 +657,17 @@ def train_step(model, state, targets, batch, epoch, key, *, step_config, head=No
 
 def prediction_scores(model, variables, classifier, images_uint8, step_config, resize=True):
   """Per-pixel scores (B, h, w, K) whose argmax is the prediction, of un-augmented images in
-  eval BN (`resize` as plain_features): the (K, C+1) classifier's logits, or with
-  step_config.iic IIC's main head's probabilities (`classifier` = the heads' params)."""
+  eval BN (`resize` as plain_features): the (K, C+1) classifier's logits, or for an IIC run
+  without a parametric classifier IIC's main head's probabilities (`classifier` = the heads'
+  params). A parametric classifier on an IIC run's (raw) features is a probe's head."""
   z = plain_features(model, variables, images_uint8, step_config, resize=resize)
-  if step_config.iic is not None:
+  if _iic_heads_predict(step_config):
     return head_probabilities(classifier, z, step_config, "main")
   return losses.prototype_logits(with_bias_column(z), classifier)
+
+
+def _iic_heads_predict(step_config):
+  return step_config.iic is not None and not step_config.parametric
 
 
 def crf_probabilities(scores_bhwk, images_uint8, step_config):
@@ -671,7 +676,7 @@ def crf_probabilities(scores_bhwk, images_uint8, step_config):
   logits <z, mu_k> (STEGO's cluster probe: softmax(2 cos)), the log of IIC's probabilities, or
   the logits of l2 centroids (-|z - mu_k|^2 + const) and of MDC's learned classifier as they are.
   """
-  if step_config.iic is not None:
+  if _iic_heads_predict(step_config):
     logits = jnp.log(scores_bhwk)
   elif step_config.metric == "cosine" and not step_config.parametric:
     logits = CRF_COSINE_SCALE * scores_bhwk
